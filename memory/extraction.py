@@ -1,0 +1,343 @@
+"""Step 2: extract memory entries (facts about the user) with the base chat model.
+
+A 135M model cannot be trusted to read a whole conversation and list facts: earlier
+measurements found about half of its lines invented. So the task is made small and
+checkable (numbers in README, "Memory extraction"):
+
+1. **Units.** Each user sentence that could carry a fact (first person, not a question,
+   not a hypothetical) is one generation. Only *user* messages are ever read, so an
+   assistant or system message can never produce a user fact.
+2. **Prompt.** A short instruction plus two few-shot turns, asking to rewrite the
+   sentence as facts starting with "The user".
+3. **Constrained output.** A logits processor only allows tokens that occur in the
+   sentence, simple inflections of its words and a small closed list of glue words
+   ("The user", "is", "has", "their", ...). The model can rephrase, but cannot
+   introduce a new entity, place or number.
+4. **Parsing** tolerates bullets, numbering, ``Entry N:`` prefixes and quotes.
+5. **Grounding check.** Every content word of a fact must be supported by the
+   user's own words; anything else is rejected and logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Set
+
+import torch
+
+from memory.grounding import content_words, grounding_report
+from memory.schema import ChatSession, MemoryCandidate
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You rewrite what the user says about themselves as short facts. "
+    "Write one fact per line, each starting with 'The user'. "
+    "Only use information in the message. If it states no fact about the user, write NONE."
+)
+FEW_SHOT = [
+    ("I work as a teacher and I have two cats.", "The user works as a teacher.\nThe user has two cats."),
+    ("My brother lives in Oslo.", "The user's brother lives in Oslo."),
+]
+# Words any fact may use. Negations are deliberately absent: "not"/"no" are allowed only
+# when the sentence itself has them, so the decoder cannot flip a fact's polarity.
+GLUE_WORDS = (
+    "The user user User 's is was are has have had their them they The the a an and of in on at "
+    "to for with as by from named called years old now also NONE works lives"
+)
+
+_FIRST_PERSON = re.compile(r"\b(i|i'm|i've|i'd|i'll|me|my|mine|we|our|us)\b", re.I)
+_HYPOTHETICAL = re.compile(r"^\s*(if|maybe|perhaps|imagine|suppose)\b|\b(i'd|i would|would i|wish)\b", re.I)
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_LINE_PREFIX = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|entry\s*\d+\s*[:.)-]|fact\s*\d*\s*[:.)-])\s*", re.I)
+
+
+@dataclasses.dataclass
+class ExtractionConfig:
+    unit: str = "sentence"  # "sentence" | "message" | "session"
+    constrained: bool = True
+    few_shot: bool = True
+    grounding: bool = True
+    max_new_tokens: int = 40
+    batch_size: int = 16
+    min_fact_words: int = 4
+
+
+@dataclasses.dataclass
+class ExtractionUnit:
+    session: ChatSession
+    message_index: Optional[int]  # None for a whole-session unit
+    text: str  # what the model reads
+    evidence: str  # the user's own words that facts must be grounded in
+
+
+@dataclasses.dataclass
+class RejectedFact:
+    text: str
+    reason: str
+    session_id: str
+    message_index: Optional[int]
+
+
+@dataclasses.dataclass
+class ExtractionResult:
+    candidates: List[MemoryCandidate]
+    rejected: List[RejectedFact]
+    raw_facts: List[MemoryCandidate]  # every parsed line before filtering (for measuring)
+    units: int
+
+
+# --------------------------------------------------------------------- units
+def is_fact_bearing(sentence: str) -> bool:
+    """Cheap pre-filter: first-person statements that are not questions or hypotheticals."""
+    s = sentence.strip()
+    return bool(s) and not s.endswith("?") and bool(_FIRST_PERSON.search(s)) \
+        and not _HYPOTHETICAL.search(s)
+
+
+def split_units(session: ChatSession, unit: str) -> List[ExtractionUnit]:
+    user_msgs = [(i, m.content) for i, m in enumerate(session.messages) if m.role == "user"]
+    if unit == "session":
+        text = "\n".join(c for _, c in user_msgs)
+        return [ExtractionUnit(session, None, text, text)] if text.strip() else []
+    units = []
+    for idx, content in user_msgs:
+        parts = [content] if unit == "message" else _SENTENCE_SPLIT.split(content)
+        for part in parts:
+            if is_fact_bearing(part) if unit == "sentence" else part.strip():
+                units.append(ExtractionUnit(session, idx, part.strip(), content))
+    return units
+
+
+# -------------------------------------------------------------------- prompt
+def build_prompt(tokenizer, text: str, few_shot: bool = True) -> str:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    if few_shot:
+        for question, answer in FEW_SHOT:
+            messages += [{"role": "user", "content": f"Message: {question}"},
+                         {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": f"Message: {text}"})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# --------------------------------------------------------- constrained output
+def _inflections(word: str) -> Iterable[str]:
+    w = word.lower()
+    yield from (word, w, w.capitalize(), w + "s", w + "es", w + "'s")
+    if w.endswith("y"):
+        yield w[:-1] + "ies"
+
+
+_PRONOUN_MAP = {"i": "The user", "me": "them", "my": "their", "mine": "theirs", "am": "is",
+                "i'm": "The user is", "i've": "The user has", "we": "they", "our": "their"}
+
+
+def allowed_token_ids(tokenizer, text: str) -> Set[int]:
+    """Token ids the constrained decoder may emit for a fact about ``text``."""
+    words = re.findall(r"[A-Za-z0-9']+|[^\sA-Za-z0-9']", text)
+    vocab: Set[str] = set(GLUE_WORDS.split()) | {".", ",", "-", "\n"}
+    for w in words:
+        vocab.update(_inflections(w))
+        if w.lower() in _PRONOUN_MAP:
+            vocab.update(_PRONOUN_MAP[w.lower()].split())
+    ids: Set[int] = set()
+    for w in vocab:
+        for variant in (w, " " + w):
+            ids.update(tokenizer.encode(variant, add_special_tokens=False))
+    ids.update(tokenizer.encode(".\n", add_special_tokens=False))
+    ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class AllowedTokensLogitsProcessor:
+    """Per-row whitelist of token ids (a transformers ``LogitsProcessor``)."""
+
+    def __init__(self, allowed: Sequence[Set[int]], vocab_size: int, device: torch.device):
+        self.mask = torch.full((len(allowed), vocab_size), float("-inf"), device=device)
+        for row, ids in enumerate(allowed):
+            self.mask[row, [i for i in ids if i < vocab_size]] = 0.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores + self.mask[:, : scores.shape[-1]]
+
+
+# ----------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: List[str], allowed: Optional[List[Set[int]]],
+                   max_new_tokens: int) -> List[str]:
+    from transformers import LogitsProcessorList
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    enc = enc.to(device)
+    processors = LogitsProcessorList()
+    if allowed is not None:
+        processors.append(AllowedTokensLogitsProcessor(allowed, model.config.vocab_size, device))
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# -------------------------------------------------------------------- parsing
+def parse_facts(output: str) -> List[str]:
+    """Robustly turn model output into fact sentences (one per line / sentence)."""
+    facts: List[str] = []
+    for line in output.replace("\r", "\n").split("\n"):
+        line = _LINE_PREFIX.sub("", line).strip().strip('"\'`').strip()
+        if not line or line.upper().startswith("NONE"):
+            continue
+        for sent in _SENTENCE_SPLIT.split(line):
+            sent = sent.strip().rstrip(".").strip()
+            if sent and sent.lower() + "." not in (f.lower() for f in facts):
+                facts.append(sent + ".")
+    return facts
+
+
+def _normalise_subject(fact: str) -> str:
+    """Facts begin with 'The user'; a bare 'User ...' is rewritten to it."""
+    fact = re.sub(r"^(the\s+)?user\b", "The user", fact, flags=re.I)
+    return fact[0].upper() + fact[1:] if fact else fact
+
+
+def _third_person(verb: str) -> str:
+    if verb.endswith(("s", "sh", "ch", "x", "o")):
+        return verb + "es"
+    if verb.endswith("y") and len(verb) > 2 and verb[-2] not in "aeiou":
+        return verb[:-1] + "ies"
+    return verb + "s"
+
+
+def fix_grammar(fact: str, sentence: str) -> str:
+    """Mend the model's commonest slips, using only the sentence's own words:
+    "The user's work as a nurse" (from "I work as a nurse") -> "The user works as a nurse";
+    "The user's a architect" -> "The user is an architect"; "for me" -> "for them"."""
+    first_person_verbs = {v.lower() for v in re.findall(r"\bI\s+(?:usually\s+|also\s+|still\s+)?([a-z]+)", sentence)}
+    m = re.match(r"^The user's (\w+)\b", fact)
+    if m:
+        word = m.group(1)
+        if word.endswith("ed"):
+            fact = f"The user has {fact[m.start(1):]}"
+        elif word.lower() in first_person_verbs and word.lower() not in ("am", "was", "have", "had"):
+            fact = f"The user {_third_person(word.lower())}{fact[m.end():]}"
+        elif word.lower() in ("a", "an", "not", "from", "in", "at", "on") or word.endswith("ing"):
+            fact = f"The user is {fact[m.start(1):]}"
+    fact = re.sub(r"\ba (?=[aeiouAEIOU])", "an ", fact)
+    fact = re.sub(r"\bme\b", "them", fact)
+    fact = re.sub(r"\bmy\b", "their", fact)
+    return fact
+
+
+# ------------------------------------------------------------------- the step
+def extract_memory_entries(model, tokenizer, sessions: Sequence[ChatSession],
+                           config: Optional[ExtractionConfig] = None,
+                           autocast_dtype: Optional[torch.dtype] = None) -> ExtractionResult:
+    """Extract grounded user facts from ``sessions`` (design document step 2)."""
+    cfg = config or ExtractionConfig()
+    units = [u for s in sessions for u in split_units(s, cfg.unit)]
+    result = ExtractionResult([], [], [], len(units))
+    for start in range(0, len(units), cfg.batch_size):
+        batch = units[start:start + cfg.batch_size]
+        prompts = [build_prompt(tokenizer, u.text, cfg.few_shot) for u in batch]
+        allowed = [allowed_token_ids(tokenizer, u.text) for u in batch] if cfg.constrained else None
+        with _autocast(model, autocast_dtype):
+            outputs = generate_batch(model, tokenizer, prompts, allowed, cfg.max_new_tokens)
+        for unit, output in zip(batch, outputs):
+            _collect(unit, output, cfg, result)
+        logger.info("extraction: %d/%d units", min(start + cfg.batch_size, len(units)), len(units))
+    return result
+
+
+def _autocast(model, dtype):
+    import contextlib
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
+def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: ExtractionResult) -> None:
+    session = unit.session
+    for fact in parse_facts(output):
+        fact = fix_grammar(_normalise_subject(fact), unit.text)
+        idx = unit.message_index if unit.message_index is not None else _best_source(session, fact)
+        cand = MemoryCandidate(text=fact, user_id=session.user_id, session_id=session.session_id,
+                               message_index=idx, timestamp=_timestamp(session, idx))
+        result.raw_facts.append(cand)
+        reason = _rejection_reason(fact, unit, cfg)
+        if reason:
+            result.rejected.append(RejectedFact(fact, reason, session.session_id, idx))
+            logger.info("rejected fact (%s) from %s[%s]: %r", reason, session.session_id, idx, fact)
+        elif all(c.text.lower() != fact.lower() or c.session_id != session.session_id
+                 for c in result.candidates):
+            result.candidates.append(cand)
+
+
+_NEGATION = re.compile(r"\b(not|no|never|none|nothing|anymore|longer)\b|n't\b", re.I)
+_COPULA = re.compile(r"\s(?:is|are|was|were)\s", re.I)
+
+
+_CLAUSE_SPLIT = re.compile(r"[,;:]|\b(?:and|but|so|because|although|though)\b", re.I)
+
+
+def _closest_clause(fact: str, sentence: str) -> str:
+    """The clause of ``sentence`` sharing most content words with ``fact``: polarity is
+    judged there, so 'I have mild asthma, so I never skip my inhaler' keeps 'mild asthma'."""
+    clauses = [c for c in _CLAUSE_SPLIT.split(sentence) if c and c.strip()]
+    words = content_words(fact)
+    return max(clauses, key=lambda c: len(words & content_words(c)), default=sentence)
+
+
+def _is_tautology(fact: str) -> bool:
+    """'The user's guitar is a guitar', 'The user's favourite band is now'."""
+    parts = _COPULA.split(fact, maxsplit=1)
+    if len(parts) != 2:
+        return False
+    return not (content_words(parts[1]) - content_words(parts[0]))
+
+
+def _rejection_reason(fact: str, unit: ExtractionUnit, cfg: ExtractionConfig) -> Optional[str]:
+    """Why ``fact`` must not be stored, or None. Every rule guards a failure seen in
+    the 135M model's output (see module docstring and README)."""
+    low = fact.lower()
+    if not low.startswith("the user"):
+        return "not about the user"
+    if len(fact.split()) < cfg.min_fact_words or not content_words(fact):
+        return "too short"
+    if low.count("user") > 1:
+        return "garbled"
+    if _is_tautology(fact):
+        return "tautology"
+    if cfg.grounding:
+        if bool(_NEGATION.search(fact)) != bool(_NEGATION.search(_closest_clause(fact, unit.text))):
+            return "polarity differs from the sentence"
+        unsupported = grounding_report(fact, unit.evidence)
+        if unsupported:
+            return "ungrounded: " + ", ".join(sorted(unsupported))
+    return None
+
+
+def _best_source(session: ChatSession, fact: str) -> Optional[int]:
+    """For whole-session units: the user message sharing most content words with the fact."""
+    words = content_words(fact)
+    scored = [(len(words & content_words(m.content)), i) for i, m in enumerate(session.messages)
+              if m.role == "user"]
+    return max(scored)[1] if scored else None
+
+
+def _timestamp(session: ChatSession, idx: Optional[int]) -> str:
+    if idx is not None and session.messages[idx].timestamp:
+        return session.messages[idx].timestamp
+    return session.created_at
+
+
+def user_facts_by_session(result: ExtractionResult) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for c in result.candidates:
+        out.setdefault(c.session_id, []).append(c.text)
+    return out

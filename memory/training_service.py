@@ -1,0 +1,204 @@
+"""``MemoryTrainingService``: orchestrates the design document's steps.
+
+step 0  save chat sessions as JSON          -> ``save_chat_session`` (memory.chat_store)
+step 1  load them                           -> ``load_chat_sessions``
+step 2  extract memory entries              -> ``extract_memory_entries`` + ingestion into the DB
+step 3  train (<recall>, memory decoding)   -> later stages
+step 4  publish a model version             -> later stages
+
+Only new or changed sessions are extracted: the DB remembers each session's content
+hash, written after its facts are stored, so a crash mid-run re-extracts at most the
+sessions in flight (their facts then de-duplicate exactly).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from memory.chat_store import ChatStore, LoadResult
+from memory.config import MemoryArguments, ModelArguments
+from memory.extraction import ExtractionConfig, ExtractionResult, extract_memory_entries
+from memory.ingest import IngestReport, ingest_candidates
+from memory.schema import ChatSession
+from memory.vector_db import MemoryVectorDB
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunSummary:
+    sessions_read: int = 0
+    sessions_rejected: int = 0
+    sessions_unchanged: int = 0
+    sessions_extracted: int = 0
+    memories_added: int = 0
+    memories_duplicate: int = 0
+    memories_superseded: int = 0
+    memories_rejected: int = 0
+    rejected_by_reason: dict = dataclasses.field(default_factory=dict)
+    stage_seconds: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    report_path: Optional[str] = None
+
+    def lines(self) -> List[str]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected_by_reason.items())) or "none"
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+        return [
+            f"sessions: {self.sessions_read} read, {self.sessions_rejected} rejected, "
+            f"{self.sessions_unchanged} unchanged (skipped), {self.sessions_extracted} extracted",
+            f"memories: {self.memories_added} added, {self.memories_duplicate} duplicate, "
+            f"{self.memories_superseded} superseded, {self.memories_rejected} rejected ({reasons})",
+            f"time: {self.seconds:.1f}s ({stages})",
+        ]
+
+
+class MemoryTrainingService:
+    def __init__(self, model_args: ModelArguments, args: MemoryArguments):
+        self.model_args, self.args = model_args, args
+        self.output_dir = Path(args.output_dir)
+        self.store = ChatStore(args.chats_dir, default_user_id=args.default_user_id)
+        self._loaded = None
+        self._db: Optional[MemoryVectorDB] = None
+
+    # ------------------------------------------------------------ resources
+    @property
+    def db(self) -> MemoryVectorDB:
+        if self._db is None:
+            self._db = MemoryVectorDB(self.output_dir / "memory_db")
+        return self._db
+
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            from recall.model_loading import load_model_and_tokenizer
+
+            self._loaded = load_model_and_tokenizer(
+                self.model_args.model_name_or_path, gguf_file=self.model_args.gguf_file,
+                device=self.model_args.device, precision=self.model_args.precision)
+        return self._loaded
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # ---------------------------------------------------------- steps 0 - 2
+    def save_chat_session(self, session: ChatSession) -> Path:
+        """Step 0: write one session to the chat store (atomic)."""
+        return self.store.save_session(session)
+
+    def load_chat_sessions(self) -> LoadResult:
+        """Step 1: every valid session in the store; bad files are reported and skipped."""
+        return self.store.load_sessions(strict=self.args.strict)
+
+    def pending_sessions(self, sessions: List[ChatSession]) -> List[ChatSession]:
+        return [s for s in sessions if self.db.session_state(s.session_id) != s.content_hash()]
+
+    def extract_memory_entries(self, sessions: List[ChatSession]) -> ExtractionResult:
+        """Step 2a: candidate facts from the base model (see memory.extraction)."""
+        cfg = ExtractionConfig(unit=self.args.extraction_unit, constrained=self.args.extraction_constrained,
+                               few_shot=self.args.extraction_few_shot, grounding=self.args.extraction_grounding,
+                               batch_size=self.args.extraction_batch_size)
+        lm = self.loaded
+        return extract_memory_entries(lm.model, lm.tokenizer, sessions, cfg, lm.runtime.autocast_dtype)
+
+    def vectorizer(self):
+        from memory.vectors import build_vectorizer
+
+        if not hasattr(self, "_vectorizer"):
+            self._vectorizer = build_vectorizer(self.args.embedding_model, self.loaded, self.args.embedding_template)
+        return self._vectorizer
+
+    def store_memories(self, sessions: List[ChatSession], result: ExtractionResult) -> IngestReport:
+        """Step 2b: de-duplicate, apply the update rule, store; then mark sessions processed."""
+        report = ingest_candidates(self.db, result.candidates, self.vectorizer(),
+                                   near_duplicate_cosine=self.args.near_duplicate_cosine)
+        per_session = collections.Counter(c.session_id for c in result.candidates)
+        for s in sessions:
+            self.db.mark_session_processed(s.session_id, s.content_hash(), s.source_path or "",
+                                           per_session.get(s.session_id, 0))
+        self.db.flush()
+        return report
+
+    # ------------------------------------------------------------- the run
+    def run_training(self, stage: Optional[str] = None) -> RunSummary:
+        """Run the pipeline up to ``stage`` (``extract``: steps 0-2)."""
+        from transformers import set_seed
+
+        set_seed(self.args.seed)
+        started = time.perf_counter()
+        summary = RunSummary()
+        timer = _StageTimer(summary)
+        with timer("load"):
+            loaded = self.load_chat_sessions()
+        summary.sessions_read = len(loaded.sessions)
+        summary.sessions_rejected = len(loaded.rejected)
+        todo = self.pending_sessions(loaded.sessions)
+        summary.sessions_unchanged = len(loaded.sessions) - len(todo)
+        summary.sessions_extracted = len(todo)
+        logger.info("step 1: %d sessions read, %d rejected, %d new or changed",
+                    len(loaded.sessions), len(loaded.rejected), len(todo))
+        extraction, ingest = None, IngestReport()
+        if todo:
+            with timer("extract"):
+                extraction = self.extract_memory_entries(todo)
+            with timer("store"):
+                ingest = self.store_memories(todo, extraction)
+        _fill_counts(summary, extraction, ingest)
+        summary.seconds = time.perf_counter() - started
+        summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
+        if (stage or self.args.stage) != "extract":
+            logger.info("training steps (3-4) are not part of this version; stopping after step 2")
+        return summary
+
+    def _write_report(self, summary, loaded, extraction, ingest) -> Path:
+        reports = self.output_dir / "reports"
+        reports.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        path = reports / f"extract-{stamp}.json"
+        body = {
+            "summary": dataclasses.asdict(summary),
+            "rejected_sessions": [{"path": str(r.path), "reason": r.reason} for r in loaded.rejected],
+            "rejected_facts": [dataclasses.asdict(r) for r in (extraction.rejected if extraction else [])],
+            "events": ingest.events,
+        }
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(body, fh, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+        return path
+
+
+def _fill_counts(summary: RunSummary, extraction: Optional[ExtractionResult], ingest: IngestReport) -> None:
+    counts = ingest.counts()
+    summary.memories_added = counts["added"]
+    summary.memories_duplicate = counts["duplicate_exact"] + counts["duplicate_near"]
+    summary.memories_superseded = counts["superseded"]
+    if extraction:
+        summary.memories_rejected = len(extraction.rejected)
+        reasons = collections.Counter(r.reason.split(":")[0] for r in extraction.rejected)
+        summary.rejected_by_reason = dict(reasons)
+
+
+class _StageTimer:
+    """``with timer("extract"): ...`` records the stage's wall time in the summary."""
+
+    def __init__(self, summary: RunSummary):
+        self.summary = summary
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.summary.stage_seconds[name] = time.perf_counter() - start

@@ -1,0 +1,81 @@
+import pytest
+
+from memory.ingest import ingest_candidates
+from memory.schema import MemoryCandidate
+from memory.vector_db import MemoryVectorDB
+from memory.vectors import ChatModelVectorizer
+
+
+@pytest.fixture
+def db(tmp_path):
+    d = MemoryVectorDB(tmp_path / "db")
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def vectorizer(tiny_model, tokenizer):
+    return ChatModelVectorizer(tiny_model, tokenizer, "tiny", template="raw")
+
+
+def cand(text, ts, user="alex", sid="s1", idx=0):
+    return MemoryCandidate(text=text, user_id=user, session_id=sid, message_index=idx, timestamp=ts)
+
+
+NO_VECTOR_DEDUP = dict(near_duplicate_cosine=1.01)
+
+
+def test_provenance_is_stored(db, vectorizer):
+    rep = ingest_candidates(db, [cand("The user lives in Lisbon.", "2026-01-01T10:00:00+00:00", sid="a", idx=4)],
+                            vectorizer, **NO_VECTOR_DEDUP)
+    rec = db.get(rep.added[0])
+    assert (rec.session_id, rec.message_index, rec.said_at, rec.status) == ("a", 4, "2026-01-01T10:00:00+00:00", "pending")
+    assert rec.encoder_id == vectorizer.encoder_id and rec.subject_key == "user:residence"
+
+
+def test_exact_and_lexical_duplicates_are_skipped(db, vectorizer):
+    ingest_candidates(db, [cand("The user is allergic to peanuts.", "2026-01-01")], vectorizer, **NO_VECTOR_DEDUP)
+    rep = ingest_candidates(db, [cand("the user is allergic to peanuts", "2026-02-01"),
+                                 cand("The user's allergic to peanuts.", "2026-02-02"),
+                                 cand("The user has a peanut allergy and a cat.", "2026-02-03")],
+                            vectorizer, **NO_VECTOR_DEDUP)
+    assert rep.duplicate_exact == 1 and rep.duplicate_near == 1 and len(rep.added) == 1
+    assert db.count(user_id="alex") == 2
+
+
+def test_vector_near_duplicate(db, vectorizer):
+    ingest_candidates(db, [cand("The user takes Portuguese lessons on Saturday mornings.", "2026-01-01")],
+                      vectorizer, **NO_VECTOR_DEDUP)
+    rep = ingest_candidates(db, [cand("The user takes Portuguese lessons every Saturday morning.", "2026-02-01")],
+                            vectorizer, near_duplicate_cosine=-1.0, near_duplicate_jaccard=0.6)
+    assert rep.duplicate_near == 1 and not rep.added
+
+
+def test_newer_fact_supersedes_older_and_keeps_it(db, vectorizer):
+    first = ingest_candidates(db, [cand("The user lives in Lisbon.", "2026-01-01")], vectorizer, **NO_VECTOR_DEDUP)
+    second = ingest_candidates(db, [cand("The user moved to Porto.", "2026-05-01")], vectorizer, **NO_VECTOR_DEDUP)
+    old, new = db.get(first.added[0]), db.get(second.added[0])
+    assert old.status == "superseded" and old.superseded_by == new.id and old.text == "The user lives in Lisbon."
+    assert new.status == "pending" and second.superseded == 1
+
+
+def test_late_arriving_older_fact_is_stored_superseded(db, vectorizer):
+    newer = ingest_candidates(db, [cand("The user lives in Porto.", "2026-05-01")], vectorizer, **NO_VECTOR_DEDUP)
+    older = ingest_candidates(db, [cand("The user lives in Lisbon.", "2026-01-01")], vectorizer, **NO_VECTOR_DEDUP)
+    assert db.get(newer.added[0]).status == "pending"
+    assert db.get(older.added[0]).status == "superseded"
+
+
+def test_other_owners_and_users_do_not_supersede(db, vectorizer):
+    ingest_candidates(db, [cand("The user lives in Lisbon.", "2026-01-01"),
+                           cand("The user's sister lives in Madrid.", "2026-02-01"),
+                           cand("The user lives in Berlin.", "2026-03-01", user="sam")],
+                      vectorizer, **NO_VECTOR_DEDUP)
+    assert db.count(statuses=("pending",)) == 3
+
+
+def test_within_one_batch_order_is_by_time(db, vectorizer):
+    rep = ingest_candidates(db, [cand("The user is 30 years old.", "2026-04-18"),
+                                 cand("The user is 29 years old.", "2026-01-10")], vectorizer, **NO_VECTOR_DEDUP)
+    live = db.records(statuses=("pending",))
+    assert [r.text for r in live] == ["The user is 30 years old."] and rep.superseded == 1
