@@ -1,7 +1,8 @@
-"""Run the memory pipeline: load chat sessions, extract memories, (later) train and publish.
+"""Run the memory pipeline: load chat sessions, extract memories, train <recall>, (later) publish.
 
     python run_training.py                              # embedded default model, sample chats
     python run_training.py --config configs/default.yaml --chats_dir my_chats --stage extract
+    python run_training.py --memories facts.jsonl --chats_dir "" --stage recall
 """
 import logging
 import sys
@@ -15,11 +16,11 @@ from recall.model_loading import ModelNotFoundError
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model_args, args = parse_args(argv)
+        model_args, args, train_args = parse_args(argv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    service = MemoryTrainingService(model_args, args)
+    service = MemoryTrainingService(model_args, args, train_args)
     try:
         summary = service.run_training()
     except (ChatFormatError, ModelNotFoundError) as exc:

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-STAGES = ("extract", "all")
+STAGES = ("extract", "recall", "all")
 
 
 @dataclasses.dataclass
@@ -24,10 +24,13 @@ class ModelArguments:
 
 @dataclasses.dataclass
 class MemoryArguments:
-    output_dir: str = dataclasses.field(default="output", metadata={"help": "work directory: memory DB, reports, models"})
-    chats_dir: str = dataclasses.field(default="examples/chats", metadata={"help": "chat store: one JSON file per session"})
-    stage: str = dataclasses.field(default="all", metadata={"help": f"one of {STAGES}; 'extract' stops after step 2"})
-    seed: int = 42
+    chats_dir: str = dataclasses.field(default="examples/chats",
+                                       metadata={"help": "chat store: one JSON file per session ('' for none)"})
+    memories: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "JSONL of memory entries to import as if extracted: "
+                                        '{"text": ..., "user_id"?: ..., "created_at"?: ...} per line'})
+    stage: str = dataclasses.field(default="all", metadata={
+        "help": f"one of {STAGES}: 'extract' stops after step 2, 'recall' after step 3.1 (<recall> training)"})
     strict: bool = dataclasses.field(default=False, metadata={"help": "a bad chat file is fatal instead of skipped"})
     default_user_id: str = "default"
     embedding_model: str = dataclasses.field(
@@ -39,6 +42,10 @@ class MemoryArguments:
     extraction_grounding: bool = True
     extraction_batch_size: int = 16
     near_duplicate_cosine: float = 0.97
+    cue_questions: int = dataclasses.field(default=3, metadata={"help": "questions generated per memory (step 1 cues)"})
+    k_folds: int = dataclasses.field(default=5, metadata={"help": "K-fold cross-validation of step 1 (0 or 1: skip)"})
+    eval_unseen_fraction: float = dataclasses.field(
+        default=0.0, metadata={"help": "also measure memories held out of step-1 training (fraction of memories)"})
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -47,7 +54,10 @@ class MemoryArguments:
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
 
 
-ARGUMENT_CLASSES = (ModelArguments, MemoryArguments)
+def _argument_classes():
+    from recall.text_embedding_train import RecallTrainingArguments
+
+    return (ModelArguments, MemoryArguments, RecallTrainingArguments)
 
 
 def _load_yaml(path: str) -> dict:
@@ -60,22 +70,24 @@ def _load_yaml(path: str) -> dict:
         raise ValueError(f"{file}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a mapping of option names to values, got {type(data).__name__}")
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    known = {f.name for cls in _argument_classes() for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{file}: unknown option(s): {', '.join(map(str, unknown))}")
     return data
 
 
-def parse_args(argv: Optional[List[str]] = None) -> Tuple[ModelArguments, MemoryArguments]:
-    """Parse ``--config FILE`` first, use it as defaults, then the command line on top."""
+def parse_args(argv: Optional[List[str]] = None) -> Tuple:
+    """``(ModelArguments, MemoryArguments, RecallTrainingArguments)``. ``output_dir`` and
+    ``seed`` are the ``TrainingArguments`` ones (the work directory and the run's seed).
+    ``--config FILE`` is read first and used as defaults; the command line goes on top."""
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(_argument_classes())
     parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_load_yaml(pre.config))
     parsed = parser.parse_args_into_dataclasses(argv)  # (+ a namespace holding --config)
-    return parsed[0], parsed[1]
+    return parsed[0], parsed[1], parsed[2]

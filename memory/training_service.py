@@ -3,8 +3,9 @@
 step 0  save chat sessions as JSON          -> ``save_chat_session`` (memory.chat_store)
 step 1  load them                           -> ``load_chat_sessions``
 step 2  extract memory entries              -> ``extract_memory_entries`` + ingestion into the DB
-step 3  train (<recall>, memory decoding)   -> later stages
-step 4  publish a model version             -> later stages
+step 3  train: 3.1 the <recall> token       -> ``train_recall_token`` (memory.recall_step)
+              3.2 memory decoding           -> a later stage
+step 4  publish a model version             -> a later stage
 
 Only new or changed sessions are extracted: the DB remembers each session's content
 hash, written after its facts are stored, so a crash mid-run re-extracts at most the
@@ -43,6 +44,8 @@ class RunSummary:
     memories_duplicate: int = 0
     memories_superseded: int = 0
     memories_rejected: int = 0
+    memories_imported: int = 0
+    recall: Optional[dict] = None
     rejected_by_reason: dict = dataclasses.field(default_factory=dict)
     stage_seconds: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
@@ -55,16 +58,32 @@ class RunSummary:
             f"sessions: {self.sessions_read} read, {self.sessions_rejected} rejected, "
             f"{self.sessions_unchanged} unchanged (skipped), {self.sessions_extracted} extracted",
             f"memories: {self.memories_added} added, {self.memories_duplicate} duplicate, "
-            f"{self.memories_superseded} superseded, {self.memories_rejected} rejected ({reasons})",
+            f"{self.memories_superseded} superseded, {self.memories_rejected} rejected ({reasons})"
+            + (f", {self.memories_imported} imported" if self.memories_imported else ""),
+            *([_recall_line(self.recall)] if self.recall else []),
             f"time: {self.seconds:.1f}s ({stages})",
         ]
 
 
+def _recall_line(m: dict) -> str:
+    line = f"<recall> training: {m['memories']} memories, {m['cues']} cues"
+    if "kfold" in m:
+        k = m["kfold"]
+        line += (f"; {k['k']}-fold held-out recall@1 {k['recall_at_1_mean']:.3f} ± {k['recall_at_1_std']:.3f}, "
+                 f"recall@5 {k['recall_at_5_mean']:.3f}, MRR {k['mrr_mean']:.3f}")
+    if "unseen" in m:
+        line += f"; unseen memories recall@1 {m['unseen']['recall_at_1']:.3f}"
+    return line
+
+
 class MemoryTrainingService:
-    def __init__(self, model_args: ModelArguments, args: MemoryArguments):
+    def __init__(self, model_args: ModelArguments, args: MemoryArguments, train_args=None):
+        from recall.text_embedding_train import RecallTrainingArguments
+
         self.model_args, self.args = model_args, args
-        self.output_dir = Path(args.output_dir)
-        self.store = ChatStore(args.chats_dir, default_user_id=args.default_user_id)
+        self.train_args = train_args or RecallTrainingArguments(output_dir="output")
+        self.output_dir = Path(self.train_args.output_dir)
+        self.store = ChatStore(args.chats_dir, default_user_id=args.default_user_id) if args.chats_dir else None
         self._loaded = None
         self._db: Optional[MemoryVectorDB] = None
 
@@ -97,7 +116,32 @@ class MemoryTrainingService:
 
     def load_chat_sessions(self) -> LoadResult:
         """Step 1: every valid session in the store; bad files are reported and skipped."""
+        if self.store is None:
+            return LoadResult([], [])
         return self.store.load_sessions(strict=self.args.strict)
+
+    def import_memories(self, path: str) -> IngestReport:
+        """``--memories FILE.jsonl``: entries stored as if extracted (same de-duplication)."""
+        from memory.import_memories import read_memories_jsonl
+
+        candidates = read_memories_jsonl(path, self.args.default_user_id)
+        report = ingest_candidates(self.db, candidates, self.vectorizer(),
+                                   near_duplicate_cosine=self.args.near_duplicate_cosine)
+        self.db.flush()
+        return report
+
+    def train_recall_token(self, run_dir: Optional[Path] = None) -> Optional[dict]:
+        """Step 3.1: train ``<recall>`` on every live memory (see memory.recall_step)."""
+        from memory.recall_step import train_recall_token
+
+        run_dir = run_dir or self.new_run_dir()
+        return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir)
+
+    def new_run_dir(self) -> Path:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M%S_%f")
+        path = self.output_dir / "runs" / stamp
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
 
     def pending_sessions(self, sessions: List[ChatSession]) -> List[ChatSession]:
         return [s for s in sessions if self.db.session_state(s.session_id) != s.content_hash()]
@@ -133,7 +177,8 @@ class MemoryTrainingService:
         """Run the pipeline up to ``stage`` (``extract``: steps 0-2)."""
         from transformers import set_seed
 
-        set_seed(self.args.seed)
+        set_seed(self.train_args.seed)
+        stage = stage or self.args.stage
         started = time.perf_counter()
         summary = RunSummary()
         timer = _StageTimer(summary)
@@ -152,11 +197,21 @@ class MemoryTrainingService:
                 extraction = self.extract_memory_entries(todo)
             with timer("store"):
                 ingest = self.store_memories(todo, extraction)
+        if self.args.memories:
+            with timer("import"):
+                imported = self.import_memories(self.args.memories)
+            summary.memories_imported = len(imported.added)
+            ingest.duplicate_exact += imported.duplicate_exact
+            ingest.duplicate_near += imported.duplicate_near
+            ingest.superseded += imported.superseded
+            ingest.events += imported.events
         _fill_counts(summary, extraction, ingest)
+        if stage in ("recall", "all"):
+            with timer("recall"):
+                summary.recall = self.train_recall_token()
+            logger.info("memory decoding (3.2) and publishing (4) are later stages; stopping after step 3.1")
         summary.seconds = time.perf_counter() - started
         summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
-        if (stage or self.args.stage) != "extract":
-            logger.info("training steps (3-4) are not part of this version; stopping after step 2")
         return summary
 
     def _write_report(self, summary, loaded, extraction, ingest) -> Path:

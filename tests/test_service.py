@@ -11,14 +11,15 @@ from memory.chat_store import ChatFormatError
 from memory.config import MemoryArguments, ModelArguments, parse_args
 from memory.schema import ChatMessage, ChatSession
 from memory.training_service import MemoryTrainingService
+from recall.text_embedding_train import RecallTrainingArguments
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "chats"
 
 
 def _service(model_dir, chats, out, **kw):
     return MemoryTrainingService(ModelArguments(model_name_or_path=str(model_dir), precision="fp32"),
-                                 MemoryArguments(output_dir=str(out), chats_dir=str(chats), stage="extract",
-                                                 extraction_batch_size=8, **kw))
+                                 MemoryArguments(chats_dir=str(chats), stage="extract", extraction_batch_size=8, **kw),
+                                 RecallTrainingArguments(output_dir=str(out)))
 
 
 def _bad_files(chats: Path):
@@ -105,10 +106,10 @@ def test_cli_prints_summary(tiny_model_dir, chats, tmp_path, capsys):
 def test_config_file_and_errors(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("output_dir: from-yaml\nextraction_unit: message\n")
-    model_args, args = parse_args(["--config", str(cfg), "--seed", "7"])
-    assert (args.output_dir, args.extraction_unit, args.seed) == ("from-yaml", "message", 7)
-    model_args, args = parse_args(["--config", str(cfg), "--output_dir", "cli"])
-    assert args.output_dir == "cli"
+    model_args, args, train_args = parse_args(["--config", str(cfg), "--seed", "7"])
+    assert (train_args.output_dir, args.extraction_unit, train_args.seed) == ("from-yaml", "message", 7)
+    model_args, args, train_args = parse_args(["--config", str(cfg), "--output_dir", "cli"])
+    assert train_args.output_dir == "cli"
     cfg.write_text("no_such_option: 1\n")
     with pytest.raises(ValueError, match="no_such_option"):
         parse_args(["--config", str(cfg)])

@@ -1,0 +1,42 @@
+"""Evaluate retrieval of the newest trained state in a work directory.
+
+    python evaluate.py --output_dir output --questions examples/questions.json [--report report.json]
+
+A question is a hit@k when one of the top-k retrieved memories (of the question's user,
+pending or active) contains ``expected`` (case-insensitive). Baselines in the same run:
+the untrained base model's last-token vector (PromptEOL, as the keys) and all-MiniLM-L6-v2.
+"""
+import argparse
+import json
+import logging
+import sys
+
+from memory.evaluation import QuestionsFormatError, evaluate_retrieval, find_model_dir, format_table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output_dir", required=True, help="work directory (memory DB, runs/)")
+    ap.add_argument("--questions", required=True, help='JSON list of {"question", "expected", "user_id"?}')
+    ap.add_argument("--model_dir", default=None, help="a specific trained state (default: the newest)")
+    ap.add_argument("--report", default=None, help="write the report JSON here")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model_dir = args.model_dir or find_model_dir(args.output_dir)
+        report = evaluate_retrieval(args.output_dir, model_dir, args.questions, device=args.device,
+                                    precision=args.precision)
+    except (QuestionsFormatError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Cues: contexts that should make ``<recall>`` retrieve a memory (step-1 training data).
+
+Per memory:
+- ``text``: the memory's own text;
+- ``source``: the user message it was extracted from;
+- ``question``: N questions the base model writes about the fact, kept only when they
+  pass a sanity filter (a question, 3-25 words, not a copy of the fact, no "the user").
+
+Generated cues are stored with the memory in the DB (``kind<TAB>text`` strings), so a
+rerun does not generate them again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from memory.chat_store import ChatStore
+from memory.vector_db import MemoryRecord, MemoryVectorDB
+
+logger = logging.getLogger(__name__)
+
+QUESTION_SYSTEM = ("Write one short question that the user could ask to get this fact back. "
+                   "Ask in the first person, with I, me or my.")
+QUESTION_FEW_SHOT = [
+    ("The user has a cat named Luna.", "What is my cat called?"),
+    ("The user works as a chef.", "What do I do for a living?"),
+]
+_WS = re.compile(r"\s+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cue:
+    kind: str  # "text" | "source" | "question"
+    text: str
+
+    def encode(self) -> str:
+        return f"{self.kind}\t{self.text}"
+
+    @staticmethod
+    def decode(raw: str) -> "Cue":
+        kind, _, text = raw.partition("\t")
+        return Cue(kind, text) if text else Cue("question", kind)
+
+
+def clean(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def is_good_question(question: str, fact: str) -> bool:
+    q = clean(question)
+    words = q.split()
+    return (q.endswith("?") and 3 <= len(words) <= 25 and "user" not in q.lower()
+            and q.lower().rstrip("?") != fact.lower().rstrip(".") and "\n" not in q)
+
+
+def _question_prompt(tokenizer, fact: str) -> str:
+    messages = [{"role": "system", "content": QUESTION_SYSTEM}]
+    for f, q in QUESTION_FEW_SHOT:
+        messages += [{"role": "user", "content": f"Fact: {f}"}, {"role": "assistant", "content": q}]
+    messages.append({"role": "user", "content": f"Fact: {fact}"})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate_questions(model, tokenizer, facts: Sequence[str], n: int = 3, batch_size: int = 16,
+                       seed: int = 0, max_new_tokens: int = 32) -> List[List[str]]:
+    """Up to ``n`` distinct, filtered questions per fact (sampled; seeded)."""
+    device = next(model.parameters()).device
+    out: List[List[str]] = []
+    torch.manual_seed(seed)
+    for start in range(0, len(facts), batch_size):
+        chunk = list(facts[start:start + batch_size])
+        enc = tokenizer([_question_prompt(tokenizer, f) for f in chunk], return_tensors="pt", padding=True,
+                        padding_side="left", add_special_tokens=False).to(device)
+        gen = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=n,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, fact in enumerate(chunk):
+            kept: List[str] = []
+            for q in (clean(t.split("\n")[0]) for t in texts[i * n:(i + 1) * n]):
+                if is_good_question(q, fact) and q not in kept:
+                    kept.append(q)
+            out.append(kept)
+    return out
+
+
+def source_text(store: ChatStore, record: MemoryRecord, cache: Dict[str, object]) -> Optional[str]:
+    """The user message a memory came from, if the session is still in the store."""
+    if record.session_id is None or record.message_index is None:
+        return None
+    if record.session_id not in cache:
+        path = store.path_for(record.session_id)
+        try:
+            cache[record.session_id] = store.read_session_file(path) if path.is_file() else None
+        except ValueError:
+            cache[record.session_id] = None
+    session = cache[record.session_id]
+    if session is None or record.message_index >= len(session.messages):
+        return None
+    return clean(session.messages[record.message_index].content)
+
+
+def ensure_cues(db: MemoryVectorDB, records: Sequence[MemoryRecord], model, tokenizer, store: ChatStore,
+                n_questions: int = 3, seed: int = 0) -> Dict[int, List[Cue]]:
+    """Cues for every record; generates and stores them for records that have none yet."""
+    todo = [r for r in records if not r.cues]
+    if todo:
+        logger.info("generating cues for %d memories", len(todo))
+        questions = generate_questions(model, tokenizer, [r.text for r in todo], n=n_questions, seed=seed)
+        sessions: Dict[str, object] = {}
+        for rec, qs in zip(todo, questions):
+            cues = [Cue("question", q) for q in qs]
+            src = source_text(store, rec, sessions)
+            if src and src.lower() != rec.text.lower():
+                cues.insert(0, Cue("source", src))
+            db.set_cues(rec.id, [c.encode() for c in cues] or [Cue("text", rec.text).encode()])
+    out = {}
+    for rec in records:
+        stored = db.get(rec.id).cues
+        cues = [Cue.decode(c) for c in stored if Cue.decode(c).kind != "text"]
+        out[rec.id] = [Cue("text", rec.text)] + cues
+    return out

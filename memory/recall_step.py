@@ -1,0 +1,109 @@
+"""Step 3.1 orchestration: memories + cues from the DB -> ``RecallMemoryTrainer`` runs.
+
+1. live memories (pending + active) and their vectors form the memory bank;
+2. cues are generated once per memory and stored (``memory.cues``);
+3. optional K-fold cross-validation and an unseen-memory measurement, each training a
+   fresh adapter from the base model;
+4. the final adapter is trained on every cue and saved under ``RUN_DIR/recall/``:
+   ``recall_state.safetensors`` (LoRA + fp32 token rows + temperature), ``recall_config.json``
+   and, written last, ``metrics.json`` (its presence marks the directory complete).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from memory.cues import ensure_cues
+from memory.token_manager import RECALL_TOKEN, add_memory_tokens
+from recall.kfold import cross_validate, holdout_memories
+from recall.text_embedding_train import (ACTIVATION_PHRASE, RecallMemoryTrainer, RecallTrainingArguments,
+                                         build_recall_model, format_query)
+
+logger = logging.getLogger(__name__)
+COMPLETE_MARKER = "metrics.json"
+
+
+def build_dataset(tokenizer, records, cues: Dict[int, list]) -> List[dict]:
+    return [{"text": format_query(tokenizer, cue.text), "target": row, "kind": cue.kind, "memory_id": rec.id}
+            for row, rec in enumerate(records) for cue in cues[rec.id]]
+
+
+class _Fitter:
+    """Trains a fresh adapter on the base model for a given cue subset."""
+
+    def __init__(self, loaded, token_ids, bank, train_args: RecallTrainingArguments):
+        self.base, self.tokenizer = loaded.model, loaded.tokenizer
+        self.token_ids, self.bank, self.train_args = token_ids, bank, train_args
+
+    def __call__(self, train: List[dict], held_out: Optional[List[dict]], out_dir: Path, save: bool = False):
+        args = dataclasses.replace(self.train_args, output_dir=str(out_dir),
+                                   save_strategy=self.train_args.save_strategy if save else "no")
+        model = build_recall_model(copy.deepcopy(self.base), self.tokenizer, args, self.bank.shape[1],
+                                   list(self.token_ids.values()))
+        trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=self.bank, tokenizer=self.tokenizer,
+                                      recall_token_id=self.token_ids[RECALL_TOKEN], train_dataset=train)
+        resume = self.train_args.resume_from_checkpoint if save else None
+        trainer.train(resume_from_checkpoint=resume)
+        metrics = trainer.evaluate(held_out) if held_out else {}
+        return trainer, {k.removeprefix("eval_"): v for k, v in metrics.items()}
+
+
+def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,
+                       run_dir: Path) -> Optional[dict]:
+    """Run step 3.1; returns the metrics written to ``run_dir/recall/metrics.json``."""
+    records = db.records(statuses=("pending", "active"))
+    if not records:
+        logger.warning("step 3.1: no memories in the store, skipping <recall> training")
+        return None
+    started = time.perf_counter()
+    token_ids = add_memory_tokens(loaded.model, loaded.tokenizer)
+    cues = ensure_cues(db, records, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
+    bank = torch.from_numpy(db.vectors([r.id for r in records]))
+    data = build_dataset(loaded.tokenizer, records, cues)
+    logger.info("step 3.1: %d memories, %d cues", len(records), len(data))
+    fit = _Fitter(loaded, token_ids, bank, train_args)
+    metrics: Dict[str, object] = {"memories": len(records), "cues": len(data)}
+    if args.k_folds >= 2 and not any(d["kind"] != "text" for d in data):
+        logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
+    elif args.k_folds >= 2:
+        metrics["kfold"] = cross_validate(
+            data, args.k_folds, lambda tr, ev, f: fit(tr, ev, run_dir / "kfold" / f"fold{f}")[1],
+            seed=train_args.seed)
+    if args.eval_unseen_fraction > 0:
+        held = holdout_memories([d["target"] for d in data], args.eval_unseen_fraction, train_args.seed)
+        metrics["unseen"] = fit([d for d in data if d["target"] not in held],
+                                [d for d in data if d["target"] in held], run_dir / "unseen")[1]
+    out = run_dir / "recall"
+    trainer, train_metrics = fit(data, data, out, save=True)
+    metrics["final_train_set"] = train_metrics  # the kept adapter, measured on its own training cues
+    trainer.save_model(str(out))
+    metrics["seconds"] = time.perf_counter() - started
+    _write_config(out, loaded, records, token_ids, train_args, db.encoder_id)
+    _write_json(out / COMPLETE_MARKER, metrics)
+    return metrics
+
+
+def _write_config(out: Path, loaded, records, token_ids, train_args, encoder_id) -> None:
+    loaded.tokenizer.save_pretrained(out)
+    _write_json(out / "recall_config.json", {
+        "base_model": loaded.source.location, "base_gguf_file": loaded.source.gguf_file,
+        "base_identity": loaded.source.identity, "token_ids": token_ids, "encoder_id": encoder_id,
+        "memory_ids": [r.id for r in records], "activation_phrase": ACTIVATION_PHRASE,
+        "lora_r": train_args.lora_r, "lora_alpha": train_args.lora_alpha,
+        "lora_target_modules": train_args.lora_target_modules, "max_length": train_args.max_length,
+        "query_projector": train_args.query_projector,
+    })
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

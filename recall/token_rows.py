@@ -1,0 +1,81 @@
+"""Trainable rows for a few token ids, kept in fp32, on top of a frozen embedding.
+
+Why not PEFT ``trainable_token_indices``: it gathers on a CUDA device under ZeRO-3
+(fails on CPU), and the original project's bf16 rows trained at lr 1e-5 never moved
+(updates rounded to zero). Here the new tokens' rows are ``base_row + delta`` with
+``delta`` an fp32 parameter of shape (n_tokens, hidden); the base matrix stays frozen
+and in the model's dtype. ``merge_into`` writes ``base + delta`` back into the
+embedding matrix (tied output heads see it too), which is what a published model holds.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from torch import nn
+
+
+class TrainableTokenRows(nn.Module):
+    def __init__(self, embedding: nn.Embedding, token_ids: Sequence[int]):
+        super().__init__()
+        self.embedding = embedding
+        ids = torch.tensor(sorted(set(int(i) for i in token_ids)), dtype=torch.long)
+        if ids.numel() == 0 or int(ids.max()) >= embedding.num_embeddings:
+            raise ValueError(f"token ids {ids.tolist()} out of range for {embedding.num_embeddings} rows")
+        self.register_buffer("token_ids", ids, persistent=False)
+        slots = torch.zeros(embedding.num_embeddings, dtype=torch.long)  # 0 = not trainable
+        slots[ids] = torch.arange(1, len(ids) + 1)
+        self.register_buffer("slots", slots, persistent=False)
+        self.delta = nn.Parameter(torch.zeros(len(ids), embedding.embedding_dim, dtype=torch.float32))
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code that reads .weight (resize, tying) keeps working
+        return self.embedding.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.embedding.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        base = self.embedding(input_ids)
+        padded = torch.cat([self.delta.new_zeros(1, self.delta.shape[1]), self.delta])
+        return base + padded[self.slots[input_ids]].to(base.dtype)
+
+    @torch.no_grad()
+    def merge_into(self, embedding: nn.Embedding) -> None:
+        w = embedding.weight
+        w[self.token_ids] = (w[self.token_ids].float() + self.delta.to(w.device)).to(w.dtype)
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        return {"token_ids": self.token_ids.cpu(), "delta": self.delta.detach().float().cpu()}
+
+    def load_state(self, state: Dict[str, torch.Tensor]) -> None:
+        if not torch.equal(state["token_ids"].cpu(), self.token_ids.cpu()):
+            raise ValueError(f"token rows were saved for ids {state['token_ids'].tolist()}, "
+                             f"this model trains {self.token_ids.tolist()}")
+        with torch.no_grad():
+            self.delta.copy_(state["delta"])
+
+
+def install_token_rows(model, token_ids: Sequence[int]) -> TrainableTokenRows:
+    """Wrap ``model``'s input embedding so ``token_ids`` rows train in fp32."""
+    current = model.get_input_embeddings()
+    if isinstance(current, TrainableTokenRows):
+        return current
+    rows = TrainableTokenRows(current, token_ids)
+    model.set_input_embeddings(rows)
+    return rows
+
+
+def uninstall_token_rows(model, merge: bool = True) -> None:
+    """Put the plain embedding back, with the trained rows merged into it when ``merge``."""
+    rows = model.get_input_embeddings()
+    if not isinstance(rows, TrainableTokenRows):
+        return
+    if merge:
+        rows.merge_into(rows.embedding)
+    model.set_input_embeddings(rows.embedding)

@@ -1,0 +1,136 @@
+"""Step 3.1 through run_training.py on the tiny model: import, cues, K-fold, saved adapter."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_training
+from memory.chat_store import ChatFormatError
+from memory.cues import Cue, is_good_question
+from memory.import_memories import read_memories_jsonl
+from memory.vector_db import MemoryVectorDB
+from recall.kfold import ALWAYS_TRAIN, holdout_memories, stratified_folds
+
+FACTS = ["The user lives in Porto.", "The user has a dog called Max.", "The user works as a nurse."]
+
+
+def _jsonl(path: Path, lines):
+    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
+    return path
+
+
+def test_stratified_folds_are_disjoint_and_keep_every_memory_in_training():
+    targets = [m for m in range(7) for _ in range(6)]
+    kinds = ["text", "source", "question", "question", "question", "question"] * 7
+    folds = stratified_folds(targets, kinds, k=5, seed=3)
+    assert all(f == ALWAYS_TRAIN for f, k in zip(folds, kinds) if k == "text")
+    for fold in range(5):
+        held = {i for i, f in enumerate(folds) if f == fold}
+        train = {i for i, f in enumerate(folds) if f != fold}
+        assert held and not held & train
+        assert {targets[i] for i in train} == set(range(7))  # each memory keeps cues in training
+    sizes = [folds.count(f) for f in range(5)]
+    assert max(sizes) - min(sizes) <= 7  # balanced: at most one cue per memory apart
+    assert holdout_memories(targets, 0.3, seed=1) == holdout_memories(targets, 0.3, seed=1)
+    with pytest.raises(ValueError):
+        stratified_folds(targets, kinds, k=1)
+
+
+def test_import_counts(tiny_model_dir, tmp_path, capsys):
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "extract") == 0
+    assert "3 imported" in capsys.readouterr().out
+
+
+def test_memories_jsonl_errors_name_file_and_line(tmp_path):
+    good = _jsonl(tmp_path / "m.jsonl", [{"text": "The user likes tea.", "user_id": "u"}, "", {"text": "x y z"}])
+    assert [c.user_id for c in read_memories_jsonl(good)] == ["u", "default"]
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, "{not json"])
+    with pytest.raises(ChatFormatError, match="bad.jsonl:2"):
+        read_memories_jsonl(bad)
+    with pytest.raises(ChatFormatError, match="bad2.jsonl:1: text"):
+        read_memories_jsonl(_jsonl(tmp_path / "bad2.jsonl", [{"text": ""}]))
+
+
+def test_question_filter():
+    assert is_good_question("Where do I live?", "The user lives in Porto.")
+    assert not is_good_question("Where does the user live?", "x")
+    assert not is_good_question("Porto.", "x")
+    assert Cue.decode(Cue("source", "I live in Porto.").encode()) == Cue("source", "I live in Porto.")
+
+
+def _run(tiny_model_dir, tmp_path, *extra):
+    return run_training.main(["--model_name_or_path", str(tiny_model_dir), "--chats_dir", "", "--precision", "fp32",
+                              "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "2",
+                              "--per_device_train_batch_size", "4", "--lora_r", "4", "--cue_questions", "2", *extra])
+
+
+def test_import_then_train_recall_with_kfold(tiny_model_dir, tmp_path, capsys):
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "extract") == 0
+    questions = {"Porto": "Where do I live?", "Max": "What is my dog called?", "nurse": "What is my job?"}
+    with MemoryVectorDB(tmp_path / "out" / "memory_db") as db:  # cues as the base model would write them
+        for rec in db.records():
+            q = next(v for k, v in questions.items() if k in rec.text)
+            db.set_cues(rec.id, [Cue("question", q).encode(), Cue("question", q.replace("?", " again?")).encode()])
+    code = _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "2")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "<recall> training: 3 memories, 9 cues; 2-fold held-out recall@1" in out
+    runs = sorted((tmp_path / "out" / "runs").iterdir())
+    final = runs[-1] / "recall"
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["memories"] == 3 and metrics["cues"] == 9
+    assert len(metrics["kfold"]["per_fold"]) == 2 and 0 <= metrics["kfold"]["recall_at_1_mean"] <= 1
+    state = load_file(final / "recall_state.safetensors")
+    delta = [v for k, v in state.items() if k.endswith(".delta")]
+    assert delta and delta[0].dtype == torch.float32 and delta[0].abs().sum() > 0  # the rows trained
+    assert any("lora_A" in k for k in state) and any("lora_B" in k and v.abs().sum() > 0 for k, v in state.items())
+    with MemoryVectorDB(tmp_path / "out" / "memory_db") as db:
+        cues_before = {r.id: r.cues for r in db.records()}
+    assert all(cues_before.values())  # stored with the memory
+    # rerun: the same memories are duplicates, cues are reused, not regenerated
+    code = _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "0")
+    assert code == 0 and "3 duplicate" in capsys.readouterr().out
+    with MemoryVectorDB(tmp_path / "out" / "memory_db") as db:
+        assert {r.id: r.cues for r in db.records()} == cues_before
+
+
+def test_zero_memories_skips_training_with_a_message(tiny_model_dir, tmp_path, capsys, caplog):
+    code = _run(tiny_model_dir, tmp_path, "--stage", "recall")
+    assert code == 0
+    assert "no memories" in caplog.text
+    assert not (tmp_path / "out" / "runs").exists() or not list((tmp_path / "out" / "runs").glob("*/recall/metrics.json"))
+
+
+def test_evaluate_harness_reports_trained_and_baselines(tiny_model_dir, tmp_path, capsys):
+    import evaluate
+
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "0") == 0
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"question": "Where do I live?", "expected": "porto", "user_id": "alex"},
+                                     {"question": "What's my dog's name?", "expected": "max", "user_id": "alex"}]))
+    report = tmp_path / "report.json"
+    capsys.readouterr()
+    assert evaluate.main(["--output_dir", str(tmp_path / "out"), "--questions", str(questions),
+                          "--report", str(report), "--precision", "fp32"]) == 0
+    table = capsys.readouterr().out
+    assert "| trained_recall |" in table and "| minilm_rag |" in table and "| untrained_last_token |" in table
+    data = json.loads(report.read_text())
+    assert data["minilm_rag"]["recall_at_1"] == 1.0  # MiniLM gets these two easy questions right
+    assert len(data["trained_recall"]["per_question"]) == 2
+
+
+def test_evaluate_errors(tmp_path, capsys):
+    import evaluate
+
+    assert evaluate.main(["--output_dir", str(tmp_path), "--questions", str(tmp_path / "q.json")]) == 1
+    assert "no trained state" in capsys.readouterr().err
+    bad = tmp_path / "q.json"
+    bad.write_text(json.dumps([{"question": "hi"}]))
+    from memory.evaluation import QuestionsFormatError, load_questions
+    with pytest.raises(QuestionsFormatError, match=r"\[0\]\.expected"):
+        load_questions(bad)
