@@ -43,6 +43,12 @@ class MemoryArguments:
     extraction_batch_size: int = 16
     near_duplicate_cosine: float = 0.97
     cue_questions: int = dataclasses.field(default=3, metadata={"help": "questions generated per memory (step 1 cues)"})
+    recall_teacher: str = dataclasses.field(
+        default="minilm", metadata={"help": "sentence encoder that filters generated questions and gives soft "
+                                            "targets over the bank in step 1: minilm | an encoder directory | none"})
+    recall_teacher_temperature: float = 0.05
+    cue_filter_rank: int = dataclasses.field(
+        default=3, metadata={"help": "keep a generated question if the teacher ranks its memory in this top-k"})
     k_folds: int = dataclasses.field(default=5, metadata={"help": "K-fold cross-validation of step 1 (0 or 1: skip)"})
     eval_unseen_fraction: float = dataclasses.field(
         default=0.0, metadata={"help": "also measure memories held out of step-1 training (fraction of memories)"})

@@ -100,10 +100,11 @@ def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", 
             return (q @ key_vectors(records).T).numpy()
 
         def untrained(texts, records):
+            # the base model's PromptEOL vectors for question and memory alike (= the default keys)
+            embed = lambda xs: extract_last_token_embedding(  # noqa: E731
+                model.lm, tokenizer, xs, template=TEMPLATES["prompteol"], autocast_dtype=loaded.runtime.autocast_dtype)
             with model.lm.disable_adapter():
-                q = extract_last_token_embedding(model.lm, tokenizer, texts, template=TEMPLATES["prompteol"],
-                                                 autocast_dtype=loaded.runtime.autocast_dtype)
-            return (q @ key_vectors(records).T).numpy()
+                return (embed(texts) @ embed([r.text for r in records]).T).numpy()
 
         minilm = SentenceEncoderVectorizer("minilm")
 

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -31,9 +31,49 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "metrics.json"
 
 
-def build_dataset(tokenizer, records, cues: Dict[int, list]) -> List[dict]:
-    return [{"text": format_query(tokenizer, cue.text), "target": row, "kind": cue.kind, "memory_id": rec.id}
-            for row, rec in enumerate(records) for cue in cues[rec.id]]
+def build_dataset(tokenizer, records, cues: Dict[int, list], extra_texts: Sequence[str] = ()) -> List[dict]:
+    """Labelled cues (target = the memory's row in the bank) plus unlabelled ``extra_texts``
+    (target -1: they only carry a teacher distribution)."""
+    data = [{"text": format_query(tokenizer, cue.text), "raw": cue.text, "target": row, "kind": cue.kind,
+             "memory_id": rec.id} for row, rec in enumerate(records) for cue in cues[rec.id]]
+    data += [{"text": format_query(tokenizer, t), "raw": t, "target": -1, "kind": "context", "memory_id": None}
+             for t in extra_texts]
+    return data
+
+
+class Teacher:
+    """A sentence encoder's view of the bank: which memory does a text point to?
+
+    Used twice: to drop generated questions that do not point to their own memory
+    (rank > ``max_rank`` among the user's memories), and as soft targets over the bank
+    for the KL term, so ``<recall>`` learns the encoder's semantic ranking on any text,
+    including unlabelled chat turns."""
+
+    def __init__(self, encoder: str, records, temperature: float):
+        from memory.vectors import SentenceEncoderVectorizer
+
+        self.encoder = SentenceEncoderVectorizer(encoder)
+        self.keys = self.encoder.encode([r.text for r in records])
+        self.users = [r.user_id for r in records]
+        self.temperature = temperature
+
+    def probabilities(self, texts: Sequence[str]):
+        scores = torch.from_numpy(self.encoder.encode(list(texts)) @ self.keys.T)
+        return torch.softmax(scores / self.temperature, dim=-1)
+
+    def keeps(self, text: str, row: int, max_rank: int) -> bool:
+        scores = self.encoder.encode([text])[0] @ self.keys.T
+        same_user = [i for i, u in enumerate(self.users) if u == self.users[row]]
+        return sum(scores[i] > scores[row] for i in same_user) < max_rank
+
+
+def _filter_questions(cues, records, teacher: Teacher, max_rank: int) -> int:
+    dropped = 0
+    for row, rec in enumerate(records):
+        kept = [c for c in cues[rec.id] if c.kind != "question" or teacher.keeps(c.text, row, max_rank)]
+        dropped += len(cues[rec.id]) - len(kept)
+        cues[rec.id] = kept
+    return dropped
 
 
 class _Fitter:
@@ -57,7 +97,7 @@ class _Fitter:
 
 
 def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,
-                       run_dir: Path) -> Optional[dict]:
+                       run_dir: Path, extra_texts: Sequence[str] = ()) -> Optional[dict]:
     """Run step 3.1; returns the metrics written to ``run_dir/recall/metrics.json``."""
     records = db.records(statuses=("pending", "active"))
     if not records:
@@ -67,11 +107,23 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     token_ids = add_memory_tokens(loaded.model, loaded.tokenizer)
     cues = ensure_cues(db, records, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
     bank = torch.from_numpy(db.vectors([r.id for r in records]))
-    data = build_dataset(loaded.tokenizer, records, cues)
-    logger.info("step 3.1: %d memories, %d cues", len(records), len(data))
+    metrics: Dict[str, object] = {"memories": len(records)}
+    teacher = None
+    if args.recall_teacher != "none":
+        teacher = Teacher(args.recall_teacher, records, args.recall_teacher_temperature)
+        metrics["questions_dropped_by_teacher"] = _filter_questions(cues, records, teacher, args.cue_filter_rank)
+    else:
+        extra_texts = ()  # unlabelled texts only teach through a teacher
+    data = build_dataset(loaded.tokenizer, records, cues, extra_texts)
+    if teacher is not None:
+        for item, probs in zip(data, teacher.probabilities([d["raw"] for d in data])):
+            item["teacher"] = probs.tolist()
+    metrics["cues"] = sum(d["target"] >= 0 for d in data)
+    metrics["unlabelled_texts"] = len(data) - metrics["cues"]
+    logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts", len(records), metrics["cues"],
+                metrics["unlabelled_texts"])
     fit = _Fitter(loaded, token_ids, bank, train_args)
-    metrics: Dict[str, object] = {"memories": len(records), "cues": len(data)}
-    if args.k_folds >= 2 and not any(d["kind"] != "text" for d in data):
+    if args.k_folds >= 2 and not any(d["kind"] not in ("text", "context") for d in data):
         logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
     elif args.k_folds >= 2:
         metrics["kfold"] = cross_validate(

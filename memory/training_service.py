@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from memory.chat_store import ChatStore, LoadResult
 from memory.config import MemoryArguments, ModelArguments
@@ -130,12 +130,15 @@ class MemoryTrainingService:
         self.db.flush()
         return report
 
-    def train_recall_token(self, run_dir: Optional[Path] = None) -> Optional[dict]:
-        """Step 3.1: train ``<recall>`` on every live memory (see memory.recall_step)."""
+    def train_recall_token(self, sessions: Sequence[ChatSession] = (), run_dir: Optional[Path] = None
+                           ) -> Optional[dict]:
+        """Step 3.1: train ``<recall>`` on every live memory (see memory.recall_step); the
+        user turns of ``sessions`` serve as unlabelled texts for the teacher's KL term."""
         from memory.recall_step import train_recall_token
 
         run_dir = run_dir or self.new_run_dir()
-        return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir)
+        turns = [m.content for s in sessions for m in s.messages if m.role == "user" and len(m.content) < 2000]
+        return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns)
 
     def new_run_dir(self) -> Path:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M%S_%f")
@@ -208,7 +211,7 @@ class MemoryTrainingService:
         _fill_counts(summary, extraction, ingest)
         if stage in ("recall", "all"):
             with timer("recall"):
-                summary.recall = self.train_recall_token()
+                summary.recall = self.train_recall_token(loaded.sessions)
             logger.info("memory decoding (3.2) and publishing (4) are later stages; stopping after step 3.1")
         summary.seconds = time.perf_counter() - started
         summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))

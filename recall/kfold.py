@@ -18,13 +18,13 @@ ALWAYS_TRAIN = -1
 
 
 def stratified_folds(targets: Sequence[int], kinds: Sequence[str], k: int, seed: int = 0) -> List[int]:
-    """Fold id per cue (0..k-1), or ``ALWAYS_TRAIN`` for memory-text cues."""
+    """Fold id per cue (0..k-1), or ``ALWAYS_TRAIN`` for memory-text cues and unlabelled texts."""
     if k < 2:
         raise ValueError(f"k_folds must be >= 2 for cross-validation, got {k}")
     rng = random.Random(seed)
     by_memory: Dict[int, List[int]] = {}
     for i, (t, kind) in enumerate(zip(targets, kinds)):
-        if kind != "text":
+        if kind not in ("text", "context"):  # memory texts and unlabelled context always train
             by_memory.setdefault(t, []).append(i)
     folds = [ALWAYS_TRAIN] * len(targets)
     for memory in sorted(by_memory):
