@@ -134,6 +134,7 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
         metrics["unseen"] = fit([d for d in data if d["target"] not in held],
                                 [d for d in data if d["target"] in held], run_dir / "unseen")[1]
     out = run_dir / "recall"
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     trainer, train_metrics = fit(data, data, out, save=True)
     metrics["final_train_set"] = train_metrics  # the kept adapter, measured on its own training cues
     trainer.save_model(str(out))

@@ -141,10 +141,9 @@ class MemoryTrainingService:
         return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns)
 
     def new_run_dir(self) -> Path:
+        """A fresh ``runs/<UTC timestamp>`` path (created by whatever first writes into it)."""
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M%S_%f")
-        path = self.output_dir / "runs" / stamp
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
+        return self.output_dir / "runs" / stamp
 
     def pending_sessions(self, sessions: List[ChatSession]) -> List[ChatSession]:
         return [s for s in sessions if self.db.session_state(s.session_id) != s.content_hash()]

@@ -102,7 +102,7 @@ def test_zero_memories_skips_training_with_a_message(tiny_model_dir, tmp_path, c
     code = _run(tiny_model_dir, tmp_path, "--stage", "recall")
     assert code == 0
     assert "no memories" in caplog.text
-    assert not (tmp_path / "out" / "runs").exists() or not list((tmp_path / "out" / "runs").glob("*/recall/metrics.json"))
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_evaluate_harness_reports_trained_and_baselines(tiny_model_dir, tmp_path, capsys):

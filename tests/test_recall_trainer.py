@@ -23,7 +23,8 @@ def setup(tokenizer, tmp_path):
     data = [{"text": format_query(tok, f), "target": i} for i, f in enumerate(FACTS)] * 4
     args = RecallTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=5,
                                    num_train_epochs=6, learning_rate=5e-3, logging_steps=1, save_strategy="no",
-                                   lora_r=4, lora_alpha=8, use_cpu=True, seed=0)
+                                   lora_r=4, lora_alpha=8, use_cpu=True, seed=0, temperature=0.05,
+                                   lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     model = build_recall_model(lm, tok, args, memory_dim=64, token_ids=list(ids.values()))
     trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=bank, tokenizer=tok,
                                   recall_token_id=ids[RECALL_TOKEN], train_dataset=data, eval_dataset=data[:5])
