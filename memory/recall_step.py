@@ -130,7 +130,8 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
             data, args.k_folds, lambda tr, ev, f: fit(tr, ev, run_dir / "kfold" / f"fold{f}")[1],
             seed=train_args.seed)
     if args.eval_unseen_fraction > 0:
-        held = holdout_memories([d["target"] for d in data], args.eval_unseen_fraction, train_args.seed)
+        held = holdout_memories([d["target"] for d in data if d["target"] >= 0], args.eval_unseen_fraction,
+                                train_args.seed)
         metrics["unseen"] = fit([d for d in data if d["target"] not in held],
                                 [d for d in data if d["target"] in held], run_dir / "unseen")[1]
     out = run_dir / "recall"

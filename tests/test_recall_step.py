@@ -134,3 +134,16 @@ def test_evaluate_errors(tmp_path, capsys):
     from memory.evaluation import QuestionsFormatError, load_questions
     with pytest.raises(QuestionsFormatError, match=r"\[0\]\.expected"):
         load_questions(bad)
+
+
+def test_unseen_memories_are_held_out_of_training_but_searched(tiny_model_dir, tmp_path, capsys):
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "extract") == 0
+    with MemoryVectorDB(tmp_path / "out" / "memory_db") as db:
+        for rec in db.records():
+            db.set_cues(rec.id, [Cue("question", f"Tell me fact {rec.id}?").encode()])
+    code = _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "0",
+                "--eval_unseen_fraction", "0.34")
+    assert code == 0 and "unseen memories recall@1" in capsys.readouterr().out
+    metrics = json.loads(next((tmp_path / "out" / "runs").glob("*/recall/metrics.json")).read_text())
+    assert metrics["unseen"]["n"] == 2  # one memory held out: its text and its question
