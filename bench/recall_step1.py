@@ -61,11 +61,13 @@ def main():
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--embedding_model", default="chat", help="memory vectors: chat | minilm")
     ap.add_argument("--no_throughput", action="store_true")
+    ap.add_argument("--cue_questions", type=int, default=3)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
     margs = MemoryArguments(chats_dir="examples/chats", memories="examples/memories.jsonl", stage="recall",
-                            k_folds=args.k_folds, embedding_model=args.embedding_model)
+                            k_folds=args.k_folds, embedding_model=args.embedding_model,
+                            cue_questions=args.cue_questions)
     targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs)
     service = MemoryTrainingService(ModelArguments(), margs, targs)
     start = time.perf_counter()
