@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch
 
 from memory.grounding import content_words, grounding_report
+from recall.get_text_embedding import autocast
 from memory.schema import ChatSession, MemoryCandidate
 
 logger = logging.getLogger(__name__)
@@ -246,19 +247,12 @@ def extract_memory_entries(model, tokenizer, sessions: Sequence[ChatSession],
         batch = units[start:start + cfg.batch_size]
         prompts = [build_prompt(tokenizer, u.text, cfg.few_shot) for u in batch]
         allowed = [allowed_token_ids(tokenizer, u.text) for u in batch] if cfg.constrained else None
-        with _autocast(model, autocast_dtype):
+        with autocast(next(model.parameters()).device, autocast_dtype):
             outputs = generate_batch(model, tokenizer, prompts, allowed, cfg.max_new_tokens)
         for unit, output in zip(batch, outputs):
             _collect(unit, output, cfg, result)
         logger.info("extraction: %d/%d units", min(start + cfg.batch_size, len(units)), len(units))
     return result
-
-
-def _autocast(model, dtype):
-    import contextlib
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: ExtractionResult) -> None:

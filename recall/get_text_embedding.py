@@ -43,7 +43,8 @@ def _tokenize(tokenizer, texts: Sequence[str], max_length: int):
         tokenizer.truncation_side = side
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a no-op when ``dtype`` is None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -73,7 +74,7 @@ def extract_last_token_embedding(model, tokenizer, texts: Sequence[str], *,
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = _tokenize(tokenizer, [prompts[i] for i in idx], max_length).to(device)
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             hidden = body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=device)
         pooled = hidden[rows, last_token_positions(enc["attention_mask"])].float()
