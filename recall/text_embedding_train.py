@@ -118,15 +118,21 @@ class RecallQueryModel(nn.Module):
         return F.normalize(query, dim=-1)
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        """LoRA, projector and temperature by parameter name, plus ``token_rows.*``
+        (ids, the base rows and their fp32 delta: see ``TrainableTokenRows.state``)."""
+        delta = self.token_rows.delta
+        state = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
+                 if p.requires_grad and p is not delta}
+        state.update({f"token_rows.{k}": v.contiguous() for k, v in self.token_rows.state().items()})
+        return state
 
     def load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
-        missing = self.load_state_dict(state, strict=False)
-        wanted = set(self.trainable_state())
-        absent = wanted - set(state)
+        absent = set(self.trainable_state()) - set(state)
         if absent:
             raise ValueError(f"checkpoint lacks trainable tensors: {sorted(absent)[:5]}")
-        del missing
+        rows = {k.removeprefix("token_rows."): v for k, v in state.items() if k.startswith("token_rows.")}
+        self.token_rows.load_state(rows)
+        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("token_rows.")}, strict=False)
 
 
 class RecallCollator:

@@ -51,13 +51,20 @@ class TrainableTokenRows(nn.Module):
         w[self.token_ids] = (w[self.token_ids].float() + self.delta.to(w.device)).to(w.dtype)
 
     def state(self) -> Dict[str, torch.Tensor]:
-        return {"token_ids": self.token_ids.cpu(), "delta": self.delta.detach().float().cpu()}
+        """Everything needed to rebuild these rows on a fresh base model: the ids, the base
+        rows the delta was trained on (their initialisation is not stored anywhere else),
+        and the delta."""
+        return {"token_ids": self.token_ids.cpu(),
+                "base_rows": self.embedding.weight[self.token_ids].detach().float().cpu(),
+                "delta": self.delta.detach().float().cpu()}
 
     def load_state(self, state: Dict[str, torch.Tensor]) -> None:
         if not torch.equal(state["token_ids"].cpu(), self.token_ids.cpu()):
             raise ValueError(f"token rows were saved for ids {state['token_ids'].tolist()}, "
                              f"this model trains {self.token_ids.tolist()}")
         with torch.no_grad():
+            w = self.embedding.weight
+            w[self.token_ids] = state["base_rows"].to(w.device, w.dtype)
             self.delta.copy_(state["delta"])
 
 

@@ -147,3 +147,31 @@ def test_unseen_memories_are_held_out_of_training_but_searched(tiny_model_dir, t
     assert code == 0 and "unseen memories recall@1" in capsys.readouterr().out
     metrics = json.loads(next((tmp_path / "out" / "runs").glob("*/recall/metrics.json")).read_text())
     assert metrics["unseen"]["n"] == 2  # one memory held out: its text and its question
+
+
+def test_a_reloaded_adapter_gives_the_query_vectors_it_was_trained_to_give(tiny_model_dir, tmp_path):
+    """The saved state must hold everything: LoRA, delta *and* the base rows it was added to."""
+    from memory.vector_db import MemoryVectorDB as _DB
+    from recall.text_embedding_train import format_query, load_recall_model
+
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "0") == 0
+    final = next((tmp_path / "out" / "runs").glob("*/recall"))
+    model, tok, loaded, _ = load_recall_model(final, device="cpu", precision="fp32")
+    with _DB(tmp_path / "out" / "memory_db") as db:
+        records = db.records()
+        keys = torch.from_numpy(db.vectors([r.id for r in records]))
+    enc = tok([format_query(tok, r.text) for r in records], add_special_tokens=False, padding=True,
+              return_tensors="pt")
+    with torch.no_grad():
+        scores = model(enc["input_ids"], enc["attention_mask"]) @ keys.T
+    reloaded_at_1 = (scores.argmax(1) == torch.arange(len(records))).float().mean().item()
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["cues"] == len(records)  # only the memory texts: the same queries as above
+    assert abs(reloaded_at_1 - metrics["final_train_set"]["recall_at_1"]) < 1e-6
+    # the <recall> input row is the one training started from (related-word mean), not a fresh init
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from memory.token_manager import add_memory_tokens
+    fresh, fresh_tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    rid = add_memory_tokens(fresh, fresh_tok)["<recall>"]
+    assert torch.allclose(model.token_rows.embedding.weight[rid], fresh.get_input_embeddings().weight[rid])
