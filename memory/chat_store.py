@@ -18,7 +18,6 @@ locking: two writers appending to the *same* session can lose one another's upda
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import errno
@@ -28,10 +27,10 @@ import math
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+from memory.fileio import atomic_write_json
 from memory.schema import ROLES, ChatMessage, ChatSession
 
 logger = logging.getLogger(__name__)
@@ -309,35 +308,6 @@ def _created_at_from(
 
 # --------------------------------------------------------------------------- files
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a 0600 temp dotfile in the same directory + os.replace."""
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; directories cannot be opened this way on Windows."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_capped(path: Path, max_bytes: int) -> Tuple[bytes, float]:
     """-> (bytes, mtime) of a regular file, refusing symlinks, FIFOs and oversized files."""
     source = str(path)
@@ -463,7 +433,7 @@ class ChatStore:
         """Validate ``session`` and write it atomically in canonical form; returns the path."""
         path = self.path_for(session.session_id)
         checked = self.parse(session.to_dict(), source=str(path))
-        _atomic_write_json(path, checked.to_dict())
+        atomic_write_json(path, checked.to_dict())
         logger.debug("saved session %s (%d messages) to %s",
                      checked.session_id, len(checked.messages), path)
         return path
@@ -495,7 +465,7 @@ class ChatStore:
             "messages": ([m.to_dict() for m in existing.messages] if existing else []) + new,
         }
         session = self.parse(data, source=str(path))
-        _atomic_write_json(path, session.to_dict())
+        atomic_write_json(path, session.to_dict())
         return session
 
     def _load_for_append(self, path: Path, session_id: str, user_id: Optional[str]) -> Optional[ChatSession]:

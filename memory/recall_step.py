@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -22,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from memory.cues import ensure_cues
+from memory.fileio import atomic_write_json
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
 from recall.kfold import cross_validate, holdout_memories
 from recall.text_embedding_train import (ACTIVATION_PHRASE, RecallMemoryTrainer, RecallTrainingArguments,
@@ -141,13 +140,13 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     trainer.save_model(str(out))
     metrics["seconds"] = time.perf_counter() - started
     _write_config(out, loaded, records, token_ids, train_args, db.encoder_id)
-    _write_json(out / COMPLETE_MARKER, metrics)
+    atomic_write_json(out / COMPLETE_MARKER, metrics)
     return metrics
 
 
 def _write_config(out: Path, loaded, records, token_ids, train_args, encoder_id) -> None:
     loaded.tokenizer.save_pretrained(out)
-    _write_json(out / "recall_config.json", {
+    atomic_write_json(out / "recall_config.json", {
         "base_model": loaded.source.location, "base_gguf_file": loaded.source.gguf_file,
         "base_identity": loaded.source.identity, "token_ids": token_ids, "encoder_id": encoder_id,
         "memory_ids": [r.id for r in records], "activation_phrase": ACTIVATION_PHRASE,
@@ -155,9 +154,3 @@ def _write_config(out: Path, loaded, records, token_ids, train_args, encoder_id)
         "lora_target_modules": train_args.lora_target_modules, "max_length": train_args.max_length,
         "query_projector": train_args.query_projector,
     })
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

@@ -17,15 +17,14 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from memory.chat_store import ChatStore, LoadResult
 from memory.config import MemoryArguments, ModelArguments
+from memory.fileio import atomic_write_json
 from memory.extraction import ExtractionConfig, ExtractionResult, extract_memory_entries
 from memory.ingest import IngestReport, ingest_candidates
 from memory.schema import ChatSession
@@ -227,11 +226,7 @@ class MemoryTrainingService:
             "rejected_facts": [dataclasses.asdict(r) for r in (extraction.rejected if extraction else [])],
             "events": ingest.events,
         }
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(body, fh, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
+        atomic_write_json(path, body)
         return path
 
 
