@@ -1,4 +1,5 @@
-"""Run the memory pipeline: load chat sessions, extract memories, train <recall>, (later) publish.
+"""Run the memory pipeline: load chat sessions, extract memories, train <recall>, train memory
+decoding, publish a model version (steps 0-4 of the design document).
 
     python run_training.py                              # embedded default model, sample chats
     python run_training.py --config configs/default.yaml --chats_dir my_chats --stage extract
@@ -9,6 +10,7 @@ import sys
 
 from memory.chat_store import ChatFormatError
 from memory.config import parse_args
+from memory.sft_data import SFTFormatError
 from memory.training_service import MemoryTrainingService
 from recall.model_loading import ModelNotFoundError
 
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     service = MemoryTrainingService(model_args, args, train_args)
     try:
         summary = service.run_training()
-    except (ChatFormatError, ModelNotFoundError) as exc:
+    except (ChatFormatError, ModelNotFoundError, SFTFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-STAGES = ("extract", "recall", "all")
+STAGES = ("extract", "recall", "all")  # all = steps 0-4: extraction, both trainings, publishing
 
 
 @dataclasses.dataclass
@@ -30,7 +30,8 @@ class MemoryArguments:
         default=None, metadata={"help": "JSONL of memory entries to import as if extracted: "
                                         '{"text": ..., "user_id"?: ..., "created_at"?: ...} per line'})
     stage: str = dataclasses.field(default="all", metadata={
-        "help": f"one of {STAGES}: 'extract' stops after step 2, 'recall' after step 3.1 (<recall> training)"})
+        "help": f"one of {STAGES}: 'extract' stops after step 2, 'recall' after step 3.1 (<recall> training), "
+                "'all' trains memory decoding (3.2) and publishes a model version (4)"})
     strict: bool = dataclasses.field(default=False, metadata={"help": "a bad chat file is fatal instead of skipped"})
     default_user_id: str = "default"
     embedding_model: str = dataclasses.field(
@@ -49,13 +50,43 @@ class MemoryArguments:
     recall_teacher_temperature: float = 0.05
     cue_filter_rank: int = dataclasses.field(
         default=3, metadata={"help": "keep a generated question if the teacher ranks its memory in this top-k"})
-    k_folds: int = dataclasses.field(default=5, metadata={"help": "K-fold cross-validation of step 1 (0 or 1: skip)"})
+    k_folds: int = dataclasses.field(
+        default=0, metadata={"help": "K-fold cross-validation of step 1 (0 or 1: skip; 5 costs 5 extra trainings)"})
     eval_unseen_fraction: float = dataclasses.field(
         default=0.0, metadata={"help": "also measure memories held out of step-1 training (fraction of memories)"})
+    # step 3.2: memory decoding (MemoryDecodingArguments = TrainingArguments + these, prefixed decode_)
+    sft_data: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "JSONL of SFT examples (messages | instruction/output | prompt/completion)"})
+    sft_self_distill: bool = dataclasses.field(
+        default=True, metadata={"help": "add the base model's own answers to the bundled general prompts"})
+    sft_from_chats: bool = dataclasses.field(default=True, metadata={"help": "add the chat sessions' assistant turns"})
+    decode_epochs: float = 6.0
+    decode_learning_rate: float = 2e-3
+    decode_batch_size: int = 8
+    decode_lora_r: int = 16
+    decode_lora_alpha: int = 32
+    decode_lora_target_modules: str = "q_proj,v_proj,o_proj,up_proj,down_proj"
+    decode_projector_hidden: int = 1024
+    decode_max_length: int = 192
+    decode_mix: str = dataclasses.field(
+        default="2:1:1", metadata={"help": "samples per memory per epoch: memory:sandwich:sft"})
+    decode_recall_loss_weight: float = dataclasses.field(
+        default=0.0, metadata={"help": "step-1 InfoNCE at <recall> on step 2's memory samples"})
+    decode_preserve_weight: float = dataclasses.field(
+        default=10.0, metadata={"help": "1 - cos(<recall> state, step-1 query): keeps retrieval where step 1 put it"})
+    decode_kd_weight: float = dataclasses.field(
+        default=3.0, metadata={"help": "KL(base || model) on SFT answers: limits forgetting"})
+    # step 4 and the recall loop
+    models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})
+    keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
+    recall_threshold: float = dataclasses.field(
+        default=0.5, metadata={"help": "cosine below which a recall injects nothing (stored in the version)"})
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.keep_versions < 1:
+            raise ValueError(f"keep_versions: expected at least 1, got {self.keep_versions}")
         if self.extraction_unit not in ("sentence", "message", "session"):
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
 

@@ -1,4 +1,5 @@
-"""The evaluation harness behind ``evaluate.py``: retrieval of held-out questions.
+"""The evaluation harness behind ``evaluate.py``: retrieval of held-out questions, and,
+for a published version, the full recall loop.
 
 Three retrievers over the same memories (each question searches its own user's
 pending/active memories), in the same run:
@@ -21,6 +22,7 @@ from memory.vector_db import MemoryVectorDB
 from recall.text_embedding_train import format_query, retrieval_metrics
 
 LIVE = ("pending", "active")
+HELDOUT = Path(__file__).resolve().parent / "data" / "heldout_prompts.json"
 K = 5
 
 
@@ -48,20 +50,32 @@ def load_questions(path) -> List[dict]:
 
 
 def find_model_dir(output_dir) -> str:
-    """The newest complete step-1 output (``runs/*/recall`` with its metrics written)."""
+    """The published ``models/current`` version when there is one, else the newest
+    complete step-1 output (``runs/*/recall`` with its metrics written)."""
+    from memory.publish import VersionError, resolve_current
+
+    try:
+        return str(resolve_current(Path(output_dir) / "models"))
+    except VersionError:
+        pass
     candidates = sorted(Path(output_dir).glob(f"runs/*/recall/{COMPLETE_MARKER}"))
     if not candidates:
         raise FileNotFoundError(f"{output_dir}: no trained state found (looked for runs/*/recall/{COMPLETE_MARKER})")
     return str(candidates[-1].parent)
 
 
+def by_user(questions) -> Dict[Optional[str], List[dict]]:
+    """Questions grouped by ``user_id`` (None: every user's memories), in order."""
+    groups: Dict[Optional[str], List[dict]] = {}
+    for q in questions:
+        groups.setdefault(q.get("user_id"), []).append(q)
+    return groups
+
+
 def _ranks(questions, db: MemoryVectorDB, scorer: Callable[[List[str], List[str]], np.ndarray]) -> List[dict]:
     """Per question: rank of the first memory containing ``expected`` (0 if none in its user's memories)."""
     rows = []
-    by_user: Dict[Optional[str], List] = {}
-    for q in questions:
-        by_user.setdefault(q.get("user_id"), []).append(q)
-    for user, qs in by_user.items():
+    for user, qs in by_user(questions).items():
         records = db.records(user_id=user, statuses=LIVE)
         if not records:
             rows += [{"question": q["question"], "rank": 0, "top": []} for q in qs]
@@ -80,7 +94,15 @@ def _metrics(rows) -> Dict[str, float]:
     return retrieval_metrics(ranks)
 
 
+def is_version(model_dir) -> bool:
+    from memory.publish import MANIFEST
+
+    return (Path(model_dir) / MANIFEST).is_file()
+
+
 def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto") -> dict:
+    if is_version(model_dir):
+        return evaluate_version(model_dir, questions_path, device=device, precision=precision)
     from memory.vectors import SentenceEncoderVectorizer
     from recall.get_text_embedding import TEMPLATES, extract_last_token_embedding
     from recall.text_embedding_train import load_recall_model
@@ -127,4 +149,142 @@ def format_table(report: dict) -> str:
     for name in ("trained_recall", "untrained_last_token", "minilm_rag"):
         m = report[name]
         lines.append(f"| {name} | {m['recall_at_1']:.3f} | {m['recall_at_5']:.3f} | {m['mrr']:.3f} |")
+    if "decoding" in report:
+        d, a, f = report["decoding"], report["answers"], report["forgetting"]
+        em = "n/a" if d["decode_exact_match"] is None else f"{d['decode_exact_match']:.3f}"
+        lines += ["", "| recall loop | value |", "|---|---|",
+                  f"| decode_exact_match ({d['n']} memories) | {em} |",
+                  f"| answer_hit_rate (forced recall, {a['n']} questions) | {a['answer_hit_rate']:.3f} |",
+                  f"| asked for <recall> unprompted | {report['answers_unforced']['asked_rate']:.3f} |",
+                  f"| forgetting: greedy agreement with base ({f['prompts']} held-out prompts) | "
+                  f"{f['greedy_agreement']:.3f} |",
+                  f"| forgetting: mean KL(base, trained) per token | {f['mean_kl']:.4f} |"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ published versions
+def _base_model(version_dir, device, precision):
+    from recall.model_loading import load_model_and_tokenizer
+
+    manifest = json.loads((Path(version_dir) / "manifest.json").read_text())
+    loc, gguf = manifest["base_location"], manifest.get("base_gguf_file")
+    return load_model_and_tokenizer(str(Path(loc, gguf)) if gguf else loc, device=device, precision=precision)
+
+
+def decode_exact_match(engine, db: MemoryVectorDB) -> dict:
+    """Greedy decoding from each active memory's own vector equals its text (whitespace-normalised)."""
+    from memory.decoding_step import exact_match_rate, normalize_ws
+
+    records = db.records(statuses=("active",))
+    if not records:
+        return {"decode_exact_match": None, "n": 0, "failures": []}
+    decoded = engine.decode_memories(db.vectors([r.id for r in records]))
+    texts = [r.text for r in records]
+    return {"decode_exact_match": exact_match_rate(decoded, texts), "n": len(texts),
+            "failures": [{"text": t, "decoded": d} for t, d in zip(texts, decoded)
+                         if normalize_ws(t) != normalize_ws(d)]}
+
+
+def answer_hit_rate(engine, db: MemoryVectorDB, questions, threshold: float, force_recall: bool = True) -> dict:
+    """The recall loop on each question (the question's user's memories): a hit when the
+    decoded recall contains ``expected``. Also how often the model asked on its own."""
+    from recall.published import db_search
+
+    rows = []
+    for user, qs in by_user(questions).items():
+        answers = engine.generate([q["question"] for q in qs], db_search(db, user, 1), force_recall=force_recall,
+                                  max_new_tokens=48, threshold=threshold, max_recalls=1, stop_after_recall=True)
+        for q, a in zip(qs, answers):
+            decoded = " ".join(r.decoded for r in a.recalls)
+            rows.append({"question": q["question"], "expected": q["expected"], "decoded": decoded,
+                         "retrieved": [r.stored_text for r in a.recalls],
+                         "hit": q["expected"].lower() in decoded.lower()})
+    return {"answer_hit_rate": sum(r["hit"] for r in rows) / max(len(rows), 1), "n": len(rows),
+            "per_question": rows}
+
+
+@torch.no_grad()
+def forgetting(base, trained_lm, tokenizer, prompts, max_new_tokens: int = 48) -> dict:
+    """On prompts never trained on, with no <recall>: the base model's greedy answer, then
+    both models teacher-forced on it. Reports mean per-token KL(base || trained) over the
+    base vocabulary and the fraction of positions where the greedy tokens agree."""
+    from memory.sft_data import chat_prompt, greedy_answers
+
+    answers = greedy_answers(base.model, base.tokenizer, prompts, max_new_tokens,
+                             autocast_dtype=base.runtime.autocast_dtype)
+    kls, agree, n = 0.0, 0, 0
+    vocab = base.model.get_output_embeddings().weight.shape[0]
+    for prompt, answer in zip(prompts, answers):
+        p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not a_ids:
+            continue
+        ids = torch.tensor([p_ids + a_ids], device=base.runtime.device)
+        span = slice(len(p_ids) - 1, len(p_ids) + len(a_ids) - 1)
+        lp_base = torch.log_softmax(base.model(ids).logits[0, span].float(), -1)
+        lp_trained = torch.log_softmax(trained_lm(ids).logits[0, span, :vocab].float(), -1)
+        kls += float((lp_base.exp() * (lp_base - lp_trained)).sum())
+        agree += int((lp_base.argmax(-1) == lp_trained.argmax(-1)).sum())
+        n += len(a_ids)
+    return {"mean_kl": kls / max(n, 1), "greedy_agreement": agree / max(n, 1), "tokens": n, "prompts": len(prompts)}
+
+
+def evaluate_version(version_dir, questions_path, *, device="auto", precision="auto",
+                     heldout_prompts: Optional[List[str]] = None) -> dict:
+    """Retrieval (trained ``<recall>`` vs the untrained base and MiniLM), decode exact
+    match, answer hit rate and forgetting for a published version, on its own DB snapshot."""
+    from memory.sft_data import read_prompts
+    from memory.vectors import SentenceEncoderVectorizer
+    from recall.get_text_embedding import TEMPLATES, extract_last_token_embedding
+    from recall.published import load_recall_model
+
+    questions = load_questions(questions_path)
+    model = load_recall_model(version_dir, device=device, precision=precision)
+    engine = model.engine
+    base = _base_model(version_dir, device, precision)
+    db = MemoryVectorDB(Path(version_dir) / "memory_db")
+    try:
+        keys = lambda records: db.vectors([r.id for r in records])  # noqa: E731
+
+        def trained(texts, records):
+            return engine.query_vectors(texts) @ keys(records).T
+
+        def untrained(texts, records):
+            embed = lambda xs: extract_last_token_embedding(  # noqa: E731
+                base.model, base.tokenizer, xs, template=TEMPLATES["prompteol"],
+                autocast_dtype=base.runtime.autocast_dtype).numpy()
+            return embed(texts) @ embed([r.text for r in records]).T
+
+        minilm = SentenceEncoderVectorizer("minilm")
+
+        def rag(texts, records):
+            return minilm.encode(texts) @ minilm.encode([r.text for r in records]).T
+
+        report = {"model_dir": str(version_dir), "questions": str(questions_path), "n": len(questions), "k": K}
+        for name, scorer in (("trained_recall", trained), ("untrained_last_token", untrained), ("minilm_rag", rag)):
+            start = time.perf_counter()
+            rows = _ranks(questions, db, scorer)
+            report[name] = {**_metrics(rows), "seconds": time.perf_counter() - start, "per_question": rows}
+        start = time.perf_counter()
+        report["decoding"] = decode_exact_match(engine, db)
+        threshold = model.config.get("recall_threshold", 0.0)
+        report["answers"] = answer_hit_rate(engine, db, questions, threshold)
+        report["answers_unforced"] = {k: v for k, v in _asked_rate(engine, db, questions, threshold).items()}
+        prompts = heldout_prompts if heldout_prompts is not None else read_prompts(HELDOUT)
+        report["forgetting"] = forgetting(base, model.loaded.model, engine.tokenizer, prompts)
+        report["decoding_seconds"] = time.perf_counter() - start
+        return report
+    finally:
+        db.close()
+
+
+def _asked_rate(engine, db, questions, threshold) -> dict:
+    """Without --force-recall: how often the model emits <recall> by itself."""
+    from recall.published import db_search
+
+    asked = 0
+    for user, qs in by_user(questions).items():
+        answers = engine.generate([q["question"] for q in qs], db_search(db, user, 1), max_new_tokens=32,
+                                  threshold=threshold, max_recalls=1, stop_after_recall=True)
+        asked += sum(a.asked() for a in answers)
+    return {"asked_rate": asked / max(len(questions), 1), "n": len(questions)}

@@ -4,8 +4,8 @@ step 0  save chat sessions as JSON          -> ``save_chat_session`` (memory.cha
 step 1  load them                           -> ``load_chat_sessions``
 step 2  extract memory entries              -> ``extract_memory_entries`` + ingestion into the DB
 step 3  train: 3.1 the <recall> token       -> ``train_recall_token`` (memory.recall_step)
-              3.2 memory decoding           -> a later stage
-step 4  publish a model version             -> a later stage
+              3.2 memory decoding           -> ``train_memory_decoding`` (memory.decoding_step)
+step 4  publish a model version             -> ``publish`` (memory.publish: models/model_*/, current)
 
 Only new or changed sessions are extracted: the DB remembers each session's content
 hash, written after its facts are stored, so a crash mid-run re-extracts at most the
@@ -45,6 +45,8 @@ class RunSummary:
     memories_rejected: int = 0
     memories_imported: int = 0
     recall: Optional[dict] = None
+    decoding: Optional[dict] = None
+    version: Optional[str] = None
     rejected_by_reason: dict = dataclasses.field(default_factory=dict)
     stage_seconds: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
@@ -60,6 +62,8 @@ class RunSummary:
             f"{self.memories_superseded} superseded, {self.memories_rejected} rejected ({reasons})"
             + (f", {self.memories_imported} imported" if self.memories_imported else ""),
             *([_recall_line(self.recall)] if self.recall else []),
+            *([_decoding_line(self.decoding)] if self.decoding else []),
+            *([f"published: {self.version}"] if self.version else []),
             f"time: {self.seconds:.1f}s ({stages})",
         ]
 
@@ -73,6 +77,12 @@ def _recall_line(m: dict) -> str:
     if "unseen" in m:
         line += f"; unseen memories recall@1 {m['unseen']['recall_at_1']:.3f}"
     return line
+
+
+def _decoding_line(m: dict) -> str:
+    return (f"memory decoding: exact match {m['decode_exact_match']:.3f} over {m['memories']} memories; "
+            f"<recall> recall@1 on cues {m['recall_before']['recall_at_1']:.3f} before step 2, "
+            f"{m['recall_after']['recall_at_1']:.3f} after; {m['train']['tokens_per_second']:.0f} tokens/s")
 
 
 class MemoryTrainingService:
@@ -138,6 +148,92 @@ class MemoryTrainingService:
         run_dir = run_dir or self.new_run_dir()
         turns = [m.content for s in sessions for m in s.messages if m.role == "user" and len(m.content) < 2000]
         return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns)
+
+    def sft_examples(self, sessions: Sequence[ChatSession] = ()) -> list:
+        """Step 2's SFT data: ``--sft_data``, self-distilled answers, the sessions' replies."""
+        from memory.sft_data import chat_session_examples, read_sft_jsonl, self_distilled
+        from recall.model_loading import cache_root
+
+        out = []
+        if self.args.sft_data:
+            out += read_sft_jsonl(self.args.sft_data)
+        if self.args.sft_self_distill:
+            lm = self.loaded
+            out += self_distilled(lm.model, lm.tokenizer, lm.source.identity, cache_root() / "sft",
+                                  autocast_dtype=lm.runtime.autocast_dtype)
+        if self.args.sft_from_chats:
+            out += chat_session_examples(sessions)
+        return out
+
+    def decoding_arguments(self, out_dir: Path):
+        from recall.text_memory_train import MemoryDecodingArguments
+
+        a, t = self.args, self.train_args
+        return MemoryDecodingArguments(
+            output_dir=str(out_dir), seed=t.seed, use_cpu=t.use_cpu, logging_steps=t.logging_steps,
+            num_train_epochs=a.decode_epochs, learning_rate=a.decode_learning_rate,
+            per_device_train_batch_size=a.decode_batch_size, lora_r=a.decode_lora_r,
+            lora_alpha=a.decode_lora_alpha, lora_target_modules=a.decode_lora_target_modules,
+            projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
+            recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
+            kd_weight=a.decode_kd_weight, deepspeed=t.deepspeed,
+            disable_tqdm=t.disable_tqdm)
+
+    def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path):
+        """Step 3.2 on the memories step 3.1 trained (``run_dir/recall``); see memory.decoding_step."""
+        import json
+
+        from memory.cues import Cue
+        from memory.decoding_step import train_memory_decoding
+
+        recall_dir = run_dir / "recall"
+        cfg = json.loads((recall_dir / "recall_config.json").read_text())
+        records = [self.db.get(i) for i in cfg["memory_ids"]]
+        cues = {r.id: [Cue("text", r.text)] + [c for c in map(Cue.decode, r.cues) if c.kind != "text"]
+                for r in records}
+        bank = self.db.vectors([r.id for r in records])
+        out = run_dir / "decode"
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sft = self.sft_examples(sessions)
+        # reference texts for the projector's centre: the same encoder on general prompts
+        reference = self.vectorizer().encode(sorted({e.prompt for e in sft})[:256])
+        mix = [int(x) for x in self.args.decode_mix.split(":")]
+        return train_memory_decoding(self.loaded, records, bank, cues, sft, recall_dir,
+                                     self.decoding_arguments(out), out, reference_vectors=reference, mix=mix)
+
+    def models_dir(self) -> Path:
+        return Path(self.args.models_dir) if self.args.models_dir else self.output_dir / "models"
+
+    def publish(self, result, run_dir: Path, recall_metrics: Optional[dict]) -> Path:
+        """Step 4: activate the trained memories and publish model + DB snapshot as a version."""
+        from memory.publish import publish_version
+        from memory.token_manager import memory_token_ids
+        from recall.published import save_recall_model
+        from recall.text_embedding_train import ACTIVATION_PHRASE
+
+        import json
+
+        cfg = json.loads((run_dir / "recall" / "recall_config.json").read_text())
+        pending = [r.id for r in self.db.records(statuses=("pending",)) if r.id in set(cfg["memory_ids"])]
+        if pending:
+            self.db.set_status(pending, "active")
+        self.db.flush()
+        metrics = {"recall": recall_metrics, "decoding": result.metrics}
+        lm = self.loaded
+
+        def write(tmp: Path) -> List[str]:
+            files = save_recall_model(tmp, result.lm, lm.tokenizer, result.projector, result.query_projector, {
+                "token_ids": memory_token_ids(lm.tokenizer), "activation_phrase": ACTIVATION_PHRASE,
+                "recall_threshold": self.args.recall_threshold, "encoder_id": self.db.encoder_id,
+                "default_user_id": self.args.default_user_id})
+            files += [f"memory_db/{f}" for f in self.db.snapshot(tmp / "memory_db")]
+            atomic_write_json(tmp / "metrics.json", metrics)
+            return files + ["metrics.json"]
+
+        manifest = {"base_model": lm.source.identity, "base_location": lm.source.location,
+                    "base_gguf_file": lm.source.gguf_file, "run_dir": str(run_dir),
+                    "memories": len(cfg["memory_ids"]), "encoder_id": self.db.encoder_id}
+        return publish_version(self.models_dir(), write, manifest, retention=self.args.keep_versions)
 
     def new_run_dir(self) -> Path:
         """A fresh ``runs/<UTC timestamp>`` path (created by whatever first writes into it)."""
@@ -208,9 +304,15 @@ class MemoryTrainingService:
             ingest.events += imported.events
         _fill_counts(summary, extraction, ingest)
         if stage in ("recall", "all"):
+            run_dir = self.new_run_dir()
             with timer("recall"):
-                summary.recall = self.train_recall_token(loaded.sessions)
-            logger.info("memory decoding (3.2) and publishing (4) are later stages; stopping after step 3.1")
+                summary.recall = self.train_recall_token(loaded.sessions, run_dir)
+            if stage == "all" and summary.recall is not None:
+                with timer("decode"):
+                    result = self.train_memory_decoding(loaded.sessions, run_dir)
+                summary.decoding = result.metrics
+                with timer("publish"):
+                    summary.version = str(self.publish(result, run_dir, summary.recall))
         summary.seconds = time.perf_counter() - started
         summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
         return summary

@@ -27,6 +27,7 @@ import math
 import mmap
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import unicodedata
@@ -794,6 +795,31 @@ class MemoryVectorDB:
             _fsync_dir(self.directory)
             self._dirty = False
             self._scrub = []
+
+    def snapshot(self, destination: str | os.PathLike) -> List[str]:
+        """A consistent copy of this DB in ``destination`` (a new directory): the SQLite
+        file through the online backup API and the saved index (flushed first). Returns
+        the file names written."""
+        dest = os.fspath(destination)
+        with self._lock:
+            self.flush()
+            os.makedirs(dest, mode=0o700, exist_ok=False)
+            target = sqlite3.connect(os.path.join(dest, DB_FILENAME))
+            try:
+                self._connection().backup(target)
+                target.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                target.close()
+            written = [DB_FILENAME]
+            if os.path.exists(self.index_path):
+                shutil.copyfile(self.index_path, os.path.join(dest, INDEX_FILENAME))
+                written.append(INDEX_FILENAME)
+            for name in written:
+                os.chmod(os.path.join(dest, name), 0o600)
+                with open(os.path.join(dest, name), "rb+") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(dest)
+        return written
 
     def _dead_patterns(self) -> List[bytes]:
         """Removed vectors' bytes that no live entry holds: zeroing a pattern that a live

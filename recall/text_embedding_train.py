@@ -30,7 +30,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from recall.get_text_embedding import backbone, last_token_positions
-from recall.token_rows import install_token_rows
+from recall.token_rows import TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class MemoryBankInfoNCE(nn.Module):
         return loss
 
 
-class RecallQueryModel(nn.Module):
+class RecallQueryModel(TrainableStateMixin, nn.Module):
     """LoRA-adapted LM + fp32 token rows + optional projector -> unit query vectors."""
 
     def __init__(self, lm, token_ids: Sequence[int], memory_dim: int, temperature: float = 0.05,
@@ -116,23 +116,6 @@ class RecallQueryModel(nn.Module):
         if self.projector is not None:
             query = self.projector(query)
         return F.normalize(query, dim=-1)
-
-    def trainable_state(self) -> Dict[str, torch.Tensor]:
-        """LoRA, projector and temperature by parameter name, plus ``token_rows.*``
-        (ids, the base rows and their fp32 delta: see ``TrainableTokenRows.state``)."""
-        delta = self.token_rows.delta
-        state = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
-                 if p.requires_grad and p is not delta}
-        state.update({f"token_rows.{k}": v.contiguous() for k, v in self.token_rows.state().items()})
-        return state
-
-    def load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
-        absent = set(self.trainable_state()) - set(state)
-        if absent:
-            raise ValueError(f"checkpoint lacks trainable tensors: {sorted(absent)[:5]}")
-        rows = {k.removeprefix("token_rows."): v for k, v in state.items() if k.startswith("token_rows.")}
-        self.token_rows.load_state(rows)
-        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("token_rows.")}, strict=False)
 
 
 class RecallCollator:

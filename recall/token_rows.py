@@ -86,3 +86,29 @@ def uninstall_token_rows(model, merge: bool = True) -> None:
     if merge:
         rows.merge_into(rows.embedding)
     model.set_input_embeddings(rows.embedding)
+
+
+class TrainableStateMixin:
+    """``trainable_state`` / ``load_trainable_state`` for a module holding ``token_rows``:
+    every trainable parameter by name (LoRA, projectors, temperature) plus ``token_rows.*``
+    (ids, base rows and fp32 delta: see ``TrainableTokenRows.state``), and any buffers
+    named in ``extra_state_buffers``."""
+
+    extra_state_buffers: tuple = ()
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        delta = self.token_rows.delta
+        state = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
+                 if p.requires_grad and p is not delta}
+        state.update({f"token_rows.{k}": v.contiguous() for k, v in self.token_rows.state().items()})
+        buffers = dict(self.named_buffers())
+        state.update({n: buffers[n].detach().cpu().contiguous() for n in self.extra_state_buffers})
+        return state
+
+    def load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
+        absent = set(self.trainable_state()) - set(state)
+        if absent:
+            raise ValueError(f"checkpoint lacks trainable tensors: {sorted(absent)[:5]}")
+        rows = {k.removeprefix("token_rows."): v for k, v in state.items() if k.startswith("token_rows.")}
+        self.token_rows.load_state(rows)
+        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("token_rows.")}, strict=False)

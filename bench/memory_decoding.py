@@ -1,0 +1,132 @@
+"""Step 2 + step 4 + the recall loop, end to end on the embedded default model.
+
+    python -m bench.memory_decoding                 # whole default pipeline, then evaluation
+    python -m bench.memory_decoding --throughput_only
+
+1. runs ``python run_training.py`` (the default configuration) in a fresh work directory
+   and records the wall time per stage;
+2. evaluates the published version on ``examples/questions.json``: retrieval (trained
+   ``<recall>`` vs the untrained base and MiniLM, same run), ``decode_exact_match``,
+   ``answer_hit_rate``, how often the model asks unprompted, and forgetting on held-out prompts;
+3. measures step-2 training throughput (tokens/s) of the default configuration against a
+   naive one (fp32, every sample padded to ``max_length``, LM head over every position) on
+   the same samples in the same process.
+
+Writes ``bench/results/memory_decoding.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "memory_decoding.json"
+
+
+def run_pipeline(work: Path, extra) -> dict:
+    import run_training
+    from memory.config import parse_args
+    from memory.training_service import MemoryTrainingService
+
+    argv = ["--output_dir", str(work), "--disable_tqdm", "true", *extra]
+    model_args, args, train_args = parse_args(argv)
+    service = MemoryTrainingService(model_args, args, train_args)
+    started = time.perf_counter()
+    try:
+        summary = service.run_training()
+    finally:
+        service.close()
+    del run_training
+    return {"seconds": time.perf_counter() - started, "stage_seconds": summary.stage_seconds,
+            "version": summary.version, "decoding": summary.decoding, "lines": summary.lines()}
+
+
+def throughput(steps: int = 4, batch_size: int = 8) -> dict:
+    """tokens/s of real (non-pad) tokens, default vs naive, same samples, same process."""
+    from memory.decoding_step import SampleBuilder
+    from memory.sft_data import SFTExample, read_prompts
+    from memory.token_manager import MEMORY_PAD_TOKEN, add_memory_tokens
+    from recall.model_loading import load_model_and_tokenizer
+    from recall.text_memory_train import DecodingCollator, IGNORE, MemoryDecodingArguments, build_decoder_model
+
+    loaded = load_model_and_tokenizer(precision="fp32")
+    ids = add_memory_tokens(loaded.model, loaded.tokenizer)
+    facts = [json.loads(line)["text"] for line in (ROOT / "examples" / "memories.jsonl").read_text().splitlines()
+             if line.strip()]
+    prompts = read_prompts()
+    sft = [SFTExample(p, "Here is a short answer to that question, in a few plain words. " * 3) for p in prompts]
+    builder = SampleBuilder(loaded.tokenizer, facts, [[f"Tell me about {f.split()[-1]}"] for f in facts], sft, 192)
+    samples = builder.epoch(0, random.Random(0))
+    args = MemoryDecodingArguments(output_dir="/tmp/unused", report_to="none")
+    model = build_decoder_model(loaded.model, ids, args, memory_dim=loaded.model.config.hidden_size)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    bank = torch.randn(len(facts), loaded.model.config.hidden_size)
+    out = {}
+    for name, pad_to in (("default: dynamic padding, LM head on labelled positions", None),
+                         ("naive: pad to max_length (192), LM head on every position", 192)):
+        collate = DecodingCollator(loaded.tokenizer.pad_token_id, bank, ids[MEMORY_PAD_TOKEN], pad_to=pad_to)
+        batches = [collate(samples[i * batch_size:(i + 1) * batch_size]) for i in range(steps + 1)]
+        real = 0
+        for i, batch in enumerate(batches):
+            if i == 1:  # the first step warms up
+                start = time.perf_counter()
+            if pad_to is None:
+                loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                             batch.get("memory_vectors"))["lm"]
+            else:
+                hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("memory_vectors"))
+                logits = model.logits(hidden[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= 1:
+                real += int(batch["attention_mask"].sum())
+        seconds = time.perf_counter() - start
+        out[name] = {"tokens_per_second": real / seconds, "seconds": seconds, "real_tokens": real}
+    names = list(out)
+    out["speedup"] = out[names[0]]["tokens_per_second"] / out[names[1]]["tokens_per_second"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--throughput_only", action="store_true")
+    ap.add_argument("--work", default=None, help="work directory (default: a fresh temp dir)")
+    ap.add_argument("pipeline_args", nargs="*", help="extra run_training.py flags (after --)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU, fp32"}
+    if not args.throughput_only:
+        from memory.evaluation import evaluate_version, format_table
+
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench-decoding-"))
+        result["pipeline"] = run_pipeline(work, args.pipeline_args)
+        report = evaluate_version(result["pipeline"]["version"], ROOT / "examples" / "questions.json",
+                                  precision="fp32")
+        result["evaluation"] = report
+        print("\n".join(result["pipeline"]["lines"]))
+        print(format_table(report))
+    result["throughput"] = throughput()
+    for name, m in result["throughput"].items():
+        if isinstance(m, dict):
+            print(f"{name}: {m['tokens_per_second']:.0f} tokens/s")
+    print(f"speed-up over naive: {result['throughput']['speedup']:.2f}x")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Step 3.2 orchestration: memory decoding on top of the trained ``<recall>`` (step 3.1).
+
+1. the step-1 adapter and token rows are merged into a copy of the base model;
+2. samples are drawn afresh every epoch, in equal numbers (1:1:1):
+   - ``memory``:   a cue of the memory (a question, its source turn, or a neutral ask)
+     -> activation phrase, ``<recall>``, the memory vector, its text, ``</recall>``;
+   - ``sandwich``: an SFT prompt -> phrase, ``<recall>``, a memory, ``</recall>``, the SFT answer;
+   - ``sft``:      an SFT prompt -> its answer (self-distilled + the chat sessions' replies);
+3. ``EnhancedTextMemoryTrainer`` trains LoRA + projector + new-token rows, with the step-1
+   InfoNCE on ``memory`` samples so the ``<recall>`` query stays aligned with the DB;
+4. the LoRA is merged; retrieval (before and after), ``decode_exact_match`` and forgetting
+   are measured on the merged model, which is what gets published.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from memory.sft_data import SFTExample, chat_prompt
+from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
+                                  memory_token_ids)
+from recall.generation import NEUTRAL_CONTEXT, RecallEngine
+from recall.text_embedding_train import ACTIVATION_PHRASE, format_query
+from recall.text_memory_train import (EnhancedTextMemoryTrainer, MemoryDecodingArguments, ResampledDataset,
+                                      Segment, assemble, build_decoder_model)
+
+logger = logging.getLogger(__name__)
+COMPLETE_MARKER = "metrics.json"
+
+
+def normalize_ws(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclasses.dataclass
+class DecodingResult:
+    lm: object  # the merged plain causal LM
+    projector: torch.nn.Module
+    query_projector: Optional[torch.nn.Module]
+    metrics: dict
+
+
+def merge_recall_state(base_lm, tokenizer, recall_dir: Path):
+    """A copy of ``base_lm`` with the step-1 LoRA and token rows merged in; also returns
+    step 1's query projector (None when keys have the model's width) and temperature."""
+    from safetensors.torch import load_file
+
+    from recall.text_embedding_train import RecallTrainingArguments, TRAINABLE_STATE, build_recall_model
+    from recall.token_rows import uninstall_token_rows
+
+    cfg = json.loads((recall_dir / "recall_config.json").read_text())
+    state = load_file(str(recall_dir / TRAINABLE_STATE))
+    memory_dim = next((v.shape[0] for k, v in state.items() if k.endswith("projector.weight")),
+                      base_lm.config.hidden_size)
+    args = RecallTrainingArguments(output_dir=str(recall_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                   lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
+                                   query_projector=cfg["query_projector"])
+    model = build_recall_model(copy.deepcopy(base_lm), tokenizer, args, memory_dim, list(cfg["token_ids"].values()))
+    model.load_trainable_state(state)
+    lm = model.lm.merge_and_unload()
+    uninstall_token_rows(lm, merge=True)
+    temperature = float(torch.exp(-model.log_scale.detach()))
+    return lm.eval(), model.projector, temperature
+
+
+class SampleBuilder:
+    """Token segments for the three sample kinds, tokenised once; ``epoch`` draws one epoch."""
+
+    def __init__(self, tokenizer, memories: Sequence[str], contexts: Sequence[Sequence[str]],
+                 sft: Sequence[SFTExample], max_length: int, max_answer_tokens: int = 40,
+                 mix: Sequence[int] = (2, 1, 1)):
+        if not sft:
+            raise ValueError("step 2 needs SFT examples (none were found or generated)")
+        tok = tokenizer
+        ids = memory_token_ids(tok)
+        self.recall, self.end, self.pad = ids[RECALL_TOKEN], ids[RECALL_END_TOKEN], ids[MEMORY_PAD_TOKEN]
+        self.im_end = [i for i in [tok.convert_tokens_to_ids("<|im_end|>")] if isinstance(i, int) and i >= 0] \
+            or [tok.eos_token_id]
+        enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.max_length = max_length
+        self.mix = tuple(int(m) for m in mix)
+        if len(self.mix) != 3 or min(self.mix) < 0 or self.mix[0] < 1:
+            raise ValueError(f"decode_mix: expected memory:sandwich:sft counts per memory with memory >= 1, got {mix}")
+        self.memories = [enc(m) for m in memories]
+        # a context's prefix = format_query minus its trailing <recall>: the exact ids step 1 saw
+        self.contexts = [[enc(format_query(tok, c))[:-1] for c in ctxs] for ctxs in contexts]
+        self.sft_prompts = [enc(chat_prompt(tok, e.prompt)) for e in sft]
+        self.sft_answers = [enc(e.answer)[:max_answer_tokens] + self.im_end for e in sft]
+        self.phrase = enc(f"{ACTIVATION_PHRASE} ")
+        self.space = enc(" ")
+
+        # anchors: one per context, then one per SFT prompt (the sandwich's context)
+        self.context_anchor = []
+        n = 0
+        for ctxs in self.contexts:
+            self.context_anchor.append(list(range(n, n + len(ctxs))))
+            n += len(ctxs)
+        self.sft_anchor = list(range(n, n + len(self.sft_prompts)))
+
+    def anchor_texts(self, contexts: Sequence[Sequence[str]], sft: Sequence[SFTExample]) -> List[str]:
+        """The contexts whose step-1 queries are the anchors, in anchor order."""
+        return [c for ctxs in contexts for c in ctxs] + [e.prompt for e in sft]
+
+    def memory_sample(self, row: int, context: int) -> dict:
+        return assemble([Segment(self.contexts[row][context], False), Segment([self.recall], True),
+                         Segment([self.pad], False), Segment(self.memories[row] + [self.end], True)],
+                        self.max_length, memory_row=row, recall_target=row, kind="memory",
+                        anchor=self.context_anchor[row][context])
+
+    def sandwich_sample(self, row: int, sft: int) -> dict:
+        return assemble([Segment(self.sft_prompts[sft] + self.phrase, False), Segment([self.recall], True),
+                         Segment([self.pad], False),
+                         Segment(self.memories[row] + [self.end] + self.space + self.sft_answers[sft], True)],
+                        self.max_length, memory_row=row, kind="sandwich", anchor=self.sft_anchor[sft])
+
+    def sft_sample(self, sft: int) -> dict:
+        fits = len(self.sft_prompts[sft]) + len(self.sft_answers[sft]) <= self.max_length
+        return assemble([Segment(self.sft_prompts[sft], False), Segment(self.sft_answers[sft], True)],
+                        self.max_length, kind="sft", kd=sft if fits else -1)
+
+    @torch.no_grad()
+    def teacher_topk(self, model, k: int = 32, device=None, batch_size: int = 16) -> List[tuple]:
+        """Per SFT example: the model's top-k (indices, log-probs) at each answer position
+        (right-padded batches: causal attention makes the padding invisible)."""
+        out = []
+        pad = 0
+        for start in range(0, len(self.sft_prompts), batch_size):
+            seqs = [p + a for p, a in zip(self.sft_prompts[start:start + batch_size],
+                                          self.sft_answers[start:start + batch_size])]
+            width = max(map(len, seqs))
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for b, (p, a) in enumerate(zip(self.sft_prompts[start:start + batch_size],
+                                           self.sft_answers[start:start + batch_size])):
+                top = torch.log_softmax(logits[b, len(p) - 1:len(p) + len(a) - 1].float(), dim=-1).topk(k, dim=-1)
+                out.append((top.indices.cpu(), top.values.cpu()))
+        return out
+
+
+    def epoch(self, epoch: int, rng: random.Random) -> List[dict]:
+        """One epoch's samples, shuffled: per memory ``mix`` = (memory, sandwich, sft) counts."""
+        n_mem, n_sand, n_sft = self.mix
+        rows = range(len(self.memories))
+        items = []
+        for r in rows:  # distinct contexts while they last
+            picks = rng.sample(range(len(self.contexts[r])), min(n_mem, len(self.contexts[r])))
+            picks += [rng.randrange(len(self.contexts[r])) for _ in range(n_mem - len(picks))]
+            items += [self.memory_sample(r, c) for c in picks]
+        items += [self.sandwich_sample(r, rng.randrange(len(self.sft_prompts))) for r in rows for _ in range(n_sand)]
+        n = len(self.memories) * n_sft
+        picks = rng.sample(range(len(self.sft_prompts)), n) if n <= len(self.sft_prompts) \
+            else [rng.randrange(len(self.sft_prompts)) for _ in range(n)]
+        items += [self.sft_sample(i) for i in picks]
+        rng.shuffle(items)
+        return items
+
+
+def decode_contexts(cues: Sequence) -> List[str]:
+    """Contexts for ``memory`` samples: questions and source turns, and the neutral ask used
+    by ``decode_exact_match``. The memory's own text is left out: with it in the context the
+    model could copy instead of reading the vector."""
+    out = [c.text for c in cues if c.kind in ("question", "source")]
+    return out + [NEUTRAL_CONTEXT]
+
+
+def exact_match_rate(decoded: Sequence[str], texts: Sequence[str]) -> float:
+    return sum(normalize_ws(d) == normalize_ws(t) for d, t in zip(decoded, texts)) / max(len(texts), 1)
+
+
+def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int], bank: np.ndarray) -> dict:
+    q = engine.query_vectors(list(contexts))
+    scores = q @ bank.T
+    target_scores = scores[np.arange(len(targets)), targets]
+    ranks = (scores > target_scores[:, None]).sum(1) + 1
+    return {"recall_at_1": float((ranks == 1).mean()), "mrr": float((1.0 / ranks).mean()), "n": len(targets)}
+
+
+def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, list], sft: Sequence[SFTExample],
+                          recall_dir: Path, args: MemoryDecodingArguments, out_dir: Path,
+                          reference_vectors: Optional[np.ndarray] = None, mix: Sequence[int] = (2, 1, 1)
+                          ) -> DecodingResult:
+    """Train step 2 and return the merged model, projector and metrics."""
+    started = time.perf_counter()
+    tok = loaded.tokenizer
+    token_ids = add_memory_tokens(loaded.model, tok)  # idempotent; the ids step 1 used
+    lm, query_projector, temperature = merge_recall_state(loaded.model, tok, recall_dir)
+    texts = [r.text for r in records]
+    contexts = [decode_contexts(cues[r.id]) for r in records]
+    eval_ctx = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
+    metrics: Dict[str, object] = {"memories": len(records), "sft_examples": len(sft)}
+
+    before = RecallEngine(lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
+    metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
+
+    builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=mix)
+    anchors = kd = None
+    if args.preserve_weight > 0:  # step 1's query for every context a sample can have
+        anchors = torch.from_numpy(before.query_vectors(builder.anchor_texts(contexts, sft)))
+    if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
+        kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
+    dataset = ResampledDataset(builder.epoch, seed=args.seed)
+    bank_t = torch.from_numpy(bank)
+    model = build_decoder_model(lm, token_ids, dataclasses.replace(args, recall_temperature=temperature),
+                                bank.shape[1], memory_bank=bank_t if query_projector is None else None)
+    refs = bank if reference_vectors is None else np.concatenate([bank, reference_vectors])
+    model.projector.fit_center(torch.from_numpy(refs))
+    model.to(loaded.runtime.device)
+    trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank_t, tokenizer=tok,
+                                        train_dataset=dataset, anchors=anchors, kd=kd)
+    train_started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_seconds = time.perf_counter() - train_started
+    trainer.save_model(str(out_dir))
+    tokens = sum(len(x["input_ids"]) for x in dataset.items) * args.num_train_epochs
+    metrics["train"] = {"loss": result.training_loss, "seconds": train_seconds, "samples_per_epoch": len(dataset),
+                        "tokens_per_second": tokens / max(train_seconds, 1e-9)}
+    model.eval()
+    projector = model.projector
+    merged = model.merged_lm().eval()
+    engine = RecallEngine(merged, tok, token_ids, projector, query_projector, autocast_dtype=loaded.runtime.autocast_dtype)
+    metrics["recall_after"] = retrieval_at_1(engine, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
+    decoded = engine.decode_memories(bank)
+    metrics["decode_exact_match"] = exact_match_rate(decoded, texts)
+    metrics["decode_failures"] = [{"text": t, "decoded": d} for t, d in zip(texts, decoded)
+                                  if normalize_ws(d) != normalize_ws(t)][:20]
+    metrics["seconds"] = time.perf_counter() - started
+    logger.info("step 3.2: decode_exact_match %.3f, <recall> recall@1 on cues %.3f -> %.3f",
+                metrics["decode_exact_match"], metrics["recall_before"]["recall_at_1"],
+                metrics["recall_after"]["recall_at_1"])
+    return DecodingResult(merged, projector, query_projector, metrics)

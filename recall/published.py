@@ -1,0 +1,105 @@
+"""Save and load the model side of a published version (see ``memory.publish`` for the
+versioning): a plain HF checkpoint + ``recall_state.safetensors`` (memory projector and,
+when the memory vectors have another width, step 1's query projector) +
+``recall_config.json``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memory.fileio import atomic_write_json
+from recall.generation import RecallEngine
+from recall.text_memory_train import MemoryProjector
+
+RECALL_STATE = "recall_state.safetensors"
+RECALL_CONFIG = "recall_config.json"
+
+
+@dataclasses.dataclass
+class RecallModel:
+    engine: RecallEngine
+    config: dict
+    loaded: object  # recall.model_loading.LoadedModel
+    path: Path
+
+
+def save_recall_model(directory: Path, lm, tokenizer, projector: MemoryProjector,
+                      query_projector: Optional[torch.nn.Module], config: dict) -> List[str]:
+    """Write the model files into ``directory``; returns the relative paths written."""
+    directory = Path(directory)
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    state = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
+    if query_projector is not None:
+        state.update({f"query_projector.{k}": v.detach().cpu().contiguous()
+                      for k, v in query_projector.state_dict().items()})
+    save_file(state, str(directory / RECALL_STATE))
+    body = {**config, "memory_dim": projector.memory_dim, "hidden_size": projector.hidden_size,
+            "projector_hidden": 0 if projector.mlp is None else projector.mlp[0].out_features,
+            "query_projector": query_projector is not None}
+    atomic_write_json(directory / RECALL_CONFIG, body)
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def load_recall_model(directory, *, device: str = "auto", precision: str = "auto") -> RecallModel:
+    """A published version (or any directory written by ``save_recall_model``) as a ``RecallEngine``."""
+    from recall.model_loading import load_model_and_tokenizer
+
+    directory = Path(directory)
+    cfg_path = directory / RECALL_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{directory}: not a recall model version (no {RECALL_CONFIG})")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    loaded = load_model_and_tokenizer(str(directory), device=device, precision=precision)
+    state = load_file(str(directory / RECALL_STATE))
+    projector = MemoryProjector(cfg["memory_dim"], cfg["hidden_size"], 1.0, cfg["projector_hidden"])
+    projector.load_state_dict({k.removeprefix("projector."): v for k, v in state.items()
+                               if k.startswith("projector.")})
+    query_projector = None
+    if cfg.get("query_projector"):
+        w = state["query_projector.weight"]
+        query_projector = torch.nn.Linear(w.shape[1], w.shape[0], bias="query_projector.bias" in state)
+        query_projector.load_state_dict({k.removeprefix("query_projector."): v for k, v in state.items()
+                                         if k.startswith("query_projector.")})
+    device_ = loaded.runtime.device
+    projector.to(device_).eval()
+    if query_projector is not None:
+        query_projector.to(device_).eval()
+    engine = RecallEngine(loaded.model, loaded.tokenizer, cfg["token_ids"], projector, query_projector,
+                          cfg.get("activation_phrase", "Let me check my memory."), loaded.runtime.autocast_dtype)
+    return RecallModel(engine, cfg, loaded, directory)
+
+
+def db_search(db, user_id: Optional[str], top_k: int = 3):
+    """A ``RecallEngine`` search callback over a ``MemoryVectorDB``'s active memories."""
+    from recall.generation import Hit
+
+    def search(queries):
+        results = db.search(queries, k=top_k, user_id=user_id, statuses=("active",))
+        out = []
+        for hits in results:
+            vectors = db.vectors([h.record.id for h in hits]) if hits else []
+            out.append([Hit(h.record.id, float(h.score), h.record.text, v) for h, v in zip(hits, vectors)])
+        return out
+
+    return search
+
+
+def open_version(models_dir_or_version, *, device: str = "auto", precision: str = "auto"):
+    """``(RecallModel, MemoryVectorDB of its snapshot)`` for a version directory, or for
+    ``current`` when given the ``models/`` directory."""
+    from memory.publish import MANIFEST, resolve_current
+    from memory.vector_db import MemoryVectorDB
+
+    path = Path(models_dir_or_version)
+    if not (path / MANIFEST).is_file():
+        if (path / RECALL_CONFIG).is_file():
+            raise FileNotFoundError(f"{path}: version has no {MANIFEST} (incomplete publish); not used")
+        path = resolve_current(path)
+    model = load_recall_model(path, device=device, precision=precision)
+    return model, MemoryVectorDB(path / "memory_db")

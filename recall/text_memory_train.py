@@ -1,0 +1,389 @@
+"""Step 2: memory decoding (``EnhancedTextMemoryTrainer``).
+
+The model learns to read a memory vector, injected as the input embedding at
+``<|memory_pad|>``, back into the memory's text::
+
+    context · activation phrase · <recall> · <|memory_pad|> · memory text · </recall> [· continuation]
+
+- **Injection** (``MemoryDecoderModel.embed``): the embedding at every ``<|memory_pad|>``
+  is *replaced* by ``projector(memory vector)``. The projector unit-normalises the vector,
+  scales it to the mean norm of the embedding rows, and adds a small residual MLP
+  (initialised to zero, so training starts from the plain rescaled vector). Gaussian noise
+  is added in training. Memory vectors travel as one flat ``(n_pads, d)`` tensor in the
+  order the pads appear in the batch, so batches mixing memory and SFT samples work.
+- **Labels**: ``<recall>`` (the model learns to ask after the activation phrase), the
+  memory text, ``</recall>`` and the continuation; context, phrase and pad are -100.
+- **Loss**: next-token cross-entropy, with the LM head applied only at labelled positions
+  (the 49k-wide projection of unlabelled context positions is skipped), plus
+  ``recall_loss_weight`` x the step-1 InfoNCE at ``<recall>`` for samples whose context
+  is a cue of the injected memory: this holds the ``<recall>`` query in place while the
+  LoRA learns to decode (step 2 would otherwise move it; see README "Step 2").
+- **Trainable**: LoRA, the projector, and fp32 rows for the new tokens (input side via
+  ``recall.token_rows``; the output side adds ``h @ delta.T`` to the new tokens' logits,
+  so a tied head sees the same rows it will hold after merging).
+
+Why ``transformers.Trainer`` and not TRL's ``SFTTrainer``: ``SFTTrainer`` tokenises
+``messages``/``text`` columns itself and computes the loss from token ids. Our samples
+are built from token segments with exact label masks and carry a memory vector that
+replaces an input embedding, so its dataset preparation, collator and ``compute_loss``
+would all be overridden; what would remain is ``Trainer``. The SFT *data* formats TRL
+accepts (``messages``, ``prompt``/``completion``) are read by ``memory.sft_data``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from recall.get_text_embedding import backbone
+from recall.token_rows import TrainableStateMixin, install_token_rows
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+DECODER_STATE = "decoder_state.safetensors"
+
+
+@dataclasses.dataclass
+class MemoryDecodingArguments(TrainingArguments):
+    """``TrainingArguments`` plus step 2's knobs."""
+
+    output_dir: str = "output"
+    learning_rate: float = 2e-3
+    num_train_epochs: float = 6.0
+    per_device_train_batch_size: int = 8
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    logging_steps: int = 10
+    save_strategy: str = "epoch"
+    save_total_limit: Optional[int] = 1
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "q_proj,v_proj,o_proj,up_proj,down_proj"
+    projector_hidden: int = dataclasses.field(default=1024, metadata={"help": "0: rescale only, no MLP"})
+    noise_std: float = dataclasses.field(default=0.01, metadata={"help": "Gaussian noise on the unit memory vector"})
+    max_length: int = dataclasses.field(default=192, metadata={"help": "tokens per sample; context cut from the left"})
+    recall_loss_weight: float = dataclasses.field(
+        default=0.0, metadata={"help": "weight of the step-1 InfoNCE at <recall> on memory samples"})
+    preserve_weight: float = dataclasses.field(
+        default=10.0, metadata={"help": "weight of 1 - cos(<recall> state, step-1 query) on every sample with <recall>"})
+    kd_weight: float = dataclasses.field(
+        default=3.0, metadata={"help": "weight of KL(base || model) on SFT answers (base top-k log-probs)"})
+    recall_temperature: float = 0.05
+    remove_unused_columns: bool = False
+    report_to: Optional[str] = "none"
+
+
+class MemoryProjector(nn.Module):
+    """Memory vector (d_mem) -> an input embedding (d_model) at the embedding scale."""
+
+    def __init__(self, memory_dim: int, hidden_size: int, embed_norm: float, mlp_hidden: int = 1024):
+        super().__init__()
+        self.memory_dim, self.hidden_size = memory_dim, hidden_size
+        self.register_buffer("embed_norm", torch.tensor(float(embed_norm)))
+        # LLM last-token vectors share one dominant direction (mean pairwise cosine ~0.87 for
+        # the default keys); subtracting their mean leaves what tells memories apart
+        self.register_buffer("center", torch.zeros(memory_dim))
+        self.linear = nn.Linear(memory_dim, hidden_size, bias=False) if memory_dim != hidden_size else None
+        if self.linear is not None:
+            nn.init.orthogonal_(self.linear.weight)
+        self.mlp = None
+        if mlp_hidden > 0:
+            self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, hidden_size))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, vectors: torch.Tensor, noise_std: float = 0.0) -> torch.Tensor:
+        if vectors.shape[-1] != self.memory_dim:
+            raise ValueError(f"memory vectors have width {vectors.shape[-1]}, this model's projector expects "
+                             f"{self.memory_dim} (was the memory DB built with another encoder?)")
+        x = F.normalize(F.normalize(vectors.float(), dim=-1) - self.center, dim=-1)
+        if noise_std > 0:
+            x = F.normalize(x + noise_std * torch.randn_like(x), dim=-1)
+        if self.linear is not None:
+            x = F.normalize(self.linear(x), dim=-1)
+        if self.mlp is not None:
+            x = x + self.mlp(x)
+        return x * self.embed_norm
+
+    @torch.no_grad()
+    def fit_center(self, vectors: torch.Tensor) -> None:
+        """Set the centre to the mean of unit ``vectors`` (the bank plus reference texts)."""
+        self.center.copy_(F.normalize(vectors.float(), dim=-1).mean(dim=0).to(self.center.device))
+
+
+class MemoryDecoderModel(TrainableStateMixin, nn.Module):
+    """LoRA-adapted causal LM + fp32 new-token rows + memory projector."""
+
+    extra_state_buffers = ("projector.embed_norm", "projector.center")
+
+    def __init__(self, lm, token_ids: Dict[str, int], memory_dim: int, projector_hidden: int = 1024,
+                 noise_std: float = 0.01, memory_bank: Optional[torch.Tensor] = None,
+                 recall_temperature: float = 0.05):
+        super().__init__()
+        from memory.token_manager import MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN
+
+        self.lm = lm
+        self.config = lm.config
+        self.recall_id = token_ids[RECALL_TOKEN]
+        self.end_id = token_ids[RECALL_END_TOKEN]
+        self.pad_id = token_ids[MEMORY_PAD_TOKEN]
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self.token_rows = install_token_rows(base, [self.recall_id, self.end_id, self.pad_id])
+        self.token_rows.delta.requires_grad_(True)
+        weight = self.token_rows.embedding.weight.detach().float()
+        real = weight[: min(weight.shape[0], self.recall_id)]
+        self.projector = MemoryProjector(memory_dim, lm.config.hidden_size, real.norm(dim=-1).mean().item(),
+                                         projector_hidden)
+        head = base.get_output_embeddings()
+        self.tied = head is not None and head.weight.data_ptr() == self.token_rows.embedding.weight.data_ptr()
+        # untied heads get their own fp32 delta for the new tokens' output rows
+        self.head_delta = None if self.tied else nn.Parameter(torch.zeros_like(self.token_rows.delta))
+        self.noise_std = noise_std
+        self.recall_scale = 1.0 / recall_temperature
+        self.register_buffer("memory_bank", None if memory_bank is None
+                             else F.normalize(memory_bank.float(), dim=-1), persistent=False)
+
+    # -------------------------------------------------------------- forward
+    def embed(self, input_ids: torch.Tensor, memory_vectors: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with every ``<|memory_pad|>`` replaced by its projected vector."""
+        emb = self.token_rows(input_ids)
+        rows, cols = (input_ids == self.pad_id).nonzero(as_tuple=True)
+        n_pads = rows.numel()
+        n_vec = 0 if memory_vectors is None else memory_vectors.shape[0]
+        if n_pads != n_vec:
+            raise ValueError(f"{n_pads} <|memory_pad|> positions but {n_vec} memory vectors")
+        if n_pads:
+            injected = self.projector(memory_vectors.to(emb.device), self.noise_std if self.training else 0.0)
+            emb = emb.index_put((rows, cols), injected.to(emb.dtype))
+        return emb
+
+    def hidden_states(self, input_ids, attention_mask, memory_vectors=None):
+        emb = self.embed(input_ids, memory_vectors)
+        return backbone(self.lm)(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits with the new tokens' trained fp32 output rows."""
+        head = self.lm.get_output_embeddings()
+        out = head(hidden).float()
+        delta = self.token_rows.delta if self.tied else self.head_delta
+        extra = hidden.float() @ delta.T  # (..., n_new)
+        return out.index_add(-1, self.token_rows.token_ids, extra)
+
+    def forward(self, input_ids, attention_mask, labels, memory_vectors=None, recall_targets=None,
+                recall_anchors=None, kd_indices=None, kd_logprobs=None, kd_mask=None) -> Dict[str, torch.Tensor]:
+        """Loss parts (unweighted): ``lm`` next-token CE on labels; ``recall`` InfoNCE of the
+        first ``<recall>`` state against the bank (rows with ``recall_targets >= 0``);
+        ``preserve`` 1 - cos to the step-1 query (rows with a non-zero anchor); ``kd``
+        KL(base || model) on positions with the base model's top-k log-probs."""
+        hidden = self.hidden_states(input_ids, attention_mask, memory_vectors)
+        targets = labels[:, 1:]
+        picked = targets != IGNORE
+        logits = self.logits(hidden[:, :-1][picked])
+        parts = {"lm": F.cross_entropy(logits, targets[picked])}
+        if kd_mask is not None and kd_mask[:, 1:][picked].any():
+            sel = kd_mask[:, 1:][picked]
+            logp = torch.log_softmax(logits[sel], dim=-1)
+            teacher_logp = kd_logprobs[:, 1:][picked][sel]
+            teacher_logp = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)  # renormalise top-k
+            student = logp.gather(-1, kd_indices[:, 1:][picked][sel])
+            parts["kd"] = (teacher_logp.exp() * (teacher_logp - student)).sum(-1).mean()
+        has_recall = (input_ids == self.recall_id).any(dim=1)
+        pos = (input_ids == self.recall_id).int().argmax(dim=1)  # the first <recall>
+        rows_all = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if recall_targets is not None and self.memory_bank is not None and (recall_targets >= 0).any():
+            rows = (recall_targets >= 0).nonzero(as_tuple=True)[0]
+            query = F.normalize(hidden[rows, pos[rows]].float(), dim=-1)
+            scores = query @ self.memory_bank.to(query.device).T * self.recall_scale
+            parts["recall"] = F.cross_entropy(scores, recall_targets[rows])
+        if recall_anchors is not None:
+            rows = rows_all[has_recall & (recall_anchors.abs().sum(-1) > 0)]
+            if rows.numel():
+                query = F.normalize(hidden[rows, pos[rows]].float(), dim=-1)
+                parts["preserve"] = (1 - (query * F.normalize(recall_anchors[rows], dim=-1)).sum(-1)).mean()
+        return parts
+
+    @torch.no_grad()
+    def merged_lm(self):
+        """The plain causal LM with LoRA and the new-token rows merged in (for publishing).
+        The wrapper is unusable afterwards."""
+        from recall.token_rows import uninstall_token_rows
+
+        lm = self.lm.merge_and_unload() if hasattr(self.lm, "merge_and_unload") else self.lm
+        if self.head_delta is not None:
+            head = lm.get_output_embeddings().weight
+            ids = self.token_rows.token_ids
+            head[ids] = (head[ids].float() + self.head_delta.to(head.device)).to(head.dtype)
+        uninstall_token_rows(lm, merge=True)
+        return lm
+
+
+def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArguments, memory_dim: int,
+                        memory_bank: Optional[torch.Tensor] = None) -> MemoryDecoderModel:
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, bias="none")
+    model = MemoryDecoderModel(get_peft_model(lm, lora), token_ids, memory_dim, args.projector_hidden,
+                               args.noise_std, memory_bank, args.recall_temperature)
+    return model
+
+
+# ------------------------------------------------------------------ samples
+@dataclasses.dataclass
+class Segment:
+    ids: List[int]
+    labelled: bool
+
+
+def assemble(segments: Sequence[Segment], max_length: int, memory_row: int = -1, recall_target: int = -1,
+             kind: str = "", anchor: int = -1, kd: int = -1) -> dict:
+    """Concatenate token segments into one sample; over ``max_length``, drop tokens from
+    the *left* of the first segment (the context) so the recall point and the memory
+    survive."""
+    total = sum(len(s.ids) for s in segments)
+    overflow = max(0, total - max_length)
+    input_ids: List[int] = []
+    labels: List[int] = []
+    for i, seg in enumerate(segments):
+        ids = seg.ids
+        if overflow and i == 0:
+            cut = min(overflow, len(ids))
+            ids, overflow = ids[cut:], overflow - cut
+        input_ids += ids
+        labels += ids if seg.labelled else [IGNORE] * len(ids)
+    if overflow:  # the context alone could not absorb it: cut the end instead
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels, "memory_row": memory_row, "recall_target": recall_target,
+            "kind": kind, "anchor": anchor, "kd": kd}
+
+
+class DecodingCollator:
+    """Right-pads samples to the longest in the batch and stacks one memory vector per
+    ``<|memory_pad|>`` (in batch order) from ``memory_vectors`` (M, d)."""
+
+    def __init__(self, pad_token_id: int, memory_vectors: torch.Tensor, memory_pad_id: int,
+                 pad_to: Optional[int] = None, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None):
+        """``anchors``: (A, d) step-1 queries indexed by a sample's ``anchor``; ``kd``: per
+        SFT example, (indices, log-probs) of shape (answer length, k), for a sample's ``kd``
+        index (its answer is the sample's tail)."""
+        self.pad, self.vectors, self.memory_pad_id, self.pad_to = pad_token_id, memory_vectors, memory_pad_id, pad_to
+        self.anchors, self.kd = anchors, kd
+
+    def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
+        width = self.pad_to or max(len(f["input_ids"]) for f in features)
+        ids = torch.tensor([f["input_ids"] + [self.pad] * (width - len(f["input_ids"])) for f in features])
+        labels = torch.tensor([f["labels"] + [IGNORE] * (width - len(f["labels"])) for f in features])
+        mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
+        rows = []
+        for f in features:
+            n = f["input_ids"].count(self.memory_pad_id)
+            if n and f["memory_row"] < 0:
+                raise ValueError("a sample has <|memory_pad|> but no memory_row")
+            rows += [f["memory_row"]] * n
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                 "recall_targets": torch.tensor([f["recall_target"] for f in features])}
+        if rows:
+            batch["memory_vectors"] = self.vectors[torch.tensor(rows)]
+        if self.anchors is not None:
+            batch["recall_anchors"] = torch.stack([self.anchors[f["anchor"]] if f.get("anchor", -1) >= 0
+                                                   else self.anchors.new_zeros(self.anchors.shape[1])
+                                                   for f in features])
+        if self.kd is not None and any(f.get("kd", -1) >= 0 for f in features):
+            k = self.kd[0][0].shape[1]
+            idx = torch.zeros(len(features), width, k, dtype=torch.long)
+            logp = torch.zeros(len(features), width, k)
+            kd_mask = torch.zeros(len(features), width, dtype=torch.bool)
+            for b, f in enumerate(features):
+                if f.get("kd", -1) < 0:
+                    continue
+                i, lp = self.kd[f["kd"]]
+                end = len(f["input_ids"])
+                idx[b, end - len(i):end], logp[b, end - len(i):end] = i, lp
+                kd_mask[b, end - len(i):end] = True
+            batch.update(kd_indices=idx, kd_logprobs=logp, kd_mask=kd_mask)
+        return batch
+
+
+class ResampledDataset(torch.utils.data.Dataset):
+    """A fixed-size epoch whose samples are redrawn each epoch by ``sampler(epoch, rng)``."""
+
+    def __init__(self, sampler, seed: int = 0):
+        self.sampler, self.seed = sampler, seed
+        self.items = sampler(0, random.Random(seed))
+        self.size = len(self.items)
+
+    def resample(self, epoch: int) -> None:
+        items = self.sampler(epoch, random.Random(self.seed + 1000 * epoch))
+        if len(items) != self.size:
+            raise RuntimeError(f"resampled epoch has {len(items)} samples, expected {self.size}")
+        self.items = items
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+class _ResampleEachEpoch(TrainerCallback):
+    def __init__(self, dataset: ResampledDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        epoch = int(math.floor(state.epoch or 0))
+        if epoch > 0:
+            self.dataset.resample(epoch)
+
+
+class EnhancedTextMemoryTrainer(Trainer):
+    """``Trainer`` for step 2. ``memory_vectors``: (M, d) DB vectors, indexed by each
+    sample's ``memory_row``. A ``ResampledDataset`` is redrawn at every epoch."""
+
+    def __init__(self, model: MemoryDecoderModel, args: MemoryDecodingArguments, memory_vectors: torch.Tensor,
+                 tokenizer, train_dataset, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None,
+                 **kwargs):
+        kwargs.setdefault("data_collator", DecodingCollator(tokenizer.pad_token_id, memory_vectors.float(),
+                                                            model.pad_id, anchors=anchors, kd=kd))
+        super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
+        if isinstance(train_dataset, ResampledDataset):
+            self.add_callback(_ResampleEachEpoch(train_dataset))
+        self._parts: Dict[str, List[float]] = {}
+        self._weights = {"lm": 1.0, "recall": args.recall_loss_weight, "preserve": args.preserve_weight,
+                         "kd": args.kd_weight}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        parts = model(**inputs)
+        loss = sum(self._weights[k] * v for k, v in parts.items() if self._weights[k] > 0)
+        for k, v in parts.items():
+            self._parts.setdefault(f"{k}_loss", []).append(v.item())
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        for name, values in self._parts.items():
+            if values and "loss" in logs:
+                logs[name] = round(sum(values) / len(values), 4)
+                values.clear()
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        save_file(model.trainable_state(), os.path.join(output_dir, DECODER_STATE))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        model.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, DECODER_STATE)))

@@ -1,0 +1,185 @@
+"""Step 2 (EnhancedTextMemoryTrainer) and the recall loop on the tiny model."""
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from memory.decoding_step import SampleBuilder, exact_match_rate
+from memory.sft_data import SFTExample
+from memory.token_manager import MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens
+from recall.generation import Hit, RecallEngine
+from recall.text_memory_train import (IGNORE, DecodingCollator, EnhancedTextMemoryTrainer, MemoryDecodingArguments,
+                                      MemoryProjector, ResampledDataset, Segment, assemble, build_decoder_model)
+from tests.conftest import make_tiny_model
+
+FACTS = ["The user lives in Porto.", "The user has a dog called Max.", "The user works as a nurse."]
+SFT = [SFTExample("Say hi.", "Hi there!"), SFTExample("Name a colour.", "Blue."),
+       SFTExample("Count to three.", "One, two, three.")]
+
+
+@pytest.fixture
+def tiny(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    lm = make_tiny_model(tok)
+    ids = add_memory_tokens(lm, tok)
+    return lm, tok, ids
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=3, learning_rate=1e-2,
+                logging_steps=1, save_strategy="no", lora_r=8, lora_alpha=16, use_cpu=True, seed=0,
+                projector_hidden=64, num_train_epochs=1, warmup_ratio=0.0)
+    base.update(kw)
+    return MemoryDecodingArguments(**base)
+
+
+def test_injection_replaces_the_pad_embedding_and_only_there(tiny, tmp_path):
+    lm, tok, ids = tiny
+    model = build_decoder_model(lm, ids, _args(tmp_path), memory_dim=64).eval()  # no noise
+    pad = ids[MEMORY_PAD_TOKEN]
+    input_ids = torch.tensor([[10, 11, pad, 12], [13, pad, 14, 15]])
+    vectors = torch.randn(2, 64)
+    plain = model.token_rows(input_ids)
+    emb = model.embed(input_ids, vectors)
+    expected = model.projector(vectors)
+    assert torch.allclose(emb[0, 2], expected[0]) and torch.allclose(emb[1, 1], expected[1])
+    untouched = torch.ones_like(input_ids, dtype=torch.bool)
+    untouched[0, 2] = untouched[1, 1] = False
+    assert torch.equal(emb[untouched], plain[untouched])
+    with pytest.raises(ValueError, match="2 <|memory_pad|> positions but 1"):
+        model.embed(input_ids, vectors[:1])
+
+
+def test_projector_rejects_a_vector_of_the_wrong_width():
+    proj = MemoryProjector(64, 64, embed_norm=1.0)
+    with pytest.raises(ValueError, match="width 32"):
+        proj(torch.randn(1, 32))
+
+
+def test_labels_mask_exactly_the_context(tiny):
+    _, tok, ids = tiny
+    builder = SampleBuilder(tok, FACTS, [["Where do I live?"]] * 3, SFT, max_length=256)
+    s = builder.memory_sample(0, 0)
+    n_ctx = len(builder.contexts[0][0])
+    assert s["labels"][:n_ctx] == [IGNORE] * n_ctx
+    assert s["input_ids"][n_ctx] == ids[RECALL_TOKEN] and s["labels"][n_ctx] == ids[RECALL_TOKEN]
+    assert s["input_ids"][n_ctx + 1] == ids[MEMORY_PAD_TOKEN] and s["labels"][n_ctx + 1] == IGNORE
+    assert s["labels"][n_ctx + 2:] == s["input_ids"][n_ctx + 2:]
+    assert s["input_ids"][-1] == ids[RECALL_END_TOKEN]
+    assert tok.decode(s["input_ids"][n_ctx + 2:-1]) == FACTS[0]
+    sft = builder.sft_sample(1)
+    n_prompt = len(builder.sft_prompts[1])
+    assert sft["labels"][:n_prompt] == [IGNORE] * n_prompt and IGNORE not in sft["labels"][n_prompt:]
+    # no activation phrase contains <recall>, and the phrase itself is context (masked)
+    sandwich = builder.sandwich_sample(2, 0)
+    r = sandwich["input_ids"].index(ids[RECALL_TOKEN])
+    assert all(label == IGNORE for label in sandwich["labels"][:r])
+
+
+def test_long_context_is_cut_from_the_left():
+    s = assemble([Segment(list(range(100)), False), Segment([7, 8, 9], True)], max_length=10)
+    assert s["input_ids"] == [93, 94, 95, 96, 97, 98, 99, 7, 8, 9]
+    assert s["labels"][-3:] == [7, 8, 9] and s["labels"][:7] == [IGNORE] * 7
+
+
+def test_every_memory_is_sampled_every_epoch_even_one_or_odd(tiny):
+    _, tok, _ = tiny
+    for n in (1, 3):
+        builder = SampleBuilder(tok, FACTS[:n], [["q?"]] * n, SFT, max_length=128)
+        for epoch in range(3):
+            items = builder.epoch(epoch, random.Random(epoch))
+            assert len(items) == 4 * n  # default mix 2:1:1
+            assert sorted(i["memory_row"] for i in items if i["kind"] == "memory") == sorted(list(range(n)) * 2)
+            assert sorted(i["memory_row"] for i in items if i["kind"] == "sandwich") == list(range(n))
+
+
+def test_collator_batches_mixed_kinds(tiny):
+    _, tok, ids = tiny
+    builder = SampleBuilder(tok, FACTS, [["q?"]] * 3, SFT, max_length=128)
+    vectors = torch.randn(3, 64)
+    collate = DecodingCollator(tok.pad_token_id, vectors, ids[MEMORY_PAD_TOKEN])
+    batch = collate([builder.sft_sample(0), builder.memory_sample(2, 0), builder.sandwich_sample(1, 1)])
+    assert batch["memory_vectors"].shape == (2, 64)
+    assert torch.equal(batch["memory_vectors"][0], vectors[2]) and torch.equal(batch["memory_vectors"][1], vectors[1])
+    assert batch["recall_targets"].tolist() == [-1, 2, -1]
+
+
+def test_memories_decode_after_training_and_rows_change(tokenizer, tmp_path):
+    # a random model with 0.02-scale weights cannot make a peaked next-token distribution
+    # (logits stay within about +-1), so this one is initialised at a larger scale
+    tok = copy.deepcopy(tokenizer)
+    lm = make_tiny_model(tok, initializer_range=0.3)
+    ids = add_memory_tokens(lm, tok)
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(len(FACTS), 64), dim=-1)
+    builder = SampleBuilder(tok, FACTS, [["Tell me."]] * 3, SFT, max_length=128)
+    dataset = ResampledDataset(builder.epoch, seed=0)
+    args = _args(tmp_path, num_train_epochs=100, lora_target_modules="q_proj,v_proj,o_proj,up_proj,down_proj")
+    model = build_decoder_model(lm, ids, args, memory_dim=64, memory_bank=bank)
+    rows_before = model.token_rows.delta.detach().clone()
+    trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank, tokenizer=tok,
+                                        train_dataset=dataset)
+    trainer.train()
+    assert not torch.equal(rows_before, model.token_rows.delta.detach())
+    model.eval()
+    merged = model.merged_lm()
+    engine = RecallEngine(merged, tok, ids, model.projector)
+    decoded = engine.decode_memories(bank.numpy(), context="Tell me.")
+    assert exact_match_rate(decoded, FACTS) == 1.0, decoded
+
+
+class _CountingSearch:
+    def __init__(self, bank):
+        self.bank, self.calls = bank, []
+
+    def __call__(self, queries):
+        self.calls.append(len(queries))
+        return [[Hit(7, 0.9, "stored", self.bank[0])] for _ in queries]
+
+
+def test_recall_loop_searches_exactly_when_recall_is_generated(tiny, monkeypatch):
+    lm, tok, ids = tiny
+    engine = RecallEngine(lm, tok, ids, MemoryProjector(64, 64, 1.0, 0))
+    bank = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    # force the model's choices: recall at step 2, then </recall> after 3 memory tokens, then stop
+    script = {1: ids[RECALL_TOKEN], 5: ids[RECALL_END_TOKEN], 7: tok.convert_tokens_to_ids("<|im_end|>")}
+    step = {"n": 0}
+    real_forward = engine._forward
+
+    def scripted_forward(emb, mask, past):
+        hidden, logits, past = real_forward(emb, mask, past)
+        step["n"] += 1
+        if step["n"] - 1 in script:
+            logits = torch.full_like(logits, -1e9)
+            logits[:, script[step["n"] - 1]] = 0
+        else:
+            logits[:, ids[RECALL_TOKEN]] = -1e9
+            logits[:, ids[RECALL_END_TOKEN]] = -1e9
+        return hidden, logits, past
+
+    monkeypatch.setattr(engine, "_forward", scripted_forward)
+    search = _CountingSearch(bank)
+    [answer] = engine.generate(["hello"], search, max_new_tokens=20, threshold=0.5)
+    assert search.calls == [1]
+    assert len(answer.recalls) == 1 and answer.recalls[0].memory_id == 7
+    gen = tok(answer.text, add_special_tokens=False)["input_ids"]
+    assert gen.count(ids[RECALL_TOKEN]) == 1 and gen.count(ids[MEMORY_PAD_TOKEN]) == 1
+
+    # no <recall> generated: no search at all
+    step["n"] = 0
+    script.clear()
+    search = _CountingSearch(bank)
+    engine.generate(["hello"], search, max_new_tokens=5)
+    assert search.calls == []
+
+
+def test_below_threshold_the_model_is_told_nothing_was_found(tiny):
+    lm, tok, ids = tiny
+    engine = RecallEngine(lm, tok, ids, MemoryProjector(64, 64, 1.0, 0))
+    vec = np.ones(64, np.float32)
+    [answer] = engine.generate(["hello"], lambda q: [[Hit(1, 0.1, "x", vec)]], force_recall=True,
+                               max_new_tokens=12, threshold=0.5)
+    assert answer.recalls[0].memory_id is None and "nothing found" in answer.recalls[0].decoded
+    assert MEMORY_PAD_TOKEN not in answer.text and "nothing found" in answer.text

@@ -1,0 +1,208 @@
+"""Step 4 (publishing versions), the whole pipeline on the tiny model, chat.py and evaluate.py."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_training
+from memory.publish import CURRENT, MANIFEST, VersionError, list_versions, publish_version, resolve_current
+from memory.sft_data import SFTFormatError, read_sft_jsonl, self_distilled
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTS = ["The user lives in Porto.", "The user has a dog called Max.", "The user works as a nurse."]
+
+
+def _write_files(names):
+    def write(tmp: Path):
+        for n in names:
+            (tmp / n).write_text(n)
+        return list(names)
+    return write
+
+
+def test_publish_switches_current_and_keeps_retention(tmp_path):
+    models = tmp_path / "models"
+    made = [publish_version(models, _write_files(["a.txt"]), {"i": i}, retention=3) for i in range(4)]
+    versions = list_versions(models)
+    assert len(versions) == 3 and made[0] not in versions
+    assert resolve_current(models) == made[-1].resolve()
+    assert json.loads((made[-1] / MANIFEST).read_text())["i"] == 3
+    assert os.readlink(models / CURRENT) == made[-1].name  # relative link: the folder can move
+
+
+def test_a_failed_publish_leaves_current_and_old_versions(tmp_path):
+    models = tmp_path / "models"
+    first = publish_version(models, _write_files(["a.txt"]), {})
+
+    def crash(tmp):
+        (tmp / "model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_version(models, crash, {})
+    assert resolve_current(models) == first.resolve() and list_versions(models) == [first]
+    assert not list(models.glob(".tmp-*"))
+
+
+def test_a_process_killed_before_the_manifest_leaves_current_loadable(tmp_path):
+    models = tmp_path / "models"
+    first = publish_version(models, _write_files(["a.txt"]), {})
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from memory.publish import publish_version
+        def write(tmp):
+            (tmp / "model.safetensors").write_text("half written")
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish_version(Path({str(models)!r}), write, {{}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == -9
+    assert list(models.glob(".tmp-*"))  # the killed publish left its temp dir ...
+    assert resolve_current(models) == first.resolve()  # ... which is never used
+    second = publish_version(models, _write_files(["b.txt"]), {})
+    assert resolve_current(models) == second.resolve() and not list(models.glob(".tmp-*"))
+
+
+def test_a_version_without_manifest_is_never_used(tmp_path):
+    models = tmp_path / "models"
+    first = publish_version(models, _write_files(["a.txt"]), {})
+    newer = models / "model_29990101_000000"
+    newer.mkdir()
+    (newer / "recall_config.json").write_text("{}")
+    os.unlink(models / CURRENT)
+    assert resolve_current(models) == first.resolve()
+    from recall.published import open_version
+
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        open_version(newer)
+    with pytest.raises(VersionError):
+        resolve_current(tmp_path / "empty")
+
+
+def test_sft_jsonl_formats_and_errors(tmp_path):
+    good = tmp_path / "sft.jsonl"
+    good.write_text("\n".join(json.dumps(x) for x in [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"instruction": "Add", "input": "2+2", "output": "4"},
+        {"prompt": "Sky colour?", "completion": "Blue."}]) + "\n")
+    examples = read_sft_jsonl(good)
+    assert [(e.prompt, e.answer) for e in examples] == [("Hi", "Hello!"), ("Add\n\n2+2", "4"), ("Sky colour?", "Blue.")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": "only a question"}]}) + "\n")
+    with pytest.raises(SFTFormatError, match=r"bad.jsonl:2.messages: no assistant turn"):
+        read_sft_jsonl(bad)
+    bad.write_text('{"prompt": 3, "completion": "y"}\n')
+    with pytest.raises(SFTFormatError, match=r"bad.jsonl:1.prompt: expected a string"):
+        read_sft_jsonl(bad)
+
+
+def test_self_distilled_answers_are_cached(tokenizer, tmp_path):
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(tokenizer, initializer_range=0.5)  # peaked enough to emit ordinary tokens
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["Say hi.", "Name a colour."]))
+    first = self_distilled(model, tokenizer, "tiny", tmp_path / "cache", prompts, max_new_tokens=4)
+    [cache] = list((tmp_path / "cache").glob("*.json"))
+    assert [d["prompt"] for d in json.loads(cache.read_text())] == [e.prompt for e in first]
+    assert first and all(e.answer for e in first)  # empty answers are dropped
+    second = self_distilled(None, None, "tiny", tmp_path / "cache", prompts, max_new_tokens=4)  # no model needed
+    assert first == second
+    other = tmp_path / "p2.json"
+    other.write_text(json.dumps(["Something else."]))
+    with pytest.raises(AttributeError):  # another prompt set is another cache key: it must generate
+        self_distilled(None, None, "tiny", tmp_path / "cache", other, max_new_tokens=4)
+
+
+# ---------------------------------------------------------------- the whole pipeline
+def _run(tiny_model_dir, tmp_path, *extra):
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in [
+        ("Say hi.", "Hi there!"), ("Name a colour.", "Blue."), ("Count to three.", "One, two, three.")]) + "\n")
+    mem = tmp_path / "m.jsonl"
+    mem.write_text("\n".join(json.dumps({"text": t, "user_id": "alex"}) for t in FACTS) + "\n")
+    return run_training.main(["--model_name_or_path", str(tiny_model_dir), "--chats_dir", "", "--precision", "fp32",
+                              "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1",
+                              "--per_device_train_batch_size", "4", "--lora_r", "4", "--cue_questions", "1",
+                              "--k_folds", "0", "--memories", str(mem), "--sft_data", str(sft),
+                              "--sft_self_distill", "false", "--decode_epochs", "1", "--decode_lora_r", "4",
+                              "--decode_projector_hidden", "32", "--disable_tqdm", "true", *extra])
+
+
+@pytest.fixture(scope="module")
+def published(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    assert _run(tiny_model_dir, tmp) == 0
+    return tmp
+
+
+def test_run_training_publishes_a_loadable_version(published, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from memory.vector_db import MemoryVectorDB
+
+    current = resolve_current(published / "out" / "models")
+    manifest = json.loads((current / MANIFEST).read_text())
+    assert all((current / f).exists() for f in manifest["files"]) and manifest["memories"] == 3
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "recall_state.safetensors",
+              "recall_config.json", "metrics.json", "memory_db/memories.sqlite3"):
+        assert f in manifest["files"]
+    lm = AutoModelForCausalLM.from_pretrained(current)  # ordinary chat needs nothing of ours
+    assert lm(torch.tensor([[1, 2, 3]])).logits.shape[-1] >= 49155
+    with MemoryVectorDB(current / "memory_db") as db:  # the snapshot: trained memories are active
+        assert sorted(r.text for r in db.records(statuses=("active",))) == sorted(FACTS)
+    metrics = json.loads((current / "metrics.json").read_text())
+    assert {"recall_before", "recall_after", "decode_exact_match", "train"} <= set(metrics["decoding"])
+
+
+def test_chat_ask_shows_the_recall(published, capsys):
+    import chat
+
+    models = str(published / "out" / "models")
+    assert chat.main(["--model_dir", models, "--ask", "Where do I live?", "--force-recall", "--user", "alex",
+                      "--threshold", "-1", "--max_new_tokens", "8", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "[recall] score" in out and "stored: The user" in out
+    assert chat.main(["--model_dir", models, "--ask", "Hello", "--user", "nobody", "--max_new_tokens", "4",
+                      "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "memory is empty for user 'nobody': answering without recall" in out
+
+
+def test_evaluate_reports_the_recall_loop(published, tmp_path, capsys):
+    import evaluate
+
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"question": "Where do I live?", "expected": "porto", "user_id": "alex"}]))
+    report = tmp_path / "r.json"
+    assert evaluate.main(["--output_dir", str(published / "out"), "--questions", str(questions),
+                          "--report", str(report), "--precision", "fp32"]) == 0
+    data = json.loads(report.read_text())
+    assert data["decoding"]["n"] == 3 and data["answers"]["n"] == 1
+    assert 0.0 <= data["forgetting"]["greedy_agreement"] <= 1.0 and data["forgetting"]["tokens"] > 0
+    assert "decode_exact_match" in capsys.readouterr().out
+
+
+def test_an_interrupted_training_leaves_current_unchanged(published, tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(published, work, symlinks=True)
+    before = resolve_current(work / "out" / "models")
+    from memory import training_service
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_service.MemoryTrainingService, "train_memory_decoding", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model_dir, work)
+    assert resolve_current(work / "out" / "models") == before
