@@ -2,6 +2,7 @@
 
     python -m bench.memory_decoding                 # whole default pipeline, then evaluation
     python -m bench.memory_decoding --throughput_only
+    python -m bench.memory_decoding --from_step1 WORK -- --decode_mix 2:1:2   # step 2 variants
 
 1. runs ``python run_training.py`` (the default configuration) in a fresh work directory
    and records the wall time per stage;
@@ -33,7 +34,6 @@ RESULTS = ROOT / "bench" / "results" / "memory_decoding.json"
 
 
 def run_pipeline(work: Path, extra) -> dict:
-    import run_training
     from memory.config import parse_args
     from memory.training_service import MemoryTrainingService
 
@@ -45,9 +45,28 @@ def run_pipeline(work: Path, extra) -> dict:
         summary = service.run_training()
     finally:
         service.close()
-    del run_training
     return {"seconds": time.perf_counter() - started, "stage_seconds": summary.stage_seconds,
             "version": summary.version, "decoding": summary.decoding, "lines": summary.lines()}
+
+
+def run_from_step1(work: Path, extra) -> dict:
+    """Step 2 + publish on the newest step-1 run of an existing work directory (for comparing
+    step-2 variants on the same step-1 adapter)."""
+    from memory.config import parse_args
+    from memory.training_service import MemoryTrainingService
+
+    model_args, args, train_args = parse_args(["--output_dir", str(work), "--disable_tqdm", "true", *extra])
+    service = MemoryTrainingService(model_args, args, train_args)
+    run_dir = sorted(work.glob("runs/*/recall/metrics.json"))[-1].parent.parent
+    started = time.perf_counter()
+    try:
+        sessions = service.load_chat_sessions().sessions
+        result = service.train_memory_decoding(sessions, run_dir)
+        version = service.publish(result, run_dir, None)
+    finally:
+        service.close()
+    return {"seconds": time.perf_counter() - started, "version": str(version), "decoding": result.metrics,
+            "stage_seconds": {}, "lines": [f"step 2 on {run_dir}: {json.dumps({k: v for k, v in result.metrics.items() if k != 'decode_failures'})}"]}
 
 
 def throughput(steps: int = 4, batch_size: int = 8) -> dict:
@@ -104,6 +123,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--throughput_only", action="store_true")
     ap.add_argument("--work", default=None, help="work directory (default: a fresh temp dir)")
+    ap.add_argument("--from_step1", default=None, help="run only step 2 + publish on this work directory")
     ap.add_argument("pipeline_args", nargs="*", help="extra run_training.py flags (after --)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -111,20 +131,25 @@ def main(argv=None) -> int:
     if not args.throughput_only:
         from memory.evaluation import evaluate_version, format_table
 
-        work = Path(args.work or tempfile.mkdtemp(prefix="bench-decoding-"))
-        result["pipeline"] = run_pipeline(work, args.pipeline_args)
+        if args.from_step1:
+            result["pipeline"] = run_from_step1(Path(args.from_step1), args.pipeline_args)
+        else:
+            work = Path(args.work or tempfile.mkdtemp(prefix="bench-decoding-"))
+            result["pipeline"] = run_pipeline(work, args.pipeline_args)
         report = evaluate_version(result["pipeline"]["version"], ROOT / "examples" / "questions.json",
                                   precision="fp32")
         result["evaluation"] = report
         print("\n".join(result["pipeline"]["lines"]))
         print(format_table(report))
-    result["throughput"] = throughput()
-    for name, m in result["throughput"].items():
-        if isinstance(m, dict):
-            print(f"{name}: {m['tokens_per_second']:.0f} tokens/s")
-    print(f"speed-up over naive: {result['throughput']['speedup']:.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if not args.from_step1:
+        result["throughput"] = throughput()
+        for name, m in result["throughput"].items():
+            if isinstance(m, dict):
+                print(f"{name}: {m['tokens_per_second']:.0f} tokens/s")
+        print(f"speed-up over naive: {result['throughput']['speedup']:.2f}x")
+    out = RESULTS if not args.from_step1 else RESULTS.with_name("memory_decoding_variant.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0
 
 

@@ -69,7 +69,7 @@ class MemoryArguments:
     decode_projector_hidden: int = 1024
     decode_max_length: int = 192
     decode_mix: str = dataclasses.field(
-        default="2:1:1", metadata={"help": "samples per memory per epoch: memory:sandwich:sft"})
+        default="2:1:2", metadata={"help": "samples per memory per epoch: memory:sandwich:sft"})
     decode_recall_loss_weight: float = dataclasses.field(
         default=0.0, metadata={"help": "step-1 InfoNCE at <recall> on step 2's memory samples"})
     decode_preserve_weight: float = dataclasses.field(

@@ -77,7 +77,7 @@ class SampleBuilder:
 
     def __init__(self, tokenizer, memories: Sequence[str], contexts: Sequence[Sequence[str]],
                  sft: Sequence[SFTExample], max_length: int, max_answer_tokens: int = 40,
-                 mix: Sequence[int] = (2, 1, 1)):
+                 mix: Sequence[int] = (2, 1, 2)):
         if not sft:
             raise ValueError("step 2 needs SFT examples (none were found or generated)")
         tok = tokenizer
@@ -187,7 +187,7 @@ def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Seque
 
 def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, list], sft: Sequence[SFTExample],
                           recall_dir: Path, args: MemoryDecodingArguments, out_dir: Path,
-                          reference_vectors: Optional[np.ndarray] = None, mix: Sequence[int] = (2, 1, 1)
+                          reference_vectors: Optional[np.ndarray] = None, mix: Sequence[int] = (2, 1, 2)
                           ) -> DecodingResult:
     """Train step 2 and return the merged model, projector and metrics."""
     started = time.perf_counter()
