@@ -94,6 +94,27 @@ def _metrics(rows) -> Dict[str, float]:
     return retrieval_metrics(ranks)
 
 
+def _compare_retrievers(report: dict, questions, db: MemoryVectorDB, trained, base_embed) -> dict:
+    """Fill ``report`` with the three retrievers' ranks, in the same run: ``trained(texts,
+    records)`` scores, the base model's PromptEOL vectors (``base_embed(texts)``, the same
+    space as the default keys) and all-MiniLM-L6-v2 on question and memory text."""
+    from memory.vectors import SentenceEncoderVectorizer
+
+    minilm = SentenceEncoderVectorizer("minilm")
+
+    def untrained(texts, records):
+        return base_embed(texts) @ base_embed([r.text for r in records]).T
+
+    def rag(texts, records):
+        return minilm.encode(texts) @ minilm.encode([r.text for r in records]).T
+
+    for name, scorer in (("trained_recall", trained), ("untrained_last_token", untrained), ("minilm_rag", rag)):
+        start = time.perf_counter()
+        rows = _ranks(questions, db, scorer)
+        report[name] = {**_metrics(rows), "seconds": time.perf_counter() - start, "per_question": rows}
+    return report
+
+
 def is_version(model_dir) -> bool:
     from memory.publish import MANIFEST
 
@@ -103,7 +124,6 @@ def is_version(model_dir) -> bool:
 def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto") -> dict:
     if is_version(model_dir):
         return evaluate_version(model_dir, questions_path, device=device, precision=precision)
-    from memory.vectors import SentenceEncoderVectorizer
     from recall.get_text_embedding import TEMPLATES, extract_last_token_embedding
     from recall.text_embedding_train import load_recall_model
 
@@ -121,23 +141,14 @@ def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", 
                 q = model(enc["input_ids"], enc["attention_mask"]).float().cpu()
             return (q @ key_vectors(records).T).numpy()
 
-        def untrained(texts, records):
-            # the base model's PromptEOL vectors for question and memory alike (= the default keys)
-            embed = lambda xs: extract_last_token_embedding(  # noqa: E731
-                model.lm, tokenizer, xs, template=TEMPLATES["prompteol"], autocast_dtype=loaded.runtime.autocast_dtype)
+        def base_embed(texts):
             with model.lm.disable_adapter():
-                return (embed(texts) @ embed([r.text for r in records]).T).numpy()
-
-        minilm = SentenceEncoderVectorizer("minilm")
-
-        def rag(texts, records):
-            return minilm.encode(texts) @ minilm.encode([r.text for r in records]).T
+                return extract_last_token_embedding(
+                    model.lm, tokenizer, texts, template=TEMPLATES["prompteol"],
+                    autocast_dtype=loaded.runtime.autocast_dtype).numpy()
 
         report = {"model_dir": str(model_dir), "questions": str(questions_path), "n": len(questions), "k": K}
-        for name, scorer in (("trained_recall", trained), ("untrained_last_token", untrained), ("minilm_rag", rag)):
-            start = time.perf_counter()
-            rows = _ranks(questions, db, scorer)
-            report[name] = {**_metrics(rows), "seconds": time.perf_counter() - start, "per_question": rows}
+        _compare_retrievers(report, questions, db, trained, base_embed)
         return report
     finally:
         db.close()
@@ -234,7 +245,6 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
     """Retrieval (trained ``<recall>`` vs the untrained base and MiniLM), decode exact
     match, answer hit rate and forgetting for a published version, on its own DB snapshot."""
     from memory.sft_data import read_prompts
-    from memory.vectors import SentenceEncoderVectorizer
     from recall.get_text_embedding import TEMPLATES, extract_last_token_embedding
     from recall.published import load_recall_model
 
@@ -249,22 +259,12 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
         def trained(texts, records):
             return engine.query_vectors(texts) @ keys(records).T
 
-        def untrained(texts, records):
-            embed = lambda xs: extract_last_token_embedding(  # noqa: E731
-                base.model, base.tokenizer, xs, template=TEMPLATES["prompteol"],
-                autocast_dtype=base.runtime.autocast_dtype).numpy()
-            return embed(texts) @ embed([r.text for r in records]).T
-
-        minilm = SentenceEncoderVectorizer("minilm")
-
-        def rag(texts, records):
-            return minilm.encode(texts) @ minilm.encode([r.text for r in records]).T
+        def base_embed(texts):
+            return extract_last_token_embedding(base.model, base.tokenizer, texts, template=TEMPLATES["prompteol"],
+                                                autocast_dtype=base.runtime.autocast_dtype).numpy()
 
         report = {"model_dir": str(version_dir), "questions": str(questions_path), "n": len(questions), "k": K}
-        for name, scorer in (("trained_recall", trained), ("untrained_last_token", untrained), ("minilm_rag", rag)):
-            start = time.perf_counter()
-            rows = _ranks(questions, db, scorer)
-            report[name] = {**_metrics(rows), "seconds": time.perf_counter() - start, "per_question": rows}
+        _compare_retrievers(report, questions, db, trained, base_embed)
         start = time.perf_counter()
         report["decoding"] = decode_exact_match(engine, db)
         threshold = model.config.get("recall_threshold", 0.0)
