@@ -12,6 +12,17 @@ import yaml
 STAGES = ("extract", "recall", "all")  # all = steps 0-4: extraction, both trainings, publishing
 
 
+def _decoding_default(name: str):
+    """A ``decode_*`` option whose default and help are ``MemoryDecodingArguments.<name>``'s,
+    so step 2's defaults live in one place (read lazily: importing it loads transformers)."""
+    def default():
+        from recall.text_memory_train import MemoryDecodingArguments
+
+        return {f.name: f.default for f in dataclasses.fields(MemoryDecodingArguments)}[name]
+
+    return dataclasses.field(default_factory=default, metadata={"help": f"step 2: MemoryDecodingArguments.{name}"})
+
+
 @dataclasses.dataclass
 class ModelArguments:
     model_name_or_path: str = dataclasses.field(
@@ -60,22 +71,18 @@ class MemoryArguments:
     sft_self_distill: bool = dataclasses.field(
         default=True, metadata={"help": "add the base model's own answers to the bundled general prompts"})
     sft_from_chats: bool = dataclasses.field(default=True, metadata={"help": "add the chat sessions' assistant turns"})
-    decode_epochs: float = 6.0
-    decode_learning_rate: float = 2e-3
-    decode_batch_size: int = 8
-    decode_lora_r: int = 16
-    decode_lora_alpha: int = 32
-    decode_lora_target_modules: str = "q_proj,v_proj,o_proj,up_proj,down_proj"
-    decode_projector_hidden: int = 1024
-    decode_max_length: int = 192
-    decode_mix: str = dataclasses.field(
-        default="2:1:2", metadata={"help": "samples per memory per epoch: memory:sandwich:sft"})
-    decode_recall_loss_weight: float = dataclasses.field(
-        default=0.0, metadata={"help": "step-1 InfoNCE at <recall> on step 2's memory samples"})
-    decode_preserve_weight: float = dataclasses.field(
-        default=10.0, metadata={"help": "1 - cos(<recall> state, step-1 query): keeps retrieval where step 1 put it"})
-    decode_kd_weight: float = dataclasses.field(
-        default=3.0, metadata={"help": "KL(base || model) on SFT answers: limits forgetting"})
+    decode_epochs: float = _decoding_default("num_train_epochs")
+    decode_learning_rate: float = _decoding_default("learning_rate")
+    decode_batch_size: int = _decoding_default("per_device_train_batch_size")
+    decode_lora_r: int = _decoding_default("lora_r")
+    decode_lora_alpha: int = _decoding_default("lora_alpha")
+    decode_lora_target_modules: str = _decoding_default("lora_target_modules")
+    decode_projector_hidden: int = _decoding_default("projector_hidden")
+    decode_max_length: int = _decoding_default("max_length")
+    decode_mix: str = _decoding_default("mix")
+    decode_recall_loss_weight: float = _decoding_default("recall_loss_weight")
+    decode_preserve_weight: float = _decoding_default("preserve_weight")
+    decode_kd_weight: float = _decoding_default("kd_weight")
     # step 4 and the recall loop
     models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})

@@ -77,7 +77,7 @@ class SampleBuilder:
 
     def __init__(self, tokenizer, memories: Sequence[str], contexts: Sequence[Sequence[str]],
                  sft: Sequence[SFTExample], max_length: int, max_answer_tokens: int = 40,
-                 mix: Sequence[int] = (2, 1, 2)):
+                 mix: str = "2:1:2"):
         if not sft:
             raise ValueError("step 2 needs SFT examples (none were found or generated)")
         tok = tokenizer
@@ -87,7 +87,10 @@ class SampleBuilder:
             or [tok.eos_token_id]
         enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.max_length = max_length
-        self.mix = tuple(int(m) for m in mix)
+        try:
+            self.mix = tuple(int(m) for m in mix.split(":"))
+        except ValueError:
+            self.mix = ()
         if len(self.mix) != 3 or min(self.mix) < 0 or self.mix[0] < 1:
             raise ValueError(f"decode_mix: expected memory:sandwich:sft counts per memory with memory >= 1, got {mix}")
         self.memories = [enc(m) for m in memories]
@@ -187,8 +190,7 @@ def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Seque
 
 def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, list], sft: Sequence[SFTExample],
                           recall_dir: Path, args: MemoryDecodingArguments, out_dir: Path,
-                          reference_vectors: Optional[np.ndarray] = None, mix: Sequence[int] = (2, 1, 2)
-                          ) -> DecodingResult:
+                          reference_vectors: Optional[np.ndarray] = None) -> DecodingResult:
     """Train step 2 and return the merged model, projector and metrics."""
     started = time.perf_counter()
     tok = loaded.tokenizer
@@ -202,7 +204,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     before = RecallEngine(lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
     metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
 
-    builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=mix)
+    builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix)
     anchors = kd = None
     if args.preserve_weight > 0:  # step 1's query for every context a sample can have
         anchors = torch.from_numpy(before.query_vectors(builder.anchor_texts(contexts, sft)))

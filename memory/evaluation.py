@@ -269,7 +269,7 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
         report["decoding"] = decode_exact_match(engine, db)
         threshold = model.config.get("recall_threshold", 0.0)
         report["answers"] = answer_hit_rate(engine, db, questions, threshold)
-        report["answers_unforced"] = {k: v for k, v in _asked_rate(engine, db, questions, threshold).items()}
+        report["answers_unforced"] = _asked_rate(engine, db, questions, threshold)
         prompts = heldout_prompts if heldout_prompts is not None else read_prompts(HELDOUT)
         report["forgetting"] = forgetting(base, model.loaded.model, engine.tokenizer, prompts)
         report["decoding_seconds"] = time.perf_counter() - start

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
 import time
 from pathlib import Path
@@ -175,14 +176,12 @@ class MemoryTrainingService:
             per_device_train_batch_size=a.decode_batch_size, lora_r=a.decode_lora_r,
             lora_alpha=a.decode_lora_alpha, lora_target_modules=a.decode_lora_target_modules,
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
-            recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
+            mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
             kd_weight=a.decode_kd_weight, deepspeed=t.deepspeed,
             disable_tqdm=t.disable_tqdm)
 
     def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path):
         """Step 3.2 on the memories step 3.1 trained (``run_dir/recall``); see memory.decoding_step."""
-        import json
-
         from memory.cues import Cue
         from memory.decoding_step import train_memory_decoding
 
@@ -197,9 +196,8 @@ class MemoryTrainingService:
         sft = self.sft_examples(sessions)
         # reference texts for the projector's centre: the same encoder on general prompts
         reference = self.vectorizer().encode(sorted({e.prompt for e in sft})[:256])
-        mix = [int(x) for x in self.args.decode_mix.split(":")]
         return train_memory_decoding(self.loaded, records, bank, cues, sft, recall_dir,
-                                     self.decoding_arguments(out), out, reference_vectors=reference, mix=mix)
+                                     self.decoding_arguments(out), out, reference_vectors=reference)
 
     def models_dir(self) -> Path:
         return Path(self.args.models_dir) if self.args.models_dir else self.output_dir / "models"
@@ -210,8 +208,6 @@ class MemoryTrainingService:
         from memory.token_manager import memory_token_ids
         from recall.published import save_recall_model
         from recall.text_embedding_train import ACTIVATION_PHRASE
-
-        import json
 
         cfg = json.loads((run_dir / "recall" / "recall_config.json").read_text())
         pending = [r.id for r in self.db.records(statuses=("pending",)) if r.id in set(cfg["memory_ids"])]

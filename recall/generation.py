@@ -210,11 +210,10 @@ class RecallEngine:
             else:
                 row.generated.append(self.pad_id)
             return choice
-        if len(row.recalls) >= max_recalls:
-            logits = logits.clone()
-            logits[self.recall_id] = float("-inf")  # no more recalls for this answer
         logits = logits.clone()
         logits[self.pad_id] = float("-inf")  # the pad is only ever forced
+        if len(row.recalls) >= max_recalls:
+            logits[self.recall_id] = float("-inf")  # no more recalls for this answer
         choice = int(logits.argmax())
         row.generated.append(choice)
         if row.in_memory and choice != self.end_id:

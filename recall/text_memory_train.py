@@ -73,6 +73,7 @@ class MemoryDecodingArguments(TrainingArguments):
     projector_hidden: int = dataclasses.field(default=1024, metadata={"help": "0: rescale only, no MLP"})
     noise_std: float = dataclasses.field(default=0.01, metadata={"help": "Gaussian noise on the unit memory vector"})
     max_length: int = dataclasses.field(default=192, metadata={"help": "tokens per sample; context cut from the left"})
+    mix: str = dataclasses.field(default="2:1:2", metadata={"help": "samples per memory per epoch: memory:sandwich:sft"})
     recall_loss_weight: float = dataclasses.field(
         default=0.0, metadata={"help": "weight of the step-1 InfoNCE at <recall> on memory samples"})
     preserve_weight: float = dataclasses.field(

@@ -115,7 +115,7 @@ def test_memories_decode_after_training_and_rows_change(tokenizer, tmp_path):
     torch.manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(len(FACTS), 64), dim=-1)
     # all three kinds, with a smaller SFT share than the default: the tiny model's capacity is small
-    builder = SampleBuilder(tok, FACTS, [["Tell me."]] * 3, SFT, max_length=128, mix=(2, 1, 1))
+    builder = SampleBuilder(tok, FACTS, [["Tell me."]] * 3, SFT, max_length=128, mix="2:1:1")
     dataset = ResampledDataset(builder.epoch, seed=0)
     args = _args(tmp_path, num_train_epochs=100, lora_target_modules="q_proj,v_proj,o_proj,up_proj,down_proj")
     model = build_decoder_model(lm, ids, args, memory_dim=64, memory_bank=bank)
