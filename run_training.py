@@ -4,9 +4,17 @@ decoding, publish a model version (steps 0-4 of the design document).
     python run_training.py                              # embedded default model, sample chats
     python run_training.py --config configs/default.yaml --chats_dir my_chats --stage extract
     python run_training.py --memories facts.jsonl --chats_dir "" --stage recall
+    python run_training.py --full true                  # retrain from the base model on every memory
+    python run_training.py --daemon --config configs/default.yaml   # the retraining daemon
+    python run_training.py --status --output_dir output # what the daemon/training is doing
+
+A rerun after a crash or a SIGTERM resumes the unfinished run. Exit codes: 0 done (or
+stopped cleanly at a safe point by SIGTERM/SIGINT), 1 bad input, 2 bad option, 3 another
+training (or daemon) holds the lock.
 """
 import logging
 import sys
+from pathlib import Path
 
 from memory.chat_store import ChatFormatError
 from memory.config import parse_args
@@ -15,21 +23,57 @@ from memory.training_service import MemoryTrainingService
 from recall.model_loading import ModelNotFoundError
 
 
+def _pop_flag(argv, flag: str) -> bool:
+    found = flag in argv
+    while flag in argv:
+        argv.remove(flag)
+    return found
+
+
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from memory.runs import (LOCK_FILE, AlreadyRunning, ProcessLock, StopRequested, install_stop_handlers,
+                             restore_handlers, utc_now)
+    from memory.training_scheduler import journald_logging, status_lines
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    daemon, status = _pop_flag(argv, "--daemon"), _pop_flag(argv, "--status")
+    journald_logging()
     try:
         model_args, args, train_args = parse_args(argv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if status:
+        print("\n".join(status_lines(Path(train_args.output_dir))))
+        return 0
+    if daemon:
+        from memory.training_scheduler import TrainingScheduler
+
+        return TrainingScheduler(model_args, args, train_args).serve()
+    try:
+        lock = ProcessLock(Path(train_args.output_dir) / LOCK_FILE).acquire()
+    except AlreadyRunning as exc:
+        print(f"error: training {exc}", file=sys.stderr)
+        return 3
+    previous = install_stop_handlers()
     service = MemoryTrainingService(model_args, args, train_args)
+    record = {"trigger": "manual", "started_at": utc_now(), "result": "failed"}
     try:
         summary = service.run_training()
+        record.update(result="ok", version=summary.version)
     except (ChatFormatError, ModelNotFoundError, SFTFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        record["error"] = str(exc)
         return 1
+    except StopRequested as exc:
+        print(f"{exc}; run the same command again to resume", file=sys.stderr)
+        record.update(result="stopped", error=str(exc))
+        return 0
     finally:
         service.close()
+        service.status.update(state="idle", stage=None, progress=None, last_run={**record, "finished_at": utc_now()})
+        lock.release()
+        restore_handlers(previous)
     print("\n".join(summary.lines()))
     print(f"report: {summary.report_path}")
     return 0

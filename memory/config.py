@@ -3,6 +3,7 @@ and/or a YAML file (``--config FILE``; command-line flags override the file)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -10,6 +11,16 @@ from typing import List, Optional, Tuple
 import yaml
 
 STAGES = ("extract", "recall", "all")  # all = steps 0-4: extraction, both trainings, publishing
+SCHEDULE_AT = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+_EVERY = re.compile(r"(\d+(?:\.\d+)?)([mhd])")
+
+
+def parse_every(text: str) -> Tuple[float, str]:
+    """``"6h"`` -> ``(6.0, "hours")``; a clear error for anything else."""
+    match = _EVERY.fullmatch(str(text).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"schedule_every: expected a positive number followed by m, h or d (e.g. 6h), got {text!r}")
+    return float(match.group(1)), {"m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
 
 
 def _decoding_default(name: str):
@@ -88,12 +99,37 @@ class MemoryArguments:
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
     recall_threshold: float = dataclasses.field(
         default=0.5, metadata={"help": "cosine below which a recall injects nothing (stored in the version)"})
+    # incremental retraining (see memory.training_service.plan_cycle)
+    full: bool = dataclasses.field(
+        default=False, metadata={"help": "retrain from the base model on every live memory instead of continuing "
+                                         "the current version on the new memories + a replay sample"})
+    replay_ratio: float = dataclasses.field(
+        default=1.0, metadata={"help": "replayed older memories per new memory in an incremental cycle"})
+    replay_cap: int = dataclasses.field(default=200, metadata={"help": "at most this many replayed memories per cycle"})
+    # the daemon (python run_training.py --daemon; see memory.training_scheduler)
+    schedule_every: str = dataclasses.field(
+        default="1d", metadata={"help": "periodic cycle: N followed by m, h or d (e.g. 30m, 6h, 1d)"})
+    schedule_at: str = dataclasses.field(
+        default="03:00", metadata={"help": "HH:MM local time of the periodic cycle when schedule_every is in days"})
+    trigger_min_sessions: int = dataclasses.field(
+        default=5, metadata={"help": "train as soon as this many new or changed sessions wait (0: off)"})
+    trigger_min_memories: int = dataclasses.field(
+        default=20, metadata={"help": "train as soon as this many new memories wait (0: off)"})
+    check_interval_minutes: float = dataclasses.field(
+        default=5.0, metadata={"help": "how often the daemon checks the session/memory triggers"})
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.keep_versions < 1:
             raise ValueError(f"keep_versions: expected at least 1, got {self.keep_versions}")
+        parse_every(self.schedule_every)
+        if not SCHEDULE_AT.fullmatch(self.schedule_at):
+            raise ValueError(f"schedule_at: expected HH:MM, got {self.schedule_at!r}")
+        if self.replay_ratio < 0 or self.replay_cap < 0:
+            raise ValueError(f"replay_ratio and replay_cap must be >= 0, got {self.replay_ratio}, {self.replay_cap}")
+        if self.check_interval_minutes <= 0:
+            raise ValueError(f"check_interval_minutes: expected > 0, got {self.check_interval_minutes}")
         if self.extraction_unit not in ("sentence", "message", "session"):
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
 

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from memory.recall_step import last_checkpoint
+from memory.runs import raise_if_stopped
 from memory.sft_data import SFTExample, chat_prompt
 from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
                                   memory_token_ids)
@@ -190,12 +192,20 @@ def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Seque
 
 def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, list], sft: Sequence[SFTExample],
                           recall_dir: Path, args: MemoryDecodingArguments, out_dir: Path,
-                          reference_vectors: Optional[np.ndarray] = None) -> DecodingResult:
-    """Train step 2 and return the merged model, projector and metrics."""
+                          reference_vectors: Optional[np.ndarray] = None, *, start_lm=None,
+                          start_projector: Optional[torch.nn.Module] = None,
+                          callbacks: Sequence = ()) -> DecodingResult:
+    """Train step 2 and return the merged model, projector and metrics.
+
+    ``start_lm``/``start_projector``: an incremental cycle continues the current version's
+    model and projector (the projector keeps its centre, so old memories keep their
+    embeddings); by default step 2 starts from the base model (``loaded.model``), which also
+    stays the KD teacher either way, so drift does not accumulate across cycles."""
     started = time.perf_counter()
     tok = loaded.tokenizer
     token_ids = add_memory_tokens(loaded.model, tok)  # idempotent; the ids step 1 used
-    lm, query_projector, temperature = merge_recall_state(loaded.model, tok, recall_dir)
+    lm, query_projector, temperature = merge_recall_state(loaded.model if start_lm is None else start_lm, tok,
+                                                          recall_dir)
     texts = [r.text for r in records]
     contexts = [decode_contexts(cues[r.id]) for r in records]
     eval_ctx = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
@@ -214,13 +224,24 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     bank_t = torch.from_numpy(bank)
     model = build_decoder_model(lm, token_ids, dataclasses.replace(args, recall_temperature=temperature),
                                 bank.shape[1], memory_bank=bank_t if query_projector is None else None)
-    refs = bank if reference_vectors is None else np.concatenate([bank, reference_vectors])
-    model.projector.fit_center(torch.from_numpy(refs))
+    if start_projector is not None:
+        try:
+            model.projector.load_state_dict(start_projector.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"the current version's memory projector does not fit this configuration "
+                             f"(decode_projector_hidden changed?); retrain with --full: {exc}") from None
+    else:
+        refs = bank if reference_vectors is None else np.concatenate([bank, reference_vectors])
+        model.projector.fit_center(torch.from_numpy(refs))
     model.to(loaded.runtime.device)
     trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank_t, tokenizer=tok,
-                                        train_dataset=dataset, anchors=anchors, kd=kd)
+                                        train_dataset=dataset, anchors=anchors, kd=kd, callbacks=list(callbacks))
     train_started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    resume = args.resume_from_checkpoint or last_checkpoint(out_dir)
+    if resume:
+        logger.info("step 3.2: resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    raise_if_stopped(trainer.state, "step 3.2")
     train_seconds = time.perf_counter() - train_started
     trainer.save_model(str(out_dir))
     tokens = sum(len(x["input_ids"]) for x in dataset.items) * args.num_train_epochs

@@ -11,7 +11,12 @@ from typing import Any
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a 0600 temp dotfile in the same directory + os.replace."""
-    data = (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` via a 0600 temp dotfile in the same directory + os.replace."""
+    data = text.encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -21,6 +21,7 @@ import torch
 
 from memory.cues import ensure_cues
 from memory.fileio import atomic_write_json
+from memory.runs import raise_if_stopped
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
 from recall.kfold import cross_validate, holdout_memories
 from recall.text_embedding_train import (ACTIVATION_PHRASE, RecallMemoryTrainer, RecallTrainingArguments,
@@ -32,9 +33,10 @@ COMPLETE_MARKER = "metrics.json"
 
 def build_dataset(tokenizer, records, cues: Dict[int, list], extra_texts: Sequence[str] = ()) -> List[dict]:
     """Labelled cues (target = the memory's row in the bank) plus unlabelled ``extra_texts``
-    (target -1: they only carry a teacher distribution)."""
+    (target -1: they only carry a teacher distribution). Records without an entry in
+    ``cues`` are in the bank (as negatives) but have no cue of their own."""
     data = [{"text": format_query(tokenizer, cue.text), "raw": cue.text, "target": row, "kind": cue.kind,
-             "memory_id": rec.id} for row, rec in enumerate(records) for cue in cues[rec.id]]
+             "memory_id": rec.id} for row, rec in enumerate(records) for cue in cues.get(rec.id, ())]
     data += [{"text": format_query(tokenizer, t), "raw": t, "target": -1, "kind": "context", "memory_id": None}
              for t in extra_texts]
     return data
@@ -69,6 +71,8 @@ class Teacher:
 def _filter_questions(cues, records, teacher: Teacher, max_rank: int) -> int:
     dropped = 0
     for row, rec in enumerate(records):
+        if rec.id not in cues:
+            continue
         kept = [c for c in cues[rec.id] if c.kind != "question" or teacher.keeps(c.text, row, max_rank)]
         dropped += len(cues[rec.id]) - len(kept)
         cues[rec.id] = kept
@@ -76,37 +80,62 @@ def _filter_questions(cues, records, teacher: Teacher, max_rank: int) -> int:
 
 
 class _Fitter:
-    """Trains a fresh adapter on the base model for a given cue subset."""
+    """Trains a fresh adapter on ``start_lm`` (the base model, or the current version in an
+    incremental cycle) for a given cue subset."""
 
-    def __init__(self, loaded, token_ids, bank, train_args: RecallTrainingArguments):
-        self.base, self.tokenizer = loaded.model, loaded.tokenizer
+    def __init__(self, start_lm, tokenizer, token_ids, bank, train_args: RecallTrainingArguments,
+                 callbacks: Sequence = (), query_projector=None):
+        self.base, self.tokenizer = start_lm, tokenizer
         self.token_ids, self.bank, self.train_args = token_ids, bank, train_args
+        self.callbacks, self.query_projector = list(callbacks), query_projector
 
     def __call__(self, train: List[dict], held_out: Optional[List[dict]], out_dir: Path, save: bool = False):
         args = dataclasses.replace(self.train_args, output_dir=str(out_dir),
                                    save_strategy=self.train_args.save_strategy if save else "no")
         model = build_recall_model(copy.deepcopy(self.base), self.tokenizer, args, self.bank.shape[1],
                                    list(self.token_ids.values()))
+        if self.query_projector is not None and model.projector is not None:  # continue the current version's
+            model.projector.load_state_dict(self.query_projector.state_dict())
         trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=self.bank, tokenizer=self.tokenizer,
-                                      recall_token_id=self.token_ids[RECALL_TOKEN], train_dataset=train)
-        resume = self.train_args.resume_from_checkpoint if save else None
+                                      recall_token_id=self.token_ids[RECALL_TOKEN], train_dataset=train,
+                                      callbacks=self.callbacks)
+        resume = (self.train_args.resume_from_checkpoint or last_checkpoint(out_dir)) if save else None
+        if resume:
+            logger.info("step 3.1: resuming from %s", resume)
         trainer.train(resume_from_checkpoint=resume)
+        raise_if_stopped(trainer.state, "step 3.1")
         metrics = trainer.evaluate(held_out) if held_out else {}
         return trainer, {k.removeprefix("eval_"): v for k, v in metrics.items()}
 
 
+def last_checkpoint(out_dir: Path) -> Optional[str]:
+    """The newest ``checkpoint-N`` the Trainer left in ``out_dir`` (a run interrupted mid-stage)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+
+
 def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,
-                       run_dir: Path, extra_texts: Sequence[str] = ()) -> Optional[dict]:
-    """Run step 3.1; returns the metrics written to ``run_dir/recall/metrics.json``."""
-    records = db.records(statuses=("pending", "active"))
+                       run_dir: Path, extra_texts: Sequence[str] = (), *, bank_ids: Optional[Sequence[int]] = None,
+                       train_ids: Optional[Sequence[int]] = None, start_lm=None, query_projector=None,
+                       callbacks: Sequence = ()) -> Optional[dict]:
+    """Run step 3.1; returns the metrics written to ``run_dir/recall/metrics.json``.
+
+    ``bank_ids``: the memories whose vectors form the bank (default: every live memory);
+    ``train_ids``: those whose cues are trained (default: the whole bank). An incremental
+    cycle trains new + replayed memories against the whole bank, starting from
+    ``start_lm`` (the current version's model) instead of the base model."""
+    records = db.records(statuses=("pending", "active")) if bank_ids is None else [db.get(i) for i in bank_ids]
     if not records:
         logger.warning("step 3.1: no memories in the store, skipping <recall> training")
         return None
     started = time.perf_counter()
     token_ids = add_memory_tokens(loaded.model, loaded.tokenizer)
-    cues = ensure_cues(db, records, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
+    wanted = set(r.id for r in records) if train_ids is None else set(train_ids)
+    trained = [r for r in records if r.id in wanted]
+    cues = ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
     bank = torch.from_numpy(db.vectors([r.id for r in records]))
-    metrics: Dict[str, object] = {"memories": len(records)}
+    metrics: Dict[str, object] = {"memories": len(trained), "bank": len(records)}
     teacher = None
     if args.recall_teacher != "none":
         teacher = Teacher(args.recall_teacher, records, args.recall_teacher_temperature)
@@ -121,7 +150,8 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     metrics["unlabelled_texts"] = len(data) - metrics["cues"]
     logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts", len(records), metrics["cues"],
                 metrics["unlabelled_texts"])
-    fit = _Fitter(loaded, token_ids, bank, train_args)
+    fit = _Fitter(loaded.model if start_lm is None else start_lm, loaded.tokenizer, token_ids, bank, train_args,
+                  callbacks, query_projector)
     if args.k_folds >= 2 and not any(d["kind"] not in ("text", "context") for d in data):
         logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
     elif args.k_folds >= 2:
@@ -139,17 +169,17 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     metrics["final_train_set"] = train_metrics  # the kept adapter, measured on its own training cues
     trainer.save_model(str(out))
     metrics["seconds"] = time.perf_counter() - started
-    _write_config(out, loaded, records, token_ids, train_args, db.encoder_id)
+    _write_config(out, loaded, records, trained, token_ids, train_args, db.encoder_id)
     atomic_write_json(out / COMPLETE_MARKER, metrics)
     return metrics
 
 
-def _write_config(out: Path, loaded, records, token_ids, train_args, encoder_id) -> None:
+def _write_config(out: Path, loaded, records, trained, token_ids, train_args, encoder_id) -> None:
     loaded.tokenizer.save_pretrained(out)
     atomic_write_json(out / "recall_config.json", {
         "base_model": loaded.source.location, "base_gguf_file": loaded.source.gguf_file,
         "base_identity": loaded.source.identity, "token_ids": token_ids, "encoder_id": encoder_id,
-        "memory_ids": [r.id for r in records], "activation_phrase": ACTIVATION_PHRASE,
+        "memory_ids": [r.id for r in trained], "bank_ids": [r.id for r in records], "activation_phrase": ACTIVATION_PHRASE,
         "lora_r": train_args.lora_r, "lora_alpha": train_args.lora_alpha,
         "lora_target_modules": train_args.lora_target_modules, "max_length": train_args.max_length,
         "query_projector": train_args.query_projector,

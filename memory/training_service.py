@@ -19,6 +19,10 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
+import os
+import random
+import shutil
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -28,6 +32,8 @@ from memory.config import MemoryArguments, ModelArguments
 from memory.fileio import atomic_write_json
 from memory.extraction import ExtractionConfig, ExtractionResult, extract_memory_entries
 from memory.ingest import IngestReport, ingest_candidates
+from memory.runs import (PLAN, ProgressCallback, RunDir, Status, StopAtStepEnd, check_stop, crash_point,
+                         find_unfinished)
 from memory.schema import ChatSession
 from memory.vector_db import MemoryVectorDB
 
@@ -48,6 +54,9 @@ class RunSummary:
     recall: Optional[dict] = None
     decoding: Optional[dict] = None
     version: Optional[str] = None
+    plan: Optional[dict] = None
+    run_dir: Optional[str] = None
+    resumed: Optional[str] = None
     rejected_by_reason: dict = dataclasses.field(default_factory=dict)
     stage_seconds: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
@@ -62,11 +71,18 @@ class RunSummary:
             f"memories: {self.memories_added} added, {self.memories_duplicate} duplicate, "
             f"{self.memories_superseded} superseded, {self.memories_rejected} rejected ({reasons})"
             + (f", {self.memories_imported} imported" if self.memories_imported else ""),
+            *([f"resumed unfinished run {self.resumed}"] if self.resumed else []),
+            *([_plan_line(self.plan)] if self.plan else []),
             *([_recall_line(self.recall)] if self.recall else []),
             *([_decoding_line(self.decoding)] if self.decoding else []),
             *([f"published: {self.version}"] if self.version else []),
             f"time: {self.seconds:.1f}s ({stages})",
         ]
+
+
+def _plan_line(p: dict) -> str:
+    return (f"cycle: {p['mode']} ({p.get('reason')}); {p['memories']} memories trained "
+            f"({p['new']} new, {p['replayed']} replayed)" + (f" from {Path(p['base_version']).name}" if p.get("base_version") else " from the base model"))
 
 
 def _recall_line(m: dict) -> str:
@@ -96,6 +112,7 @@ class MemoryTrainingService:
         self.store = ChatStore(args.chats_dir, default_user_id=args.default_user_id) if args.chats_dir else None
         self._loaded = None
         self._db: Optional[MemoryVectorDB] = None
+        self.status = Status(self.output_dir)
 
     # ------------------------------------------------------------ resources
     @property
@@ -140,15 +157,23 @@ class MemoryTrainingService:
         self.db.flush()
         return report
 
-    def train_recall_token(self, sessions: Sequence[ChatSession] = (), run_dir: Optional[Path] = None
-                           ) -> Optional[dict]:
-        """Step 3.1: train ``<recall>`` on every live memory (see memory.recall_step); the
-        user turns of ``sessions`` serve as unlabelled texts for the teacher's KL term."""
+    def train_recall_token(self, sessions: Sequence[ChatSession] = (), run_dir: Optional[Path] = None,
+                           plan: Optional[dict] = None, start=None) -> Optional[dict]:
+        """Step 3.1: train ``<recall>`` (see memory.recall_step) on ``plan``'s memories against
+        its bank (default: every live memory); the user turns of ``sessions`` serve as
+        unlabelled texts for the teacher's KL term. ``start``: see ``_start_point``."""
         from memory.recall_step import train_recall_token
 
         run_dir = run_dir or self.new_run_dir()
         turns = [m.content for s in sessions for m in s.messages if m.role == "user" and len(m.content) < 2000]
-        return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns)
+        plan = plan or {}
+        return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns,
+                                  bank_ids=plan.get("bank_ids"), train_ids=plan.get("memory_ids"),
+                                  start_lm=start[0] if start else None, query_projector=start[2] if start else None,
+                                  callbacks=self._callbacks("recall"))
+
+    def _callbacks(self, stage: str) -> list:
+        return [StopAtStepEnd(), ProgressCallback(self.status, stage)]
 
     def sft_examples(self, sessions: Sequence[ChatSession] = ()) -> list:
         """Step 2's SFT data: ``--sft_data``, self-distilled answers, the sessions' replies."""
@@ -180,7 +205,8 @@ class MemoryTrainingService:
             kd_weight=a.decode_kd_weight, deepspeed=t.deepspeed,
             disable_tqdm=t.disable_tqdm)
 
-    def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path):
+    def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path, plan: Optional[dict] = None,
+                              start=None):
         """Step 3.2 on the memories step 3.1 trained (``run_dir/recall``); see memory.decoding_step."""
         from memory.cues import Cue
         from memory.decoding_step import train_memory_decoding
@@ -197,44 +223,99 @@ class MemoryTrainingService:
         # reference texts for the projector's centre: the same encoder on general prompts
         reference = self.vectorizer().encode(sorted({e.prompt for e in sft})[:256])
         return train_memory_decoding(self.loaded, records, bank, cues, sft, recall_dir,
-                                     self.decoding_arguments(out), out, reference_vectors=reference)
+                                     self.decoding_arguments(out), out, reference_vectors=reference,
+                                     start_lm=start[0] if start else None,
+                                     start_projector=start[1] if start else None,
+                                     callbacks=self._callbacks("decode"))
 
     def models_dir(self) -> Path:
-        return Path(self.args.models_dir) if self.args.models_dir else self.output_dir / "models"
+        return (Path(self.args.models_dir) if self.args.models_dir else self.output_dir / "models").absolute()
 
-    def publish(self, result, run_dir: Path, recall_metrics: Optional[dict]) -> Path:
-        """Step 4: activate the trained memories and publish model + DB snapshot as a version."""
-        from memory.publish import publish_version
+    def _save_decoded(self, result, run: RunDir) -> None:
+        """The trained version, complete, in ``run/decode/model`` (then ``decode/metrics.json``),
+        so publishing can be redone after a crash without training again."""
         from memory.token_manager import memory_token_ids
         from recall.published import save_recall_model
         from recall.text_embedding_train import ACTIVATION_PHRASE
 
-        cfg = json.loads((run_dir / "recall" / "recall_config.json").read_text())
-        pending = [r.id for r in self.db.records(statuses=("pending",)) if r.id in set(cfg["memory_ids"])]
+        lm = self.loaded
+        final, tmp = run.path / "decode" / "model", run.path / "decode" / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, mode=0o700)
+        save_recall_model(tmp, result.lm, lm.tokenizer, result.projector, result.query_projector, {
+            "token_ids": memory_token_ids(lm.tokenizer), "activation_phrase": ACTIVATION_PHRASE,
+            "recall_threshold": self.args.recall_threshold, "encoder_id": self.db.encoder_id,
+            "default_user_id": self.args.default_user_id})
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        atomic_write_json(run.path / "decode" / "metrics.json", result.metrics)
+
+    def publish(self, result, run_dir: Path, recall_metrics: Optional[dict]) -> Path:
+        """Step 4 for a decoding result held in memory (used by benchmarks): save, then publish."""
+        run = RunDir(run_dir)
+        self._save_decoded(result, run)
+        return self.publish_run(run, recall_metrics)
+
+    def publish_run(self, run: RunDir, recall_metrics: Optional[dict]) -> Path:
+        """Step 4: publish ``run/decode/model`` + a DB snapshot (this run's memories active in
+        it) as a version, switch ``current``, then activate the memories in the live DB.
+        Idempotent: a crash after the switch is finished on the next run."""
+        from memory.publish import MANIFEST, publish_version
+        from memory.vector_db import MemoryVectorDB
+
+        plan = run.plan if (run.path / PLAN).is_file() else {}
+        cfg = json.loads((run.path / "recall" / "recall_config.json").read_text())
+        trained = plan.get("memory_ids") or cfg["memory_ids"]
+        current = self.current_version()
+        done = current is not None and json.loads((current / MANIFEST).read_text()).get("run_dir") == str(run.path.absolute())
+        if done:
+            version = current
+            logger.info("%s was already published as %s; finishing", run.path, version.name)
+        else:
+            source = run.path / "decode" / "model"
+            metrics = {"recall": recall_metrics, "decoding": json.loads((run.path / "decode" / "metrics.json").read_text())}
+            trained_set = set(trained)
+
+            def write(tmp: Path) -> List[str]:
+                files = [str(p.relative_to(source)) for p in sorted(source.rglob("*")) if p.is_file()]
+                for f in files:
+                    (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(source / f, tmp / f)
+                files += [f"memory_db/{f}" for f in self.db.snapshot(tmp / "memory_db")]
+                with MemoryVectorDB(tmp / "memory_db") as snap:  # this run's memories are what the version knows
+                    ids = [r.id for r in snap.records(statuses=("pending",)) if r.id in trained_set]
+                    if ids:
+                        snap.set_status(ids, "active")
+                    known = [r.id for r in snap.records(statuses=("active",))]
+                manifest["memory_ids"] = known
+                atomic_write_json(tmp / "metrics.json", metrics)
+                return files + ["metrics.json"]
+
+            lm = self.loaded
+            manifest = {"base_model": lm.source.identity, "base_location": lm.source.location,
+                        "base_gguf_file": lm.source.gguf_file, "run_dir": str(run.path.absolute()),
+                        "memories": len(cfg["memory_ids"]), "encoder_id": self.db.encoder_id,
+                        "mode": plan.get("mode", "full"), "new": len(plan.get("new_ids", [])),
+                        "replayed": len(plan.get("replay_ids", [])), "base_version": plan.get("base_version")}
+            version = publish_version(self.models_dir(), write, manifest, retention=self.args.keep_versions)
+            crash_point("published")
+        pending = [r.id for r in self.db.records(statuses=("pending",)) if r.id in set(trained)]
         if pending:
             self.db.set_status(pending, "active")
         self.db.flush()
-        metrics = {"recall": recall_metrics, "decoding": result.metrics}
-        lm = self.loaded
+        if (run.path / PLAN).is_file():
+            run.mark("publish", {"version": str(version)})
+            shutil.rmtree(run.path / "decode" / "model", ignore_errors=True)  # the version holds it now
+        return version
 
-        def write(tmp: Path) -> List[str]:
-            files = save_recall_model(tmp, result.lm, lm.tokenizer, result.projector, result.query_projector, {
-                "token_ids": memory_token_ids(lm.tokenizer), "activation_phrase": ACTIVATION_PHRASE,
-                "recall_threshold": self.args.recall_threshold, "encoder_id": self.db.encoder_id,
-                "default_user_id": self.args.default_user_id})
-            files += [f"memory_db/{f}" for f in self.db.snapshot(tmp / "memory_db")]
-            atomic_write_json(tmp / "metrics.json", metrics)
-            return files + ["metrics.json"]
-
-        manifest = {"base_model": lm.source.identity, "base_location": lm.source.location,
-                    "base_gguf_file": lm.source.gguf_file, "run_dir": str(run_dir),
-                    "memories": len(cfg["memory_ids"]), "encoder_id": self.db.encoder_id}
-        return publish_version(self.models_dir(), write, manifest, retention=self.args.keep_versions)
+    def _config_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model_args), "memory": dataclasses.asdict(self.args),
+                "training": self.train_args.to_dict()}
 
     def new_run_dir(self) -> Path:
         """A fresh ``runs/<UTC timestamp>`` path (created by whatever first writes into it)."""
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d_%H%M%S_%f")
-        return self.output_dir / "runs" / stamp
+        return self.output_dir.absolute() / "runs" / stamp
 
     def pending_sessions(self, sessions: List[ChatSession]) -> List[ChatSession]:
         return [s for s in sessions if self.db.session_state(s.session_id) != s.content_hash()]
@@ -267,7 +348,11 @@ class MemoryTrainingService:
 
     # ------------------------------------------------------------- the run
     def run_training(self, stage: Optional[str] = None) -> RunSummary:
-        """Run the pipeline up to ``stage`` (``extract``: steps 0-2)."""
+        """Run the pipeline up to ``stage`` (``extract``: steps 0-2; ``recall``: + step 3.1;
+        ``all``: + step 3.2 and publishing). With ``all``, an unfinished run in
+        ``OUTPUT_DIR/runs`` (a crash, a SIGTERM) is resumed first: from its first missing
+        stage, and inside a stage from its newest Trainer checkpoint. Sessions that arrived
+        meanwhile wait for the next cycle."""
         from transformers import set_seed
 
         set_seed(self.train_args.seed)
@@ -275,6 +360,30 @@ class MemoryTrainingService:
         started = time.perf_counter()
         summary = RunSummary()
         timer = _StageTimer(summary)
+        run = find_unfinished(self.output_dir / "runs") if stage == "all" else None
+        loaded, extraction, ingest = LoadResult([], []), None, IngestReport()
+        if run is not None:
+            summary.resumed = run.run_id
+            logger.info("resuming unfinished run %s (completed: %s)", run.path, ", ".join(run.completed()) or "none")
+            with timer("load"):
+                loaded = self.load_chat_sessions()
+        else:
+            loaded, extraction, ingest = self._ingest(summary, timer)
+            if stage != "extract":
+                check_stop("planning")
+                plan = self.plan_cycle(loaded.sessions, stage)
+                if plan is not None:
+                    run = RunDir.create(self.new_run_dir(), plan, self._config_dict())
+                    crash_point("planned")
+        if run is not None:
+            self.status.update(state="training", pid=os.getpid(), run_dir=str(run.path), stage="plan", progress=None)
+            self._execute(run, stage, loaded.sessions, summary, timer)
+        summary.seconds = time.perf_counter() - started
+        summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
+        return summary
+
+    def _ingest(self, summary: RunSummary, timer) -> tuple:
+        """Steps 0-2: load the store, extract new or changed sessions, store their facts."""
         with timer("load"):
             loaded = self.load_chat_sessions()
         summary.sessions_read = len(loaded.sessions)
@@ -286,6 +395,7 @@ class MemoryTrainingService:
                     len(loaded.sessions), len(loaded.rejected), len(todo))
         extraction, ingest = None, IngestReport()
         if todo:
+            self.status.update(stage="extract", progress={"sessions": len(todo)})
             with timer("extract"):
                 extraction = self.extract_memory_entries(todo)
             with timer("store"):
@@ -299,19 +409,148 @@ class MemoryTrainingService:
             ingest.superseded += imported.superseded
             ingest.events += imported.events
         _fill_counts(summary, extraction, ingest)
-        if stage in ("recall", "all"):
-            run_dir = self.new_run_dir()
+        self._new_session_ids = [s.session_id for s in todo]
+        return loaded, extraction, ingest
+
+    # ----------------------------------------------------------- planning
+    def current_version(self) -> Optional[Path]:
+        from memory.publish import VersionError, resolve_current
+
+        try:
+            return resolve_current(self.models_dir())
+        except VersionError:
+            return None
+
+    def plan_cycle(self, sessions: Sequence[ChatSession], stage: str = "all") -> Optional[dict]:
+        """Which memories this cycle trains, from what, or None when there is nothing to do.
+
+        *Incremental* (the default once a version is published): the current version is
+        trained further on the new (pending) memories plus a replay sample of older active
+        ones (``replay_ratio`` per new memory, at most ``replay_cap``), against a bank of
+        every live memory, so a cycle costs new + replay, not everything.
+        *Full* (``--full``, no published version, another base model or encoder, or a
+        memory of the current version was forgotten): from the base model on every live
+        memory; a forgotten memory must not survive in the weights."""
+        from memory.publish import MANIFEST
+
+        live = self.db.records(statuses=("pending", "active"))
+        if not live:
+            logger.warning("no memories in the store: nothing to train")
+            return None
+        pending = [r.id for r in live if r.status == "pending"]
+        active = [r.id for r in live if r.status == "active"]
+        current, reason = self.current_version(), None
+        manifest = json.loads((current / MANIFEST).read_text()) if current else {}
+        if self.args.full:
+            reason = "--full"
+        elif current is None:
+            reason = "no published version yet"
+        elif manifest.get("base_model") != self.loaded.source.identity:
+            reason = f"base model changed ({manifest.get('base_model')} -> {self.loaded.source.identity})"
+        elif manifest.get("encoder_id") != self.db.encoder_id:
+            reason = "memory encoder changed"
+        else:
+            forgotten = self.forgotten_since(manifest)
+            if forgotten:
+                reason = f"{len(forgotten)} memories of the current version were forgotten"
+        new_sessions = getattr(self, "_new_session_ids", [])
+        base = {"stage": stage, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "bank_ids": [r.id for r in live]}
+        if reason is not None:
+            logger.info("planning a full retrain from the base model on %d memories: %s", len(live), reason)
+            return {**base, "mode": "full", "reason": reason, "base_version": None,
+                    "memory_ids": [r.id for r in live], "new_ids": pending, "replay_ids": [],
+                    "session_ids": [s.session_id for s in sessions]}
+        if not pending:
+            logger.info("no new memories since %s: nothing to train", current.name)
+            return None
+        rng = random.Random(f"{self.train_args.seed}:{','.join(map(str, pending))}")
+        n_replay = min(len(active), self.args.replay_cap, math.ceil(self.args.replay_ratio * len(pending)))
+        replay = sorted(rng.sample(active, n_replay))
+        logger.info("planning an incremental cycle on %s: %d new memories + %d replayed (of %d active)",
+                    current.name, len(pending), len(replay), len(active))
+        return {**base, "mode": "incremental", "reason": f"{len(pending)} new memories",
+                "base_version": str(current), "memory_ids": sorted(pending + replay), "new_ids": pending,
+                "replay_ids": replay, "session_ids": list(new_sessions)}
+
+    def forgotten_since(self, manifest: dict) -> List[int]:
+        """Memories the version was trained on (its ``memory_ids``) that are deleted now."""
+        ids = manifest.get("memory_ids") or []
+        gone = set(r.id for r in self.db.records(statuses=("deleted",)))
+        return [i for i in ids if i in gone]
+
+    def waiting(self) -> dict:
+        """What a cycle would find: new or changed sessions, new memories, and whether a full
+        retrain is owed (a forgotten memory); cheap (no model is loaded)."""
+        from memory.publish import MANIFEST
+
+        sessions = self.load_chat_sessions().sessions if self.store else []
+        current = self.current_version()
+        forgotten = self.forgotten_since(json.loads((current / MANIFEST).read_text())) if current else []
+        return {"sessions": len(self.pending_sessions(sessions)), "memories": self.db.count(statuses=("pending",)),
+                "forgotten": len(forgotten), "unfinished_run": find_unfinished(self.output_dir / "runs") is not None,
+                "unpublished": current is None and self.db.count(statuses=("pending", "active")) > 0}
+
+    # ----------------------------------------------------------- executing a plan
+    def _execute(self, run: RunDir, stage: str, sessions: Sequence[ChatSession], summary: RunSummary, timer) -> None:
+        plan = run.plan
+        summary.plan = {**{k: v for k, v in plan.items() if not k.endswith("_ids")},
+                        "memories": len(plan["memory_ids"]), "new": len(plan["new_ids"]),
+                        "replayed": len(plan["replay_ids"])}
+        summary.run_dir = str(run.path)
+        gone = [i for i in plan["memory_ids"] if self.db.get(i).status == "deleted"]
+        if gone:
+            run.mark("abandoned", {"reason": f"memories {gone[:10]} were forgotten before publishing"})
+            logger.warning("%s: memories %s were forgotten during the run; discarding it (the next cycle replans)",
+                           run.path, gone[:10])
+            return
+        ids = set(plan.get("session_ids") or [])
+        used = [s for s in sessions if s.session_id in ids]
+        start = self._start_point(plan)
+        if run.done("recall"):
+            summary.recall = json.loads((run.path / "recall" / "metrics.json").read_text())
+        else:
+            check_stop("step 3.1")
+            self.status.update(stage="recall", progress=None)
             with timer("recall"):
-                summary.recall = self.train_recall_token(loaded.sessions, run_dir)
-            if stage == "all" and summary.recall is not None:
-                with timer("decode"):
-                    result = self.train_memory_decoding(loaded.sessions, run_dir)
-                summary.decoding = result.metrics
-                with timer("publish"):
-                    summary.version = str(self.publish(result, run_dir, summary.recall))
-        summary.seconds = time.perf_counter() - started
-        summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
-        return summary
+                summary.recall = self.train_recall_token(used, run.path, plan=plan, start=start)
+            crash_point("recall-trained")
+            run.mark("recall")
+        if stage != "all":
+            return
+        if not run.done("decode"):
+            check_stop("step 3.2")
+            self.status.update(stage="decode", progress=None)
+            with timer("decode"):
+                result = self.train_memory_decoding(used, run.path, plan=plan, start=start)
+                self._save_decoded(result, run)
+            crash_point("decoded")
+            run.mark("decode")
+        summary.decoding = json.loads((run.path / "decode" / "metrics.json").read_text())
+        check_stop("publishing")
+        self.status.update(stage="publish", progress=None)
+        with timer("publish"):
+            summary.version = str(self.publish_run(run, summary.recall))
+
+    def _start_point(self, plan: dict):
+        """None (the base model) or the current version's (lm, projector, query projector)."""
+        if plan["mode"] != "incremental":
+            return None
+        from recall.published import load_recall_model
+
+        version = Path(plan["base_version"])
+        if not version.is_dir():
+            raise FileNotFoundError(f"{version}: the version this incremental run started from is gone "
+                                    "(retention?); rerun with --full")
+        model = load_recall_model(version, device=self.model_args.device, precision=self.model_args.precision)
+        from memory.token_manager import add_memory_tokens
+
+        ids = add_memory_tokens(self.loaded.model, self.loaded.tokenizer)
+        if dict(model.config["token_ids"]) != dict(ids):
+            raise ValueError(f"{version}: memory token ids {model.config['token_ids']} differ from the base "
+                             f"model's {ids}; rerun with --full")
+        engine = model.engine
+        return engine.lm, engine.projector, engine.query_projector
 
     def _write_report(self, summary, loaded, extraction, ingest) -> Path:
         reports = self.output_dir / "reports"
@@ -337,6 +576,14 @@ def _fill_counts(summary: RunSummary, extraction: Optional[ExtractionResult], in
         summary.memories_rejected = len(extraction.rejected)
         reasons = collections.Counter(r.reason.split(":")[0] for r in extraction.rejected)
         summary.rejected_by_reason = dict(reasons)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (instant, no extra disk) when on the same file system, else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class _StageTimer:

@@ -204,5 +204,5 @@ def test_an_interrupted_training_leaves_current_unchanged(published, tiny_model_
 
     monkeypatch.setattr(training_service.MemoryTrainingService, "train_memory_decoding", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _run(tiny_model_dir, work)
+        _run(tiny_model_dir, work, "--full", "true")
     assert resolve_current(work / "out" / "models") == before
