@@ -109,10 +109,10 @@ class _Fitter:
 
 
 def last_checkpoint(out_dir: Path) -> Optional[str]:
-    """The newest ``checkpoint-N`` the Trainer left in ``out_dir`` (a run interrupted mid-stage)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete ``checkpoint-N`` the Trainer left in ``out_dir`` (a run interrupted mid-stage)."""
+    from memory.runs import last_complete_checkpoint
 
-    return get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+    return last_complete_checkpoint(out_dir)
 
 
 def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,

@@ -214,6 +214,43 @@ class StopAtStepEnd(TrainerCallback):
         return control
 
 
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """The Trainer writes ``checkpoint-N/`` file by file; a kill in the middle leaves a partial
+    one. ``on_save`` runs after the checkpoint is fully written: it adds a marker, and
+    ``last_complete_checkpoint`` only resumes from marked checkpoints."""
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and path.is_dir():
+            atomic_write_json(path / CHECKPOINT_COMPLETE, {"global_step": state.global_step, "saved_at": utc_now()})
+        return control
+
+
+def last_complete_checkpoint(out_dir) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``out_dir`` with the completion marker; partial ones
+    (the process died while saving) are removed so the Trainer's rotation never keeps them."""
+    import re
+    import shutil
+
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    found = []
+    for p in out_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    for _, path in sorted(found, reverse=True):
+        if (path / CHECKPOINT_COMPLETE).is_file():
+            return str(path)
+        logger.warning("%s: incomplete checkpoint (the process died while saving it); removing it", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def raise_if_stopped(trainer_state, where: str) -> None:
     """After ``Trainer.train`` returned: did it stop early because of ``STOP``?"""
     if STOP.is_set() and trainer_state.global_step < trainer_state.max_steps:

@@ -32,7 +32,7 @@ from memory.config import MemoryArguments, ModelArguments
 from memory.fileio import atomic_write_json
 from memory.extraction import ExtractionConfig, ExtractionResult, extract_memory_entries
 from memory.ingest import IngestReport, ingest_candidates
-from memory.runs import (PLAN, ProgressCallback, RunDir, Status, StopAtStepEnd, check_stop, crash_point,
+from memory.runs import (PLAN, MarkCompleteCheckpoints, ProgressCallback, RunDir, Status, StopAtStepEnd, check_stop, crash_point,
                          find_unfinished)
 from memory.schema import ChatSession
 from memory.vector_db import MemoryVectorDB
@@ -173,7 +173,7 @@ class MemoryTrainingService:
                                   callbacks=self._callbacks("recall"))
 
     def _callbacks(self, stage: str) -> list:
-        return [StopAtStepEnd(), ProgressCallback(self.status, stage)]
+        return [StopAtStepEnd(), MarkCompleteCheckpoints(), ProgressCallback(self.status, stage)]
 
     def sft_examples(self, sessions: Sequence[ChatSession] = ()) -> list:
         """Step 2's SFT data: ``--sft_data``, self-distilled answers, the sessions' replies."""
@@ -377,7 +377,8 @@ class MemoryTrainingService:
                     crash_point("planned")
         if run is not None:
             self.status.update(state="training", pid=os.getpid(), run_dir=str(run.path), stage="plan", progress=None)
-            self._execute(run, stage, loaded.sessions, summary, timer)
+            with _run_log(run.path / "run.log"):
+                self._execute(run, stage, loaded.sessions, summary, timer)
         summary.seconds = time.perf_counter() - started
         summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
         return summary
@@ -576,6 +577,20 @@ def _fill_counts(summary: RunSummary, extraction: Optional[ExtractionResult], in
         summary.memories_rejected = len(extraction.rejected)
         reasons = collections.Counter(r.reason.split(":")[0] for r in extraction.rejected)
         summary.rejected_by_reason = dict(reasons)
+
+
+@contextlib.contextmanager
+def _run_log(path: Path):
+    """Everything logged while a run executes is also appended to ``runs/<id>/run.log``."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -165,7 +165,8 @@ def test_kill_9_mid_training_resumes_from_the_trainer_checkpoint(tiny_model_dir,
     cmd = ["run_training.py", *_flags(tiny_model_dir, tmp_path, out, epochs=40), "--memories", str(f["first"])]
     for stage in ("recall", "decode"):
         proc = _cli(cmd)
-        _wait(lambda: list(out.glob(f"runs/*/{stage}/checkpoint-*")), what=f"a {stage} checkpoint")
+        _wait(lambda: list(out.glob(f"runs/*/{stage}/checkpoint-*/checkpoint_complete.json")),
+              what=f"a complete {stage} checkpoint")
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert not (out / "models").exists() or not list((out / "models").glob("model_*"))
@@ -174,6 +175,20 @@ def test_kill_9_mid_training_resumes_from_the_trainer_checkpoint(tiny_model_dir,
     assert "step 3.2: resuming from" in done.stdout
     state = _state(out)
     assert state == {**reference, "mode": "full"}
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_never_resumed_from(tmp_path):
+    from memory.runs import CHECKPOINT_COMPLETE, last_complete_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "trainer_state.json").write_text('{"global_st')  # what a kill mid-write leaves
+        if complete:
+            (ckpt / CHECKPOINT_COMPLETE).write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()  # removed, so rotation never keeps it
+    assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
 def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_the_next_run_resumes(tiny_model_dir, tmp_path):
