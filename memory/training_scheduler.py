@@ -208,8 +208,8 @@ def journald_logging(level=logging.INFO) -> None:
 
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(Journald("%(name)s: %(message)s"))
-        logging.basicConfig(level=level, handlers=[handler], force=True)
+        logging.basicConfig(level=level, handlers=[handler])
     else:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            stream=sys.stdout, force=True)
+                            stream=sys.stdout)
 
