@@ -20,6 +20,7 @@ from memory.chat_store import ChatFormatError
 from memory.config import parse_args
 from memory.sft_data import SFTFormatError
 from memory.training_service import MemoryTrainingService
+from recall.distributed import init_process_group, is_main, main_first, world_size
 from recall.model_loading import ModelNotFoundError
 
 
@@ -50,13 +51,17 @@ def main(argv=None) -> int:
         from memory.training_scheduler import TrainingScheduler
 
         return TrainingScheduler(model_args, args, train_args).serve()
-    try:
-        lock = ProcessLock(Path(train_args.output_dir) / LOCK_FILE).acquire()
+    init_process_group(bool(train_args.deepspeed))  # under deepspeed/torchrun: before any barrier
+    try:  # one lock per training: rank 0 takes it for all ranks of a launcher
+        lock = ProcessLock(Path(train_args.output_dir) / LOCK_FILE).acquire() if is_main() else None
     except AlreadyRunning as exc:
         print(f"error: training {exc}", file=sys.stderr)
         return 3
     previous = install_stop_handlers()
     service = MemoryTrainingService(model_args, args, train_args)
+    if world_size() > 1:
+        with main_first():  # every rank loads here; rank 0 first (it fills the converted-model cache)
+            service.loaded
     record = {"trigger": "manual", "started_at": utc_now(), "result": "failed"}
     try:
         summary = service.run_training()
@@ -72,10 +77,12 @@ def main(argv=None) -> int:
     finally:
         service.close()
         service.status.update(state="idle", stage=None, progress=None, last_run={**record, "finished_at": utc_now()})
-        lock.release()
+        if lock is not None:
+            lock.release()
         restore_handlers(previous)
-    print("\n".join(summary.lines()))
-    print(f"report: {summary.report_path}")
+    if is_main():
+        print("\n".join(summary.lines()))
+        print(f"report: {summary.report_path}")
     return 0
 
 

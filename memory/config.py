@@ -157,6 +157,31 @@ def _load_yaml(path: str) -> dict:
     return data
 
 
+def _check_deepspeed(argv: List[str]) -> None:
+    """``--deepspeed FILE``: a clear error before any model loads (missing file, bad JSON,
+    package not installed) instead of a traceback from deep inside TrainingArguments."""
+    import importlib.util
+    import json
+
+    for i, arg in enumerate(argv):
+        if arg == "--deepspeed" or arg.startswith("--deepspeed="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value or value.lstrip().startswith("{"):
+                continue  # HfArgumentParser reports a missing value; an inline JSON dict is allowed
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError("--deepspeed: the deepspeed package is not installed "
+                                 "(python -m pip install deepspeed==0.19.8)")
+            path = Path(value)
+            if not path.is_file():
+                raise ValueError(f"--deepspeed: config file not found: {path}")
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"--deepspeed: {path}: not valid JSON: {exc}") from None
+            if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
+                raise ValueError(f"--deepspeed: {path}: expected a JSON object with a zero_optimization object")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple:
     """``(ModelArguments, MemoryArguments, RecallTrainingArguments)``. ``output_dir`` and
     ``seed`` are the ``TrainingArguments`` ones (the work directory and the run's seed).
@@ -164,6 +189,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple:
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _check_deepspeed(argv)
     parser = HfArgumentParser(_argument_classes())
     parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
     pre, _ = parser.parse_known_args(argv)

@@ -27,6 +27,7 @@ import torch
 
 from memory.recall_step import last_checkpoint
 from memory.runs import raise_if_stopped
+from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
 from memory.sft_data import SFTExample, chat_prompt
 from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
                                   memory_token_ids)
@@ -222,6 +223,10 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
         kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
     dataset = ResampledDataset(builder.epoch, seed=args.seed)
     bank_t = torch.from_numpy(bank)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 partitions the model in place when training starts: keep a full copy to rebuild from
+    spare = copy.deepcopy(lm) if is_deepspeed_zero3_enabled() else None
     model = build_decoder_model(lm, token_ids, dataclasses.replace(args, recall_temperature=temperature),
                                 bank.shape[1], memory_bank=bank_t if query_projector is None else None)
     if start_projector is not None:
@@ -243,10 +248,30 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     result = trainer.train(resume_from_checkpoint=resume)
     raise_if_stopped(trainer.state, "step 3.2")
     train_seconds = time.perf_counter() - train_started
-    trainer.save_model(str(out_dir))
+    trainer.save_model(str(out_dir))  # collective under DeepSpeed; only rank 0 writes
     tokens = sum(len(x["input_ids"]) for x in dataset.items) * args.num_train_epochs
     metrics["train"] = {"loss": result.training_loss, "seconds": train_seconds, "samples_per_epoch": len(dataset),
-                        "tokens_per_second": tokens / max(train_seconds, 1e-9)}
+                        "tokens_per_second": tokens / max(train_seconds, 1e-9), "world_size": world_size()}
+    barrier()
+    if not is_main():  # rank 0 measures and publishes
+        return DecodingResult(None, None, query_projector, metrics)
+    with without_zero3_init():  # rank 0 alone from here: generate must not wait for the other ranks
+        return _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir,
+                        texts, eval_ctx, metrics, started)
+
+
+def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir, texts,
+             eval_ctx, metrics, started) -> DecodingResult:
+    tok = loaded.tokenizer
+    if zero3_partitioned(model.parameters()):  # rebuild unpartitioned from the saved trainable state
+        from safetensors.torch import load_file
+
+        from recall.text_memory_train import DECODER_STATE
+
+        model = build_decoder_model(spare, token_ids, dataclasses.replace(args, recall_temperature=temperature),
+                                    bank.shape[1], memory_bank=bank_t if query_projector is None else None)
+        model.load_trainable_state(load_file(str(out_dir / DECODER_STATE)))
+        model.to(loaded.runtime.device)
     model.eval()
     projector = model.projector
     merged = model.merged_lm().eval()

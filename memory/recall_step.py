@@ -22,6 +22,7 @@ import torch
 from memory.cues import ensure_cues
 from memory.fileio import atomic_write_json
 from memory.runs import raise_if_stopped
+from recall.distributed import barrier, is_main, without_zero3_init, world_size
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
 from recall.kfold import cross_validate, holdout_memories
 from recall.text_embedding_train import (ACTIVATION_PHRASE, RecallMemoryTrainer, RecallTrainingArguments,
@@ -133,6 +134,11 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     token_ids = add_memory_tokens(loaded.model, loaded.tokenizer)
     wanted = set(r.id for r in records) if train_ids is None else set(train_ids)
     trained = [r for r in records if r.id in wanted]
+    if is_main():  # rank 0 generates and stores missing cues; the other ranks read them
+        with without_zero3_init():  # alone: HF generate must not wait for the other ranks (synced_gpus)
+            ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
+    barrier()
+    trained = [db.get(r.id) for r in trained]
     cues = ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
     bank = torch.from_numpy(db.vectors([r.id for r in records]))
     metrics: Dict[str, object] = {"memories": len(trained), "bank": len(records)}
@@ -167,10 +173,12 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     trainer, train_metrics = fit(data, data, out, save=True)
     metrics["final_train_set"] = train_metrics  # the kept adapter, measured on its own training cues
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # collective under DeepSpeed; only rank 0 writes
     metrics["seconds"] = time.perf_counter() - started
-    _write_config(out, loaded, records, trained, token_ids, train_args, db.encoder_id)
-    atomic_write_json(out / COMPLETE_MARKER, metrics)
+    metrics["world_size"] = world_size()
+    if is_main():
+        _write_config(out, loaded, records, trained, token_ids, train_args, db.encoder_id)
+        atomic_write_json(out / COMPLETE_MARKER, metrics)
     return metrics
 
 

@@ -286,6 +286,10 @@ class Status:
             return {}
 
     def update(self, **fields) -> None:
+        from recall.distributed import is_main
+
+        if not is_main():  # one writer: rank 0
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write_json(self.path, {**self.read(), **fields, "updated_at": utc_now()})

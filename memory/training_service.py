@@ -35,6 +35,7 @@ from memory.ingest import IngestReport, ingest_candidates
 from memory.runs import (PLAN, MarkCompleteCheckpoints, ProgressCallback, RunDir, Status, StopAtStepEnd, check_stop, crash_point,
                          find_unfinished)
 from memory.schema import ChatSession
+from recall.distributed import barrier, broadcast, is_main, main_first, without_zero3_init, world_size
 from memory.vector_db import MemoryVectorDB
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ class MemoryTrainingService:
         bank = self.db.vectors([r.id for r in records])
         out = run_dir / "decode"
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sft = self.sft_examples(sessions)
+        with main_first(), without_zero3_init():  # rank 0 generates (and caches) the self-distilled answers
+            sft = self.sft_examples(sessions)
         # reference texts for the projector's centre: the same encoder on general prompts
         reference = self.vectorizer().encode(sorted({e.prompt for e in sft})[:256])
         return train_memory_decoding(self.loaded, records, bank, cues, sft, recall_dir,
@@ -360,14 +362,14 @@ class MemoryTrainingService:
         started = time.perf_counter()
         summary = RunSummary()
         timer = _StageTimer(summary)
-        run = find_unfinished(self.output_dir / "runs") if stage == "all" else None
+        run = find_unfinished(self.output_dir / "runs") if stage == "all" and is_main() else None
         loaded, extraction, ingest = LoadResult([], []), None, IngestReport()
         if run is not None:
             summary.resumed = run.run_id
             logger.info("resuming unfinished run %s (completed: %s)", run.path, ", ".join(run.completed()) or "none")
             with timer("load"):
                 loaded = self.load_chat_sessions()
-        else:
+        elif is_main():  # under a launcher, rank 0 alone reads, extracts, writes the DB and plans
             loaded, extraction, ingest = self._ingest(summary, timer)
             if stage != "extract":
                 check_stop("planning")
@@ -375,12 +377,18 @@ class MemoryTrainingService:
                 if plan is not None:
                     run = RunDir.create(self.new_run_dir(), plan, self._config_dict())
                     crash_point("planned")
+        if world_size() > 1 and stage != "extract":
+            path = broadcast(None if run is None else str(run.path))
+            run = None if path is None else RunDir(Path(path))
+            if run is not None and not is_main():
+                loaded = self.load_chat_sessions()
         if run is not None:
             self.status.update(state="training", pid=os.getpid(), run_dir=str(run.path), stage="plan", progress=None)
             with _run_log(run.path / "run.log"):
                 self._execute(run, stage, loaded.sessions, summary, timer)
         summary.seconds = time.perf_counter() - started
-        summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
+        if is_main():
+            summary.report_path = str(self._write_report(summary, loaded, extraction, ingest))
         return summary
 
     def _ingest(self, summary: RunSummary, timer) -> tuple:
@@ -508,15 +516,16 @@ class MemoryTrainingService:
         ids = set(plan.get("session_ids") or [])
         used = [s for s in sessions if s.session_id in ids]
         start = self._start_point(plan)
-        if run.done("recall"):
-            summary.recall = json.loads((run.path / "recall" / "metrics.json").read_text())
-        else:
+        if not run.done("recall"):
             check_stop("step 3.1")
             self.status.update(stage="recall", progress=None)
             with timer("recall"):
-                summary.recall = self.train_recall_token(used, run.path, plan=plan, start=start)
+                self.train_recall_token(used, run.path, plan=plan, start=start)
             crash_point("recall-trained")
-            run.mark("recall")
+            if is_main():
+                run.mark("recall")
+            barrier()  # step 3.2 reads what rank 0 wrote
+        summary.recall = json.loads((run.path / "recall" / "metrics.json").read_text())
         if stage != "all":
             return
         if not run.done("decode"):
@@ -524,14 +533,20 @@ class MemoryTrainingService:
             self.status.update(stage="decode", progress=None)
             with timer("decode"):
                 result = self.train_memory_decoding(used, run.path, plan=plan, start=start)
-                self._save_decoded(result, run)
+                if is_main():
+                    with without_zero3_init():  # a plain model, saved by rank 0 alone
+                        self._save_decoded(result, run)
             crash_point("decoded")
-            run.mark("decode")
+            if is_main():
+                run.mark("decode")
+            barrier()
         summary.decoding = json.loads((run.path / "decode" / "metrics.json").read_text())
         check_stop("publishing")
-        self.status.update(stage="publish", progress=None)
-        with timer("publish"):
-            summary.version = str(self.publish_run(run, summary.recall))
+        if is_main():
+            self.status.update(stage="publish", progress=None)
+            with timer("publish"):
+                summary.version = str(self.publish_run(run, summary.recall))
+        barrier()
 
     def _start_point(self, plan: dict):
         """None (the base model) or the current version's (lm, projector, query projector)."""

@@ -209,13 +209,19 @@ def load_model_and_tokenizer(model_name_or_path: Optional[str] = None, *, gguf_f
     """The one entry point to load a causal LM and its tokenizer (see module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from recall.distributed import without_zero3_init
+
     source = resolve_model_source(model_name_or_path, gguf_file)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "auto" and local_rank is not None and torch.cuda.is_available():
+        device = f"cuda:{int(local_rank)}"  # one GPU per rank under deepspeed/torchrun
     runtime = choose_runtime(device, precision)
     where = materialize(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=runtime.param_dtype, attn_implementation=attn_implementation)
+        with without_zero3_init():
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=runtime.param_dtype, attn_implementation=attn_implementation)
     except OSError as exc:
         raise ModelNotFoundError(f"model not found: could not load '{where}' "
                                  f"({source.kind}): {exc}") from exc

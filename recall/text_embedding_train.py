@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, last_token_positions
 from recall.token_rows import TrainableStateMixin, install_token_rows
 
@@ -106,7 +107,8 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
         self.token_rows.delta.requires_grad_(True)
         hidden = lm.config.hidden_size
         self.projector = nn.Linear(hidden, memory_dim) if projector or memory_dim != hidden else None
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)),
+        # shape (1,), not a 0-d scalar: DeepSpeed broadcasts parameters as bytes, which 0-d tensors cannot be
+        self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]),
                                       requires_grad=learn_temperature)
 
     def forward(self, input_ids, attention_mask):
@@ -157,6 +159,7 @@ class RecallMemoryTrainer(Trainer):
     def __init__(self, model: RecallQueryModel, args: RecallTrainingArguments, memory_bank: torch.Tensor,
                  tokenizer, recall_token_id: int, **kwargs):
         kwargs.setdefault("data_collator", RecallCollator(tokenizer, recall_token_id, args.max_length))
+        prepare_deepspeed_args(args)
         super().__init__(model=model, args=args, processing_class=tokenizer, **kwargs)
         self.recall_token_id = recall_token_id
         self.memory_bank = F.normalize(memory_bank.float(), dim=-1)
@@ -206,7 +209,8 @@ class RecallMemoryTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        save_file(model.trainable_state(), os.path.join(output_dir, TRAINABLE_STATE))
+        # under DeepSpeed the Trainer passes the gathered whole-model state_dict (ZeRO-3 shards)
+        save_file(model.trainable_state(state_dict), os.path.join(output_dir, TRAINABLE_STATE))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

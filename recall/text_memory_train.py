@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone
 from recall.token_rows import TrainableStateMixin, install_token_rows
 
@@ -167,6 +168,11 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         if n_pads:
             injected = self.projector(memory_vectors.to(emb.device), self.noise_std if self.training else 0.0)
             emb = emb.index_put((rows, cols), injected.to(emb.dtype))
+        elif self.training:
+            # a batch without memories would leave the projector without gradients; data-parallel
+            # training (DeepSpeed, DDP) needs the same gradients, in the same order, on every rank
+            dummy = self.projector(emb.new_ones(1, self.projector.memory_dim).float())
+            emb = emb + 0.0 * dummy.sum().to(emb.dtype)
         return emb
 
     def hidden_states(self, input_ids, attention_mask, memory_vectors=None):
@@ -357,6 +363,7 @@ class EnhancedTextMemoryTrainer(Trainer):
                  **kwargs):
         kwargs.setdefault("data_collator", DecodingCollator(tokenizer.pad_token_id, memory_vectors.float(),
                                                             model.pad_id, anchors=anchors, kd=kd))
+        prepare_deepspeed_args(args)
         super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
         if isinstance(train_dataset, ResampledDataset):
             self.add_callback(_ResampleEachEpoch(train_dataset))
@@ -382,7 +389,8 @@ class EnhancedTextMemoryTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        save_file(model.trainable_state(), os.path.join(output_dir, DECODER_STATE))
+        # under DeepSpeed the Trainer passes the gathered whole-model state_dict (ZeRO-3 shards)
+        save_file(model.trainable_state(state_dict), os.path.join(output_dir, DECODER_STATE))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

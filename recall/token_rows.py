@@ -9,7 +9,7 @@ embedding matrix (tied output heads see it too), which is what a published model
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -96,19 +96,53 @@ class TrainableStateMixin:
 
     extra_state_buffers: tuple = ()
 
-    def trainable_state(self) -> Dict[str, torch.Tensor]:
-        delta = self.token_rows.delta
-        state = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
-                 if p.requires_grad and p is not delta}
-        state.update({f"token_rows.{k}": v.contiguous() for k, v in self.token_rows.state().items()})
+    def trainable_state(self, full_state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The small state to save. ``full_state``: a whole-model state dict to read the values
+        from instead of the parameters, as the Trainer passes under DeepSpeed, where ZeRO-3
+        leaves each rank only a shard (``accelerator.get_state_dict`` gathers it)."""
+        rows = self.token_rows
+        if full_state is None:
+            state = {n: p.detach().cpu().contiguous() for n, p in self._trainable_named()}
+            state.update({f"token_rows.{k}": v.contiguous() for k, v in rows.state().items()})
+        else:
+            pick = self._from_full(full_state)
+            state = {n: pick(p) for n, p in self._trainable_named()}
+            state.update({"token_rows.token_ids": rows.token_ids.cpu(),
+                          "token_rows.base_rows": pick(rows.embedding.weight)[rows.token_ids.cpu()].float(),
+                          "token_rows.delta": pick(rows.delta).float()})
         buffers = dict(self.named_buffers())
         state.update({n: buffers[n].detach().cpu().contiguous() for n in self.extra_state_buffers})
         return state
 
+    def _trainable_named(self):
+        delta = self.token_rows.delta
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and p is not delta]
+
+    def _from_full(self, full_state: Dict[str, torch.Tensor]):
+        aliases: Dict[int, list] = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+
+        def pick(param: torch.Tensor) -> torch.Tensor:
+            for name in aliases.get(id(param), []):
+                if name in full_state:
+                    return full_state[name].detach().cpu().contiguous()
+            raise KeyError(f"the gathered state dict lacks {aliases.get(id(param))}")
+
+        return pick
+
+    def trainable_keys(self) -> set:
+        keys = {n for n, _ in self._trainable_named()} | set(self.extra_state_buffers)
+        return keys | {"token_rows.token_ids", "token_rows.base_rows", "token_rows.delta"}
+
     def load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
-        absent = set(self.trainable_state()) - set(state)
+        absent = self.trainable_keys() - set(state)
         if absent:
             raise ValueError(f"checkpoint lacks trainable tensors: {sorted(absent)[:5]}")
         rows = {k.removeprefix("token_rows."): v for k, v in state.items() if k.startswith("token_rows.")}
         self.token_rows.load_state(rows)
-        self.load_state_dict({k: v for k, v in state.items() if not k.startswith("token_rows.")}, strict=False)
+        own = self.state_dict()
+        rest = {k: (v.reshape(own[k].shape) if k in own and v.shape != own[k].shape and v.numel() == own[k].numel()
+                    else v)  # e.g. a 0-d temperature saved before it became shape (1,)
+                for k, v in state.items() if not k.startswith("token_rows.")}
+        self.load_state_dict(rest, strict=False)

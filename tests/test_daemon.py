@@ -43,10 +43,26 @@ def _flags(tiny_model_dir, tmp_path, out: Path, epochs: int = 1, chats: str = ""
             "--decode_projector_hidden", "32", "--disable_tqdm", "true", "--logging_steps", "1"]
 
 
+_STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """A failing test must not leave a daemon or a trainer running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def _cli(args, env=None, **kw) -> subprocess.Popen:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
+    _STARTED.append(proc)
+    return proc
 
 
 def _run_cli(args, env=None, timeout=180) -> subprocess.CompletedProcess:
