@@ -111,13 +111,16 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
         self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]),
                                       requires_grad=learn_temperature)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, with_log_scale: bool = False):
         hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         query = hidden[rows, last_token_positions(attention_mask)].float()
         if self.projector is not None:
             query = self.projector(query)
-        return F.normalize(query, dim=-1)
+        query = F.normalize(query, dim=-1)
+        # the temperature is read here, inside forward: under ZeRO-3 a parameter holds its full
+        # value only while its module runs
+        return (query, self.log_scale * 1.0) if with_log_scale else query
 
 
 class RecallCollator:
@@ -171,9 +174,8 @@ class RecallMemoryTrainer(Trainer):
         return self.memory_bank
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        queries = model(inputs["input_ids"], inputs["attention_mask"])
-        core = model.module if hasattr(model, "module") else model
-        loss = self.loss_fn(queries, self._bank(queries.device), inputs["targets"], core.log_scale,
+        queries, log_scale = model(inputs["input_ids"], inputs["attention_mask"], with_log_scale=True)
+        loss = self.loss_fn(queries, self._bank(queries.device), inputs["targets"], log_scale,
                             inputs.get("teacher"), self.args.distill_weight)
         return (loss, queries) if return_outputs else loss
 
@@ -206,6 +208,10 @@ class RecallMemoryTrainer(Trainer):
 
     # Only the small trainable state is saved: LoRA, token rows, projector, temperature.
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        from recall.distributed import is_main
+
+        if not is_main():  # one writer; under ZeRO-3 only rank 0 holds the gathered state_dict
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)

@@ -183,8 +183,8 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         """LM-head logits with the new tokens' trained fp32 output rows."""
         head = self.lm.get_output_embeddings()
         out = head(hidden).float()
-        delta = self.token_rows.delta if self.tied else self.head_delta
-        extra = hidden.float() @ delta.T  # (..., n_new)
+        # (..., n_new); via the module's forward so ZeRO-3 gathers the delta
+        extra = self.token_rows(None, output_hidden=hidden) if self.tied else hidden.float() @ self.head_delta.T
         return out.index_add(-1, self.token_rows.token_ids, extra)
 
     def forward(self, input_ids, attention_mask, labels, memory_vectors=None, recall_targets=None,
@@ -386,6 +386,10 @@ class EnhancedTextMemoryTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        from recall.distributed import is_main
+
+        if not is_main():  # one writer; under ZeRO-3 only rank 0 holds the gathered state_dict
+            return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)

@@ -40,7 +40,12 @@ class TrainableTokenRows(nn.Module):
     def embedding_dim(self) -> int:
         return self.embedding.embedding_dim
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, output_hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Input embeddings of ``input_ids``; or, given ``output_hidden``, the fp32 output-side
+        logit deltas ``hidden @ delta.T`` for a tied head (computed here, inside this module's
+        forward, so ZeRO-3 has gathered ``delta``)."""
+        if output_hidden is not None:
+            return output_hidden.float() @ self.delta.T
         base = self.embedding(input_ids)
         padded = torch.cat([self.delta.new_zeros(1, self.delta.shape[1]), self.delta])
         return base + padded[self.slots[input_ids]].to(base.dtype)
