@@ -12,7 +12,6 @@ A rerun after a crash or a SIGTERM resumes the unfinished run. Exit codes: 0 don
 stopped cleanly at a safe point by SIGTERM/SIGINT), 1 bad input, 2 bad option, 3 another
 training (or daemon) holds the lock.
 """
-import logging
 import sys
 from pathlib import Path
 

@@ -20,18 +20,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, last_token_positions
-from recall.token_rows import TrainableStateMixin, install_token_rows
+from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +154,11 @@ def retrieval_metrics(ranks: Sequence[int]) -> Dict[str, float]:
             "mrr": sum(1.0 / r for r in ranks) / n, "n": len(ranks)}
 
 
-class RecallMemoryTrainer(Trainer):
+class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
     """``Trainer`` for step 1. ``memory_bank``: (M, d) memory vectors (fixed targets);
     datasets hold ``{"text": formatted query, "target": row in the bank}``."""
+
+    STATE_FILE = TRAINABLE_STATE  # only the small trainable state is saved (SmallStateTrainerMixin)
 
     def __init__(self, model: RecallQueryModel, args: RecallTrainingArguments, memory_bank: torch.Tensor,
                  tokenizer, recall_token_id: int, **kwargs):
@@ -205,25 +206,6 @@ class RecallMemoryTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in retrieval_metrics(ranks.tolist()).items()}
         self.log(metrics)
         return metrics
-
-    # Only the small trainable state is saved: LoRA, token rows, projector, temperature.
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        from recall.distributed import is_main
-
-        if not is_main():  # one writer; under ZeRO-3 only rank 0 holds the gathered state_dict
-            return
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        # under DeepSpeed the Trainer passes the gathered whole-model state_dict (ZeRO-3 shards)
-        save_file(model.trainable_state(state_dict), os.path.join(output_dir, TRAINABLE_STATE))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = self.accelerator.unwrap_model(model or self.model)
-        state = load_file(os.path.join(resume_from_checkpoint, TRAINABLE_STATE))
-        model.load_trainable_state(state)
-
 
 def build_recall_model(lm, tokenizer, args: RecallTrainingArguments, memory_dim: int,
                        token_ids: Sequence[int]) -> RecallQueryModel:

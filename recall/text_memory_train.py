@@ -34,19 +34,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone
-from recall.token_rows import TrainableStateMixin, install_token_rows
+from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
 
@@ -354,9 +352,11 @@ class _ResampleEachEpoch(TrainerCallback):
             self.dataset.resample(epoch)
 
 
-class EnhancedTextMemoryTrainer(Trainer):
+class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
     """``Trainer`` for step 2. ``memory_vectors``: (M, d) DB vectors, indexed by each
     sample's ``memory_row``. A ``ResampledDataset`` is redrawn at every epoch."""
+
+    STATE_FILE = DECODER_STATE  # only the small trainable state is saved (SmallStateTrainerMixin)
 
     def __init__(self, model: MemoryDecoderModel, args: MemoryDecodingArguments, memory_vectors: torch.Tensor,
                  tokenizer, train_dataset, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None,
@@ -384,19 +384,3 @@ class EnhancedTextMemoryTrainer(Trainer):
                 logs[name] = round(sum(values) / len(values), 4)
                 values.clear()
         super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        from recall.distributed import is_main
-
-        if not is_main():  # one writer; under ZeRO-3 only rank 0 holds the gathered state_dict
-            return
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        # under DeepSpeed the Trainer passes the gathered whole-model state_dict (ZeRO-3 shards)
-        save_file(model.trainable_state(state_dict), os.path.join(output_dir, DECODER_STATE))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = self.accelerator.unwrap_model(model or self.model)
-        model.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, DECODER_STATE)))

@@ -151,3 +151,34 @@ class TrainableStateMixin:
                     else v)  # e.g. a 0-d temperature saved before it became shape (1,)
                 for k, v in state.items() if not k.startswith("token_rows.")}
         self.load_state_dict(rest, strict=False)
+
+
+class SmallStateTrainerMixin:
+    """For ``transformers.Trainer`` subclasses whose model is a ``TrainableStateMixin``: saves
+    and resumes only the small trainable state (``STATE_FILE``), not the frozen base weights."""
+
+    STATE_FILE = "trainable_state.safetensors"
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        import os
+
+        from safetensors.torch import save_file
+
+        from recall.distributed import is_main
+
+        if not is_main():  # one writer; under ZeRO-3 only rank 0 holds the gathered state_dict
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        # under DeepSpeed the Trainer passes the gathered whole-model state_dict (ZeRO-3 shards)
+        save_file(model.trainable_state(state_dict), os.path.join(output_dir, self.STATE_FILE))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        import os
+
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(model or self.model)
+        model.load_trainable_state(load_file(os.path.join(resume_from_checkpoint, self.STATE_FILE)))
