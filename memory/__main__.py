@@ -92,19 +92,19 @@ def _forget_in_versions(models_dir: Path, ids: List[int]) -> int:
         if not snap.is_dir():
             continue
         with MemoryVectorDB(snap) as db:
-            present = [i for i in ids if _exists(db, i) and db.get(i).status != "deleted"]
+            present = [i for i in ids if _status(db, i) not in (None, "deleted")]
             if present:
                 db.forget(present)
                 n += 1
     return n
 
 
-def _exists(db: MemoryVectorDB, id: int) -> bool:
+def _status(db: MemoryVectorDB, id: int) -> Optional[str]:
+    """The record's status in ``db``, or None when the snapshot predates it."""
     try:
-        db.get(id)
-        return True
+        return db.get(id).status
     except KeyError:
-        return False
+        return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

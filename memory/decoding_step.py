@@ -25,8 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from memory.recall_step import last_checkpoint
-from memory.runs import raise_if_stopped
+from memory.runs import last_complete_checkpoint, raise_if_stopped
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
 from memory.sft_data import SFTExample, chat_prompt
 from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
@@ -242,7 +241,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank_t, tokenizer=tok,
                                         train_dataset=dataset, anchors=anchors, kd=kd, callbacks=list(callbacks))
     train_started = time.perf_counter()
-    resume = args.resume_from_checkpoint or last_checkpoint(out_dir)
+    resume = args.resume_from_checkpoint or last_complete_checkpoint(out_dir)
     if resume:
         logger.info("step 3.2: resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -21,7 +21,7 @@ import torch
 
 from memory.cues import ensure_cues
 from memory.fileio import atomic_write_json
-from memory.runs import raise_if_stopped
+from memory.runs import last_complete_checkpoint, raise_if_stopped
 from recall.distributed import barrier, is_main, without_zero3_init, world_size
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
 from recall.kfold import cross_validate, holdout_memories
@@ -100,20 +100,13 @@ class _Fitter:
         trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=self.bank, tokenizer=self.tokenizer,
                                       recall_token_id=self.token_ids[RECALL_TOKEN], train_dataset=train,
                                       callbacks=self.callbacks)
-        resume = (self.train_args.resume_from_checkpoint or last_checkpoint(out_dir)) if save else None
+        resume = (self.train_args.resume_from_checkpoint or last_complete_checkpoint(out_dir)) if save else None
         if resume:
             logger.info("step 3.1: resuming from %s", resume)
         trainer.train(resume_from_checkpoint=resume)
         raise_if_stopped(trainer.state, "step 3.1")
         metrics = trainer.evaluate(held_out) if held_out else {}
         return trainer, {k.removeprefix("eval_"): v for k, v in metrics.items()}
-
-
-def last_checkpoint(out_dir: Path) -> Optional[str]:
-    """The newest complete ``checkpoint-N`` the Trainer left in ``out_dir`` (a run interrupted mid-stage)."""
-    from memory.runs import last_complete_checkpoint
-
-    return last_complete_checkpoint(out_dir)
 
 
 def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from memory.chat_store import ChatStore, LoadResult
 from memory.config import MemoryArguments, ModelArguments
@@ -262,21 +262,26 @@ class MemoryTrainingService:
         """Step 4: publish ``run/decode/model`` + a DB snapshot (this run's memories active in
         it) as a version, switch ``current``, then activate the memories in the live DB.
         Idempotent: a crash after the switch is finished on the next run."""
-        from memory.publish import MANIFEST, publish_version
+        from memory.publish import publish_version
         from memory.vector_db import MemoryVectorDB
 
         plan = run.plan if (run.path / PLAN).is_file() else {}
         cfg = json.loads((run.path / "recall" / "recall_config.json").read_text())
         trained = plan.get("memory_ids") or cfg["memory_ids"]
-        current = self.current_version()
-        done = current is not None and json.loads((current / MANIFEST).read_text()).get("run_dir") == str(run.path.absolute())
-        if done:
+        current, current_manifest = self.current_manifest()
+        if current_manifest.get("run_dir") == str(run.path.absolute()):
             version = current
             logger.info("%s was already published as %s; finishing", run.path, version.name)
         else:
             source = run.path / "decode" / "model"
             metrics = {"recall": recall_metrics, "decoding": json.loads((run.path / "decode" / "metrics.json").read_text())}
             trained_set = set(trained)
+            lm = self.loaded
+            manifest = {"base_model": lm.source.identity, "base_location": lm.source.location,
+                        "base_gguf_file": lm.source.gguf_file, "run_dir": str(run.path.absolute()),
+                        "memories": len(cfg["memory_ids"]), "encoder_id": self.db.encoder_id,
+                        "mode": plan.get("mode", "full"), "new": len(plan.get("new_ids", [])),
+                        "replayed": len(plan.get("replay_ids", [])), "base_version": plan.get("base_version")}
 
             def write(tmp: Path) -> List[str]:
                 files = [str(p.relative_to(source)) for p in sorted(source.rglob("*")) if p.is_file()]
@@ -289,16 +294,10 @@ class MemoryTrainingService:
                     if ids:
                         snap.set_status(ids, "active")
                     known = [r.id for r in snap.records(statuses=("active",))]
-                manifest["memory_ids"] = known
+                manifest["memory_ids"] = known  # read by the next plan (forgotten memories force a full retrain)
                 atomic_write_json(tmp / "metrics.json", metrics)
                 return files + ["metrics.json"]
 
-            lm = self.loaded
-            manifest = {"base_model": lm.source.identity, "base_location": lm.source.location,
-                        "base_gguf_file": lm.source.gguf_file, "run_dir": str(run.path.absolute()),
-                        "memories": len(cfg["memory_ids"]), "encoder_id": self.db.encoder_id,
-                        "mode": plan.get("mode", "full"), "new": len(plan.get("new_ids", [])),
-                        "replayed": len(plan.get("replay_ids", [])), "base_version": plan.get("base_version")}
             version = publish_version(self.models_dir(), write, manifest, retention=self.args.keep_versions)
             crash_point("published")
         pending = [r.id for r in self.db.records(statuses=("pending",)) if r.id in set(trained)]
@@ -430,6 +429,13 @@ class MemoryTrainingService:
         except VersionError:
             return None
 
+    def current_manifest(self) -> Tuple[Optional[Path], dict]:
+        """``(current version or None, its manifest or {})``."""
+        from memory.publish import MANIFEST
+
+        current = self.current_version()
+        return current, json.loads((current / MANIFEST).read_text()) if current else {}
+
     def plan_cycle(self, sessions: Sequence[ChatSession], stage: str = "all") -> Optional[dict]:
         """Which memories this cycle trains, from what, or None when there is nothing to do.
 
@@ -440,16 +446,14 @@ class MemoryTrainingService:
         *Full* (``--full``, no published version, another base model or encoder, or a
         memory of the current version was forgotten): from the base model on every live
         memory; a forgotten memory must not survive in the weights."""
-        from memory.publish import MANIFEST
-
         live = self.db.records(statuses=("pending", "active"))
         if not live:
             logger.warning("no memories in the store: nothing to train")
             return None
         pending = [r.id for r in live if r.status == "pending"]
         active = [r.id for r in live if r.status == "active"]
-        current, reason = self.current_version(), None
-        manifest = json.loads((current / MANIFEST).read_text()) if current else {}
+        current, manifest = self.current_manifest()
+        reason = None
         if self.args.full:
             reason = "--full"
         elif current is None:
@@ -491,11 +495,9 @@ class MemoryTrainingService:
     def waiting(self) -> dict:
         """What a cycle would find: new or changed sessions, new memories, and whether a full
         retrain is owed (a forgotten memory); cheap (no model is loaded)."""
-        from memory.publish import MANIFEST
-
         sessions = self.load_chat_sessions().sessions if self.store else []
-        current = self.current_version()
-        forgotten = self.forgotten_since(json.loads((current / MANIFEST).read_text())) if current else []
+        current, manifest = self.current_manifest()
+        forgotten = self.forgotten_since(manifest)
         return {"sessions": len(self.pending_sessions(sessions)), "memories": self.db.count(statuses=("pending",)),
                 "forgotten": len(forgotten), "unfinished_run": find_unfinished(self.output_dir / "runs") is not None,
                 "unpublished": current is None and self.db.count(statuses=("pending", "active")) > 0}

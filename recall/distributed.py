@@ -67,20 +67,6 @@ def zero3_partitioned(params) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(params):
-    """Full values of ZeRO-3 partitioned ``params`` inside the block (collective: every rank
-    must enter it); a no-op for ordinary parameters."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-@contextlib.contextmanager
 def without_zero3_init():
     """Load models fully (not partitioned at load time) even when a ZeRO-3 config is active:
     the pipeline copies the base model for every training, and DeepSpeed partitions each
@@ -132,17 +118,14 @@ def prepare_deepspeed_args(args) -> None:
     filled them before any process group existed, i.e. with world size 1)."""
     if not getattr(args, "deepspeed", None) or world_size() <= 1:
         return
+    from accelerate.utils import DeepSpeedPlugin
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    if getattr(args, "distributed_state", None) is None or args.distributed_state.num_processes != world_size():
-        init_process_group(True)  # something re-made accelerate's state without a backend: make it again
-        args.__dict__.pop("_setup_devices", None)  # drop a cached device set-up made before
+    init_process_group(True)  # each new TrainingArguments re-makes accelerate's state without a backend
     args.accelerator_config.use_configured_state = True
     _ = args.device  # the distributed state, so args.world_size is right
     if args.world_size != world_size():
         raise RuntimeError(f"DeepSpeed: TrainingArguments see {args.world_size} processes, the launcher {world_size()}")
-    from accelerate.utils import DeepSpeedPlugin
-
     args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
     args.hf_deepspeed_config.trainer_config_process(args)
     args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)  # what the Trainer hands on
