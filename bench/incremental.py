@@ -9,7 +9,7 @@ time order into an initial batch and three more disjoint batches. Cycle 1 trains
 batch from the base model and publishes; cycles 2-4 each import the next batch and run an
 incremental cycle (current version + new memories + replay). After every cycle the published
 version decodes the *first* batch's memories from their DB vectors (``decode_exact_match``).
-Arm A uses the default replay (``replay_ratio 1.0``); arm B, in the same run and from the same
+Arm A uses the configured replay (default ``replay_ratio 2.0``); arm B, in the same run and from the same
 cycle-1 version, trains without replay (``replay_ratio 0``).
 
 **Cycle cost.** From one published version, the DB is filled up to 50 and to 500 active
@@ -85,13 +85,13 @@ def forgetting(tmp: Path, extra, sizes) -> dict:
     c1 = run_cycle(work, extra, "--memories", str(batches[0][0]))
     start = decode_rate(work, first_texts)
     arms = {}
-    for arm, ratio in (("replay", "1.0"), ("no_replay", "0")):
+    for arm, flags in (("replay", ()), ("no_replay", ("--replay_ratio", "0"))):
         arm_work = tmp / arm
         shutil.copytree(work, arm_work, symlinks=True)  # `current` is a relative link: the copy is self-contained
         rows = [{"cycle": 1, **c1, "first_batch": start}]
         for n, (path, _) in enumerate(batches[1:], start=2):
             logging.warning("forgetting: %s, cycle %d (%d new)", arm, n, sizes[n - 1])
-            row = run_cycle(arm_work, extra, "--memories", str(path), "--replay_ratio", ratio)
+            row = run_cycle(arm_work, extra, "--memories", str(path), *flags)
             row.update(cycle=n, first_batch=decode_rate(arm_work, first_texts))
             rows.append(row)
         arms[arm] = rows
@@ -150,27 +150,34 @@ def main():
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     tmp = Path(args.work or tempfile.mkdtemp(prefix="bench-incremental-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    out = {"extra_flags": args.extra}
+    path = Path(args.json)
+    out = json.loads(path.read_text()) if path.exists() else {}  # a part not rerun keeps its last result
+    out.pop("extra_flags", None), out.pop("seconds", None)
     started = time.perf_counter()
     if args.part in ("forgetting", "all"):
+        part_started = time.perf_counter()
         out["forgetting"] = forgetting(tmp, args.extra, [int(x) for x in args.sizes.split(",")])
+        out["forgetting"].update(extra_flags=args.extra, date=time.strftime("%Y-%m-%d %H:%M"),
+                                 seconds=round(time.perf_counter() - part_started, 1))
         print("\n| cycle | replay: first-batch exact decode | cycle s | no replay: first-batch exact decode | cycle s |")
         print("|---|---|---|---|---|")
         for a, b in zip(*(out["forgetting"]["arms"][k] for k in ("replay", "no_replay"))):
             print(f"| {a['cycle']} | {a['first_batch']['exact_match']:.3f} (n={a['first_batch']['n']}) | "
                   f"{a['seconds']:.0f} | {b['first_batch']['exact_match']:.3f} | {b['seconds']:.0f} |")
     if args.part in ("cost", "all"):
+        part_started = time.perf_counter()
         out["cost"] = cost(tmp, args.extra)
+        out["cost"].update(extra_flags=args.extra, date=time.strftime("%Y-%m-%d %H:%M"),
+                           seconds=round(time.perf_counter() - part_started, 1))
         print("\n| existing active memories | new | trained (new + replay) | cycle s | step 1 s | step 2 s |")
         print("|---|---|---|---|---|---|")
         for total, row in out["cost"]["by_existing"].items():
             p, st = row["plan"], row["stage_seconds"]
             print(f"| {total} | {p['new']} | {p['memories']} | {row['seconds']:.0f} | {st.get('recall', 0):.0f} | "
                   f"{st.get('decode', 0):.0f} |")
-    out["seconds"] = round(time.perf_counter() - started, 1)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2, default=str))
-    print(f"\nwritten {args.json} ({out['seconds']:.0f} s)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nwritten {args.json} ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

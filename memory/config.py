@@ -83,6 +83,7 @@ class MemoryArguments:
         default=True, metadata={"help": "add the base model's own answers to the bundled general prompts"})
     sft_from_chats: bool = dataclasses.field(default=True, metadata={"help": "add the chat sessions' assistant turns"})
     decode_epochs: float = _decoding_default("num_train_epochs")
+    decode_min_steps: int = _decoding_default("min_steps")
     decode_learning_rate: float = _decoding_default("learning_rate")
     decode_batch_size: int = _decoding_default("per_device_train_batch_size")
     decode_lora_r: int = _decoding_default("lora_r")
@@ -104,7 +105,7 @@ class MemoryArguments:
         default=False, metadata={"help": "retrain from the base model on every live memory instead of continuing "
                                          "the current version on the new memories + a replay sample"})
     replay_ratio: float = dataclasses.field(
-        default=1.0, metadata={"help": "replayed older memories per new memory in an incremental cycle"})
+        default=2.0, metadata={"help": "replayed older memories per new memory in an incremental cycle"})
     replay_cap: int = dataclasses.field(default=200, metadata={"help": "at most this many replayed memories per cycle"})
     # the daemon (python run_training.py --daemon; see memory.training_scheduler)
     schedule_every: str = dataclasses.field(

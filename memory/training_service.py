@@ -198,7 +198,7 @@ class MemoryTrainingService:
         a, t = self.args, self.train_args
         return MemoryDecodingArguments(
             output_dir=str(out_dir), seed=t.seed, use_cpu=t.use_cpu, logging_steps=t.logging_steps,
-            num_train_epochs=a.decode_epochs, learning_rate=a.decode_learning_rate,
+            num_train_epochs=a.decode_epochs, min_steps=a.decode_min_steps, learning_rate=a.decode_learning_rate,
             per_device_train_batch_size=a.decode_batch_size, lora_r=a.decode_lora_r,
             lora_alpha=a.decode_lora_alpha, lora_target_modules=a.decode_lora_target_modules,
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,

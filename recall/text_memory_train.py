@@ -59,6 +59,8 @@ class MemoryDecodingArguments(TrainingArguments):
     output_dir: str = "output"
     learning_rate: float = 2e-3
     num_train_epochs: float = 6.0
+    min_steps: int = dataclasses.field(
+        default=120, metadata={"help": "at least this many optimizer steps: a small cycle gets more epochs (0: off)"})
     per_device_train_batch_size: int = 8
     warmup_ratio: float = 0.05
     lr_scheduler_type: str = "cosine"

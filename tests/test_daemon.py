@@ -39,7 +39,7 @@ def _flags(tiny_model_dir, tmp_path, out: Path, epochs: int = 1, chats: str = ""
     return ["--model_name_or_path", str(tiny_model_dir), "--chats_dir", chats, "--precision", "fp32",
             "--output_dir", str(out), "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "4",
             "--lora_r", "4", "--cue_questions", "1", "--k_folds", "0", "--sft_data", str(tmp_path / "sft.jsonl"),
-            "--sft_self_distill", "false", "--decode_epochs", str(epochs), "--decode_lora_r", "4",
+            "--sft_self_distill", "false", "--decode_epochs", str(epochs), "--decode_min_steps", "0", "--decode_lora_r", "4",
             "--decode_projector_hidden", "32", "--disable_tqdm", "true", "--logging_steps", "1"]
 
 
@@ -124,7 +124,7 @@ def test_incremental_cycle_trains_new_plus_replay_and_forget_forces_a_full_retra
 
     assert run_training.main(flags + ["--memories", str(f["second"])]) == 0
     text = capsys.readouterr().out
-    assert "cycle: incremental (2 new memories); 4 memories trained (2 new, 2 replayed)" in text
+    assert "cycle: incremental (2 new memories); 5 memories trained (2 new, 3 replayed)" in text
     second = resolve_current(out / "models")
     manifest = json.loads((second / MANIFEST).read_text())
     assert second != first and manifest["mode"] == "incremental" and manifest["base_version"] == str(first)

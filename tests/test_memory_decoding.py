@@ -30,7 +30,7 @@ def tiny(tokenizer):
 def _args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=3, learning_rate=1e-2,
                 logging_steps=1, save_strategy="no", lora_r=8, lora_alpha=16, use_cpu=True, seed=0,
-                projector_hidden=64, num_train_epochs=1, warmup_ratio=0.0)
+                projector_hidden=64, num_train_epochs=1, min_steps=0, warmup_ratio=0.0)
     base.update(kw)
     return MemoryDecodingArguments(**base)
 
@@ -184,3 +184,14 @@ def test_below_threshold_the_model_is_told_nothing_was_found(tiny):
                                max_new_tokens=12, threshold=0.5)
     assert answer.recalls[0].memory_id is None and "nothing found" in answer.recalls[0].decoded
     assert MEMORY_PAD_TOKEN not in answer.text and "nothing found" in answer.text
+
+
+def test_min_steps_gives_a_small_cycle_more_epochs_and_never_fewer(tmp_path):
+    from memory.decoding_step import epochs_for_min_steps
+
+    args = _args(tmp_path, per_device_train_batch_size=8, num_train_epochs=6, min_steps=120)
+    assert epochs_for_min_steps(40, args) == 24  # 5 steps per epoch -> 24 epochs = 120 steps
+    assert epochs_for_min_steps(41, args) == 20  # 6 steps per epoch
+    assert epochs_for_min_steps(235, args) == 6  # 30 steps per epoch: the configured 6 already give 180
+    args = _args(tmp_path, per_device_train_batch_size=8, num_train_epochs=6, min_steps=0)
+    assert epochs_for_min_steps(8, args) == 6

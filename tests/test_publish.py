@@ -133,7 +133,7 @@ def _run(tiny_model_dir, tmp_path, *extra):
                               "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1",
                               "--per_device_train_batch_size", "4", "--lora_r", "4", "--cue_questions", "1",
                               "--k_folds", "0", "--memories", str(mem), "--sft_data", str(sft),
-                              "--sft_self_distill", "false", "--decode_epochs", "1", "--decode_lora_r", "4",
+                              "--sft_self_distill", "false", "--decode_epochs", "1", "--decode_min_steps", "0", "--decode_lora_r", "4",
                               "--decode_projector_hidden", "32", "--disable_tqdm", "true", *extra])
 
 
