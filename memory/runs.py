@@ -220,12 +220,21 @@ CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 class MarkCompleteCheckpoints(TrainerCallback):
     """The Trainer writes ``checkpoint-N/`` file by file; a kill in the middle leaves a partial
     one. ``on_save`` runs after the checkpoint is fully written: it adds a marker, and
-    ``last_complete_checkpoint`` only resumes from marked checkpoints."""
+    ``last_complete_checkpoint`` only resumes from marked checkpoints. Under DeepSpeed every
+    rank writes its own shards, so the marker waits for all of them (a barrier).
+
+    ``RECALL_MEMORY_CRASH_AT=<stage dir>-checkpoint`` (``recall-checkpoint``,
+    ``decode-checkpoint``) kills every rank right after the first complete checkpoint."""
 
     def on_save(self, args, state, control, **kwargs):
+        from recall.distributed import barrier
+
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        barrier()
         if state.is_world_process_zero and path.is_dir():
             atomic_write_json(path / CHECKPOINT_COMPLETE, {"global_step": state.global_step, "saved_at": utc_now()})
+        barrier()
+        crash_point(f"{Path(args.output_dir).name}-checkpoint")
         return control
 
 
@@ -234,6 +243,8 @@ def last_complete_checkpoint(out_dir) -> Optional[str]:
     (the process died while saving) are removed so the Trainer's rotation never keeps them."""
     import re
     import shutil
+
+    from recall.distributed import is_main
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -247,7 +258,8 @@ def last_complete_checkpoint(out_dir) -> Optional[str]:
         if (path / CHECKPOINT_COMPLETE).is_file():
             return str(path)
         logger.warning("%s: incomplete checkpoint (the process died while saving it); removing it", path)
-        shutil.rmtree(path, ignore_errors=True)
+        if is_main():  # one remover; every rank skips it all the same
+            shutil.rmtree(path, ignore_errors=True)
     return None
 
 

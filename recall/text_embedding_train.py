@@ -114,12 +114,12 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
         hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         query = hidden[rows, last_token_positions(attention_mask)].float()
-        if self.projector is not None:
-            query = self.projector(query)
+        if self.projector is not None:  # its weight is bf16 when DeepSpeed runs in bf16
+            query = self.projector(query.to(self.projector.weight.dtype)).float()
         query = F.normalize(query, dim=-1)
         # the temperature is read here, inside forward: under ZeRO-3 a parameter holds its full
         # value only while its module runs
-        return (query, self.log_scale * 1.0) if with_log_scale else query
+        return (query, self.log_scale.float() * 1.0) if with_log_scale else query
 
 
 class RecallCollator:

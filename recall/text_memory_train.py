@@ -82,6 +82,8 @@ class MemoryDecodingArguments(TrainingArguments):
     kd_weight: float = dataclasses.field(
         default=3.0, metadata={"help": "weight of KL(base || model) on SFT answers (base top-k log-probs)"})
     recall_temperature: float = 0.05
+    pad_to_multiple_of: int = dataclasses.field(
+        default=1, metadata={"help": "round batch widths up to this (GPU: fewer shapes for cuDNN attention)"})
     remove_unused_columns: bool = False
     report_to: Optional[str] = "none"
 
@@ -112,11 +114,12 @@ class MemoryProjector(nn.Module):
         x = F.normalize(F.normalize(vectors.float(), dim=-1) - self.center, dim=-1)
         if noise_std > 0:
             x = F.normalize(x + noise_std * torch.randn_like(x), dim=-1)
+        # the layers are bf16 when DeepSpeed runs in bf16 (it casts the module); the rest stays fp32
         if self.linear is not None:
-            x = F.normalize(self.linear(x), dim=-1)
+            x = F.normalize(self.linear(x.to(self.linear.weight.dtype)).float(), dim=-1)
         if self.mlp is not None:
-            x = x + self.mlp(x)
-        return x * self.embed_norm
+            x = x + self.mlp(x.to(self.mlp[0].weight.dtype)).float()
+        return x * self.embed_norm.float()
 
     @torch.no_grad()
     def fit_center(self, vectors: torch.Tensor) -> None:
@@ -155,6 +158,8 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         self.recall_scale = 1.0 / recall_temperature
         self.register_buffer("memory_bank", None if memory_bank is None
                              else F.normalize(memory_bank.float(), dim=-1), persistent=False)
+        # weights of the loss parts; forward returns their weighted sum as "loss"
+        self.loss_weights = {"lm": 1.0, "recall": 0.0, "preserve": 0.0, "kd": 0.0}
 
     # -------------------------------------------------------------- forward
     def embed(self, input_ids: torch.Tensor, memory_vectors: Optional[torch.Tensor]) -> torch.Tensor:
@@ -184,15 +189,20 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         head = self.lm.get_output_embeddings()
         out = head(hidden).float()
         # (..., n_new); via the module's forward so ZeRO-3 gathers the delta
-        extra = self.token_rows(None, output_hidden=hidden) if self.tied else hidden.float() @ self.head_delta.T
-        return out.index_add(-1, self.token_rows.token_ids, extra)
+        extra = self.token_rows(None, output_hidden=hidden) if self.tied else hidden.float() @ self.head_delta.float().T
+        return out.index_add(-1, self.token_rows.token_ids, extra.float())  # bf16 under autocast
 
     def forward(self, input_ids, attention_mask, labels, memory_vectors=None, recall_targets=None,
                 recall_anchors=None, kd_indices=None, kd_logprobs=None, kd_mask=None) -> Dict[str, torch.Tensor]:
-        """Loss parts (unweighted): ``lm`` next-token CE on labels; ``recall`` InfoNCE of the
+        """``loss``: the ``loss_weights``-weighted sum of the parts, which are returned too
+        (detached, unweighted): ``lm`` next-token CE on labels; ``recall`` InfoNCE of the
         first ``<recall>`` state against the bank (rows with ``recall_targets >= 0``);
         ``preserve`` 1 - cos to the step-1 query (rows with a non-zero anchor); ``kd``
-        KL(base || model) on positions with the base model's top-k log-probs."""
+        KL(base || model) on positions with the base model's top-k log-probs.
+
+        One loss tensor, whatever the batch holds: ZeRO-3 fetches a module's parameters for
+        backward from hooks on its outputs, so every rank's forward must return the same
+        tensors with gradients (a batch without SFT answers has no ``kd`` part)."""
         hidden = self.hidden_states(input_ids, attention_mask, memory_vectors)
         targets = labels[:, 1:]
         picked = targets != IGNORE
@@ -211,14 +221,15 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         if recall_targets is not None and self.memory_bank is not None and (recall_targets >= 0).any():
             rows = (recall_targets >= 0).nonzero(as_tuple=True)[0]
             query = F.normalize(hidden[rows, pos[rows]].float(), dim=-1)
-            scores = query @ self.memory_bank.to(query.device).T * self.recall_scale
+            scores = query @ self.memory_bank.to(query.device, query.dtype).T * self.recall_scale
             parts["recall"] = F.cross_entropy(scores, recall_targets[rows])
         if recall_anchors is not None:
             rows = rows_all[has_recall & (recall_anchors.abs().sum(-1) > 0)]
             if rows.numel():
                 query = F.normalize(hidden[rows, pos[rows]].float(), dim=-1)
                 parts["preserve"] = (1 - (query * F.normalize(recall_anchors[rows], dim=-1)).sum(-1)).mean()
-        return parts
+        loss = sum(self.loss_weights[k] * v for k, v in parts.items() if self.loss_weights.get(k, 0.0) > 0)
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
     @torch.no_grad()
     def merged_lm(self):
@@ -244,6 +255,8 @@ def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArgum
                       target_modules=targets, bias="none")
     model = MemoryDecoderModel(get_peft_model(lm, lora), token_ids, memory_dim, args.projector_hidden,
                                args.noise_std, memory_bank, args.recall_temperature)
+    model.loss_weights = {"lm": 1.0, "recall": args.recall_loss_weight, "preserve": args.preserve_weight,
+                          "kd": args.kd_weight}
     return model
 
 
@@ -281,15 +294,18 @@ class DecodingCollator:
     ``<|memory_pad|>`` (in batch order) from ``memory_vectors`` (M, d)."""
 
     def __init__(self, pad_token_id: int, memory_vectors: torch.Tensor, memory_pad_id: int,
-                 pad_to: Optional[int] = None, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None):
+                 pad_to: Optional[int] = None, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None,
+                 pad_to_multiple_of: int = 1):
         """``anchors``: (A, d) step-1 queries indexed by a sample's ``anchor``; ``kd``: per
         SFT example, (indices, log-probs) of shape (answer length, k), for a sample's ``kd``
-        index (its answer is the sample's tail)."""
+        index (its answer is the sample's tail). ``pad_to_multiple_of``: round the batch width
+        up (a few distinct shapes let cuDNN attention reuse its plans on GPU)."""
         self.pad, self.vectors, self.memory_pad_id, self.pad_to = pad_token_id, memory_vectors, memory_pad_id, pad_to
-        self.anchors, self.kd = anchors, kd
+        self.anchors, self.kd, self.multiple = anchors, kd, max(1, pad_to_multiple_of)
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         width = self.pad_to or max(len(f["input_ids"]) for f in features)
+        width = -(-width // self.multiple) * self.multiple
         ids = torch.tensor([f["input_ids"] + [self.pad] * (width - len(f["input_ids"])) for f in features])
         labels = torch.tensor([f["labels"] + [IGNORE] * (width - len(f["labels"])) for f in features])
         mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
@@ -364,25 +380,24 @@ class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
                  tokenizer, train_dataset, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None,
                  **kwargs):
         kwargs.setdefault("data_collator", DecodingCollator(tokenizer.pad_token_id, memory_vectors.float(),
-                                                            model.pad_id, anchors=anchors, kd=kd))
+                                                            model.pad_id, anchors=anchors, kd=kd,
+                                                            pad_to_multiple_of=args.pad_to_multiple_of))
         prepare_deepspeed_args(args)
         super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
         if isinstance(train_dataset, ResampledDataset):
             self.add_callback(_ResampleEachEpoch(train_dataset))
         self._parts: Dict[str, List[float]] = {}
-        self._weights = {"lm": 1.0, "recall": args.recall_loss_weight, "preserve": args.preserve_weight,
-                         "kd": args.kd_weight}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parts = model(**inputs)
-        loss = sum(self._weights[k] * v for k, v in parts.items() if self._weights[k] > 0)
-        for k, v in parts.items():
-            self._parts.setdefault(f"{k}_loss", []).append(v.item())
+        loss = parts.pop("loss")
+        for k, v in parts.items():  # kept on the device: .item() here would sync every step
+            self._parts.setdefault(f"{k}_loss", []).append(v)
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         for name, values in self._parts.items():
             if values and "loss" in logs:
-                logs[name] = round(sum(values) / len(values), 4)
+                logs[name] = round(torch.stack(values).float().mean().item(), 4)
                 values.clear()
         super().log(logs, *args, **kwargs)

@@ -45,7 +45,7 @@ class TrainableTokenRows(nn.Module):
         logit deltas ``hidden @ delta.T`` for a tied head (computed here, inside this module's
         forward, so ZeRO-3 has gathered ``delta``)."""
         if output_hidden is not None:
-            return output_hidden.float() @ self.delta.T
+            return output_hidden.float() @ self.delta.float().T  # DeepSpeed bf16 holds delta in bf16
         base = self.embedding(input_ids)
         padded = torch.cat([self.delta.new_zeros(1, self.delta.shape[1]), self.delta])
         return base + padded[self.slots[input_ids]].to(base.dtype)

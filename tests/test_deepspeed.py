@@ -1,7 +1,8 @@
 """``deepspeed --num_gpus 2 run_training.py --deepspeed ds_configs/...``: two real CPU
 processes (gloo/shm), the tiny model, ZeRO-2 and ZeRO-3. The published version must match a
-single-process run's: the same memories active, a loadable model, trained (non-zero) state.
-ZeRO-3 is not shipped yet (see README, "Multi-GPU training")."""
+single-process run's: the same memories active, a loadable model, trained (non-zero) state,
+and the published token rows equal to the saved (gathered) ones. A ZeRO-3 run killed after a
+checkpoint resumes from it."""
 import json
 import os
 import shutil
@@ -37,7 +38,6 @@ def _published(out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     current = resolve_current(out / "models")
-    AutoModelForCausalLM.from_pretrained(current)
     with MemoryVectorDB(current / "memory_db") as db:
         snap = sorted(r.text for r in db.records(statuses=("active",)))
     with MemoryVectorDB(out / "memory_db") as db:
@@ -45,7 +45,9 @@ def _published(out: Path) -> dict:
     run = Path(json.loads((current / MANIFEST).read_text())["run_dir"])
     recall = load_file(str(run / "recall" / "recall_state.safetensors"))
     decode = load_file(str(run / "decode" / "decoder_state.safetensors"))
-    return {"snapshot": snap, "live": live, "recall": recall, "decode": decode,
+    rows = AutoModelForCausalLM.from_pretrained(current).get_input_embeddings().weight.detach()
+    return {"snapshot": snap, "live": live, "recall": recall, "decode": decode, "run": run,
+            "published_rows": rows[decode["token_rows.token_ids"]].float(), "vocab": rows.shape[0],
             "metrics": json.loads((current / "metrics.json").read_text())}
 
 
@@ -63,7 +65,7 @@ def single(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
-@pytest.mark.parametrize("config", ["zero2.json"])
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, tiny_model_dir, tmp_path, single):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -81,6 +83,34 @@ def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, tin
         assert _trained(multi[part]), f"{config}: {part} state saved empty or untrained"
         for k, v in multi[part].items():
             assert v.shape == single[part][k].shape and torch.isfinite(v.float()).all()
+    # the published model holds exactly the saved (gathered) token rows: base rows + trained delta;
+    # the embedding was resized for the memory tokens before DeepSpeed partitioned it
+    saved = multi["decode"]["token_rows.base_rows"] + multi["decode"]["token_rows.delta"]
+    assert torch.allclose(multi["published_rows"], saved, atol=1e-5)
+    assert multi["vocab"] == single["vocab"]
+    assert multi["metrics"]["decoding"]["decode_exact_match"] is not None  # decoded through <|memory_pad|>
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
+def test_zero3_run_killed_after_a_checkpoint_resumes_from_it(tiny_model_dir, tmp_path, single):
+    """Every rank SIGKILLs itself right after step 2's first complete DeepSpeed checkpoint
+    (ZeRO-3: per-rank parameter and optimizer shards); the rerun resumes from it."""
+    out = tmp_path / "out"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(28500 + (os.getpid() % 1000)), "run_training.py",
+           "--deepspeed", "ds_configs/zero3.json", *_flags(tiny_model_dir, tmp_path, out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    crashed = subprocess.run(cmd, cwd=ROOT, env={**env, "RECALL_MEMORY_CRASH_AT": "decode-checkpoint"},
+                             capture_output=True, text=True, timeout=600)
+    assert crashed.returncode != 0
+    checkpoints = list(out.glob("runs/*/decode/checkpoint-*/checkpoint_complete.json"))
+    assert len(checkpoints) == 1 and not (out / "models").exists()
+    assert list(checkpoints[0].parent.glob("global_step*")), "no DeepSpeed checkpoint shards were written"
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    log = next(out.glob("runs/*/run.log")).read_text()
+    assert f"step 3.2: resuming from {checkpoints[0].parent}" in log
+    resumed = _published(out)
+    assert resumed["snapshot"] == single["snapshot"] and _trained(resumed["decode"])
 
 
 def test_bad_deepspeed_config_is_reported_before_any_model_loads(tmp_path, capsys):
@@ -92,7 +122,7 @@ def test_bad_deepspeed_config_is_reported_before_any_model_loads(tmp_path, capsy
     assert "not valid JSON" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", ["zero2.json"])
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_shipped_configs_are_complete(config):
     data = json.loads((ROOT / "ds_configs" / config).read_text())
     zero = data["zero_optimization"]

@@ -106,6 +106,23 @@ def test_collator_batches_mixed_kinds(tiny):
     assert batch["recall_targets"].tolist() == [-1, 2, -1]
 
 
+def test_loss_and_gradients_under_bf16_autocast(tiny, tmp_path):
+    """GPU users train with bf16=True (autocast): the fp32 token rows, the projector and the
+    bf16 matmuls must mix (index_add of bf16 output-row logits into fp32 logits used to fail)."""
+    lm, tok, ids = tiny
+    model = build_decoder_model(lm, ids, _args(tmp_path), memory_dim=64).train()
+    builder = SampleBuilder(tok, FACTS, [["q?"]] * 3, SFT, max_length=128)
+    batch = DecodingCollator(tok.pad_token_id, torch.randn(3, 64), ids[MEMORY_PAD_TOKEN])(
+        [builder.sft_sample(0), builder.memory_sample(2, 0), builder.sandwich_sample(1, 1)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = model(**batch)
+    loss = parts["loss"]
+    assert torch.isfinite(loss) and loss.dtype == torch.float32 and not parts["lm"].requires_grad
+    loss.backward()
+    assert model.token_rows.delta.grad is not None and model.token_rows.delta.grad.abs().sum() > 0
+    assert model.token_rows.delta.dtype == torch.float32
+
+
 def test_memories_decode_after_training_and_rows_change(tokenizer, tmp_path):
     # a random model with 0.02-scale weights cannot make a peaked next-token distribution
     # (logits stay within about +-1), so this one is initialised at a larger scale
@@ -195,3 +212,16 @@ def test_min_steps_gives_a_small_cycle_more_epochs_and_never_fewer(tmp_path):
     assert epochs_for_min_steps(235, args) == 6  # 30 steps per epoch: the configured 6 already give 180
     args = _args(tmp_path, per_device_train_batch_size=8, num_train_epochs=6, min_steps=0)
     assert epochs_for_min_steps(8, args) == 6
+
+
+def test_collator_rounds_the_width_up_when_asked(tiny):
+    _, tok, ids = tiny
+    builder = SampleBuilder(tok, FACTS, [["q?"]] * 3, SFT, max_length=128)
+    samples = [builder.sft_sample(0), builder.memory_sample(2, 0)]
+    plain = DecodingCollator(tok.pad_token_id, torch.randn(3, 64), ids[MEMORY_PAD_TOKEN])(samples)
+    rounded = DecodingCollator(tok.pad_token_id, torch.randn(3, 64), ids[MEMORY_PAD_TOKEN],
+                               pad_to_multiple_of=64)(samples)
+    width = plain["input_ids"].shape[1]
+    assert rounded["input_ids"].shape[1] == -(-width // 64) * 64 > width
+    assert torch.equal(rounded["attention_mask"][:, :width], plain["attention_mask"])
+    assert rounded["attention_mask"][:, width:].sum() == 0 and (rounded["labels"][:, width:] == IGNORE).all()

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# GPU check: both trainers on a random-initialised ~1B Llama in bf16, single GPU, plain and under
+# DeepSpeed ZeRO-2 / ZeRO-3 (one process), printing tokens/s, MFU and peak memory per run.
+# Meant for a GPU machine without internet; about 6 minutes on an H100.
+#
+#   bash bench/gpu_check.sh                  # results as JSON lines in $OUT/gpu_check.jsonl
+#
+# Preparation on a machine with internet, in the repository root (wheels for Python 3.12):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 peft==0.21.2 trl==1.16.0 \
+#       usearch==2.26.6 numkong schedule==1.2.2 gguf==0.19.0 hjson pydantic pydantic-core annotated-types \
+#       typing-inspection
+#   pip download --no-deps --no-binary :all: deepspeed==0.19.8 -d /tmp/ds && \
+#       DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation /tmp/ds/deepspeed-0.19.8.tar.gz -w .whl
+#   python -c "from transformers import AutoTokenizer; from recall.model_loading import materialize, \
+#       resolve_model_source as r; AutoTokenizer.from_pretrained(materialize(r())).save_pretrained('.whl/tokenizer')"
+# and bring .whl/ along. Wheels are installed (into /tmp/site, ahead on PYTHONPATH) only when a
+# package is missing or not at the pinned version.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+RESULTS="$OUT/gpu_check.jsonl"
+: > "$RESULTS"
+: > "$OUT/gpu_check.log"
+WHEELS=${WHEELS:-.whl}
+PY=${PYTHON:-python3}
+SIZE=${SIZE:-1b}
+STEPS=${STEPS:-100}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+need_install=$("$PY" - <<'EOF'
+import importlib.metadata as md
+pins = {"transformers": "5.24.0", "peft": "0.21.2", "trl": "1.16.0", "deepspeed": "0.19.8", "usearch": "2.26.6",
+        "schedule": "1.2.2", "gguf": "0.19.0"}
+bad = []
+for name, version in pins.items():
+    try:
+        if md.version(name) != version:
+            bad.append(f"{name} {md.version(name)} (pinned {version})")
+    except md.PackageNotFoundError:
+        bad.append(f"{name} missing")
+print("; ".join(bad))
+EOF
+)
+if [ -n "$need_install" ]; then
+  echo "installing carried wheels: $need_install"
+  ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "no wheels in $WHEELS (see the preparation steps at the top)"; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$WHEELS"/*.whl || exit 2
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+TOK=()
+[ -d "$WHEELS/tokenizer" ] && TOK=(--tokenizer "$WHEELS/tokenizer")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, transformers, peft, deepspeed; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__, 'deepspeed', deepspeed.__version__)"
+
+run() {  # label, then bench.gpu_train arguments
+  local label=$1; shift
+  echo "== $label"
+  local started=$SECONDS
+  timeout "${RUN_TIMEOUT:-150}" "$@" --size "$SIZE" "${TOK[@]}" --json "$RESULTS" 2>&1 | tee -a "$OUT/gpu_check.log" | grep -E '^\{"step"|Error|error|Traceback' \
+      | tail -5
+  echo "   ($((SECONDS - started)) s)"
+}
+single=("$PY" -m bench.gpu_train)
+ds=("$PY" -m torch.distributed.run --nproc_per_node 1 --master_port 29611 -m bench.gpu_train)
+
+run "step 2, plain bf16, batch 32 (+ matmul peak)" "${single[@]}" --step decode --batch 32 --steps "$STEPS" --peak
+run "step 2, plain bf16, batch 64" "${single[@]}" --step decode --batch 64 --steps "$STEPS"
+run "step 1, plain bf16, batch 64" "${single[@]}" --step recall --batch 64 --steps "$STEPS"
+run "step 2, ZeRO-2, batch 32" "${ds[@]}" --step decode --batch 32 --steps $((STEPS / 2)) \
+    --deepspeed ds_configs/zero2.json
+[ -f ds_configs/zero3.json ] && run "step 2, ZeRO-3, batch 32" "${ds[@]}" --step decode --batch 32 \
+    --steps $((STEPS / 2)) --deepspeed ds_configs/zero3.json
+
+echo
+"$PY" - "$RESULTS" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print("| step | setup | batch | tokens/s | TFLOP/s | MFU | MFU (6N) | peak GiB |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    setup = (r["deepspeed"] or "plain").split("/")[-1].replace(".json", "")
+    print(f"| {r['step']} | {setup} | {r['batch_per_device']} | {r['tokens_per_second']:.0f} | "
+          f"{r['tflops_per_second']:.1f} | {r.get('mfu', float('nan')):.3f} | {r.get('mfu_6n', float('nan')):.3f} | "
+          f"{r.get('peak_memory_gib', float('nan'))} |")
+peak = [r for r in rows if "measured_peak_tflops" in r]
+if peak:
+    print(f"measured bf16 matmul peak: {peak[0]['measured_peak_tflops']} TFLOP/s "
+          f"(nominal {peak[0].get('nominal_bf16_tflops')})")
+EOF

@@ -1,0 +1,285 @@
+"""Training throughput of both trainers at a realistic model size: tokens/s, MFU, peak memory.
+
+    python -m bench.gpu_train --size 1b --step decode --steps 200 --batch 32
+    deepspeed --num_gpus 1 --module bench.gpu_train --size 1b --step decode --deepspeed ds_configs/zero2.json
+    python -m bench.gpu_train --size tiny --steps 6 --batch 4 --device cpu     # a smoke run on CPU
+    bash bench/gpu_check.sh                                                    # all of it, on a lent GPU
+
+The model is a **random-initialised** Llama of the named size (nothing is downloaded; the
+tokenizer is the default model's, or ``--tokenizer DIR``). The data are synthetic texts of the
+shapes the pipeline trains on: step 1 (``RecallMemoryTrainer``) on ``context + <recall>``
+queries against a bank of memory vectors, step 2 (``EnhancedTextMemoryTrainer``) on the three
+sample kinds (memory, memory inside an SFT answer, pure SFT) with the KD and preserve terms on.
+Both run through the real trainers, so the figure is what a user's run gets.
+
+**FLOPs counted** (per real, non-pad token; pad tokens are not useful work):
+forward ``2 N`` (N = transformer matmul weights) + causal attention ``2 L d S`` + the LM head
+``2 V d`` only where step 2 has a label; backward = 2x forward for the trainable LoRA/row
+weights and 1x for the frozen base (activation gradients only). MFU = those FLOPs / time /
+the card's nominal dense bf16 peak; the same run also measures a large bf16 matmul and
+reports the fraction of that. ``mfu_6n`` is the usual 6N-per-token figure for comparison
+(it counts weight gradients the frozen base does not need, so it reads 1.5x higher).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {  # Llama-style configs; vocab is the tokenizer's (49k for SmolLM2's)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3),  # SmolLM2-135M's shape
+    "0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=4),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),  # Llama-3.2-1B's shape: 1.07B with a 49k vocab
+}
+NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+WORDS = ("the user likes hiking near the lake every weekend and works as a nurse in a small town hospital "
+         "her brother lives in Lisbon with two cats called Pixel and Nori she is learning Portuguese and plays "
+         "cello in a community orchestra on Thursdays they moved house in March after the landlord sold the flat "
+         "favourite food is spicy ramen allergic to peanuts drives an old blue Volvo reads science fiction").split()
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def synthetic_data(n_memories: int, seed: int = 0):
+    """Memories (~25 words), 3 contexts each (~60-120 words), and SFT pairs (~40 + ~60 words)."""
+    from memory.sft_data import SFTExample
+
+    rng = random.Random(seed)
+    memories = [f"Fact {i}: " + _text(rng, rng.randint(15, 30)) for i in range(n_memories)]
+    contexts = [[_text(rng, rng.randint(60, 120)) for _ in range(3)] for _ in range(n_memories)]
+    sft = [SFTExample(prompt=_text(rng, rng.randint(20, 60)) + "?", answer=_text(rng, rng.randint(40, 80)))
+           for _ in range(max(64, n_memories))]
+    return memories, contexts, sft
+
+
+def random_model(size: str, tokenizer, dtype, device):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                      max_position_embeddings=2048, **SIZES[size])
+    with torch.device(device):  # initialised where it will train: seconds on a GPU for 1B
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def matmul_peak(device, dtype=torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
+    """Measured TFLOP/s of an n^3 matmul (after warm-up), the ceiling this run can reach."""
+    if device.type == "cpu":
+        n, reps = 2048, 3
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class CountingCollator:
+    """Wraps a collator; records real tokens, padded tokens, labelled tokens and the
+    attention work (sum of squared lengths) of every batch it makes."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        lengths = batch["attention_mask"].sum(1)
+        labels = batch.get("labels")
+        self.batches.append({"tokens": int(lengths.sum()), "padded": int(batch["attention_mask"].numel()),
+                             "labelled": int((labels != -100).sum()) if labels is not None else 0,
+                             "sq": int((lengths.double() ** 2).sum())})
+        return batch
+
+
+def _timer(warmup: int):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+            if state.global_step == warmup and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    return StepTimer()
+
+
+def _param_counts(model):
+    """(transformer matmul weights of the base, trainable parameters)."""
+    body = trainable = 0
+    for name, p in model.named_parameters():
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves an empty local tensor
+        n = int(torch.Size(shape).numel())
+        if p.requires_grad:
+            trainable += n
+        elif len(shape) == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            body += n
+    return body, trainable
+
+
+def run(opts) -> dict:
+    from transformers import AutoTokenizer
+
+    from memory.decoding_step import SampleBuilder
+    from memory.token_manager import RECALL_TOKEN, add_memory_tokens
+    from recall.distributed import is_main, world_size
+    from recall.model_loading import materialize, resolve_model_source
+    from recall.text_embedding_train import (RecallMemoryTrainer, RecallTrainingArguments, build_recall_model,
+                                             format_query)
+    from recall.text_memory_train import (DecodingCollator, EnhancedTextMemoryTrainer, MemoryDecodingArguments,
+                                          ResampledDataset, build_decoder_model)
+
+    device = torch.device(opts.device)
+    if opts.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    bf16 = opts.precision == "bf16"
+    tok = AutoTokenizer.from_pretrained(opts.tokenizer or materialize(resolve_model_source()))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm = random_model(opts.size, tok, torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32, device)
+    token_ids = add_memory_tokens(lm, tok)
+    memories, contexts, sft = synthetic_data(opts.memories, opts.seed)
+    d = lm.config.hidden_size
+    bank = torch.nn.functional.normalize(torch.randn(len(memories), d, generator=torch.Generator().manual_seed(0)),
+                                         dim=-1)
+    common = dict(output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
+                  save_strategy="no", logging_steps=10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
+                  disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda")
+    timer = _timer(opts.warmup)
+    if opts.step == "recall":
+        args = RecallTrainingArguments(**common, lora_target_modules=opts.lora_targets or "q_proj,v_proj")
+        model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
+        data = [{"text": format_query(tok, c), "target": row} for row, ctxs in enumerate(contexts) for c in ctxs]
+        from recall.text_embedding_train import RecallCollator
+
+        collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length))
+        trainer = RecallMemoryTrainer(model, args, bank, tok, token_ids[RECALL_TOKEN], train_dataset=data,
+                                      data_collator=collate, callbacks=[timer])
+    else:
+        args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple,
+                                       **({"lora_target_modules": opts.lora_targets} if opts.lora_targets else {}))
+        builder = SampleBuilder(tok, memories, contexts, sft, args.max_length, mix=args.mix)
+        kd = builder.teacher_topk(lm, device=device) if args.kd_weight > 0 else None  # the base is the teacher
+        model = build_decoder_model(lm, token_ids, args, d, memory_bank=bank)
+        model.projector.fit_center(bank)
+        n_anchors = sum(len(c) for c in contexts) + len(sft)
+        anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
+        collate = CountingCollator(DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
+                                                    pad_to_multiple_of=args.pad_to_multiple_of))
+        trainer = EnhancedTextMemoryTrainer(model, args, bank, tok, ResampledDataset(builder.epoch, seed=opts.seed),
+                                            data_collator=collate, callbacks=[timer])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    if opts.profile:  # where the step time goes: the top operators by self CPU and by self device time
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            trainer.train()
+        table = prof.key_averages()
+        with open(opts.profile, "w") as f:
+            for key in ("self_cpu_time_total", "self_device_time_total" if device.type == "cuda" else None):
+                if key:
+                    f.write(f"== sorted by {key}\n{table.table(sort_by=key, row_limit=25)}\n")
+    else:
+        trainer.train()
+    wall = time.perf_counter() - started
+    marks = timer.marks
+    timed = collate.batches[opts.warmup:opts.warmup + opts.steps]  # num_workers=0: one batch per step, in order
+    seconds = marks[-1] - marks[opts.warmup - 1] if opts.warmup else marks[-1] - started
+    cfg = lm.config
+    body, trainable = _param_counts(model)
+    tokens = sum(b["tokens"] for b in timed)
+    attn = sum(b["sq"] for b in timed) * cfg.num_hidden_layers * cfg.hidden_size  # 2 L d S per token, causal half
+    head = sum(b["labelled"] for b in timed) * 2 * cfg.vocab_size * cfg.hidden_size
+    forward = 2 * body * tokens + 2 * attn + head
+    flops = 2 * forward + 4 * trainable * tokens  # frozen base: activation grads; trainables: + weight grads
+    flops_6n = 3 * forward
+    n = world_size()
+    out = {"step": opts.step, "size": opts.size, "device": torch.cuda.get_device_name() if device.type == "cuda"
+           else "cpu", "precision": opts.precision, "deepspeed": opts.deepspeed, "world_size": n,
+           "batch_per_device": opts.batch, "pad_multiple": opts.pad_multiple,
+           "cudnn_attention": not opts.no_cudnn_attention, "timed_steps": len(timed), "seconds": round(seconds, 3),
+           "wall_seconds": round(wall, 1), "params_body": body, "params_trainable": trainable,
+           "tokens_per_second": round(tokens * n / seconds, 1),
+           "padding_fraction": round(1 - tokens / max(sum(b["padded"] for b in timed), 1), 3),
+           "tflops_per_second": round(flops * n / seconds / 1e12, 4)}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        name = out["device"]
+        nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
+        if nominal:
+            out["nominal_bf16_tflops"] = nominal
+            out["mfu"] = round(flops / seconds / 1e12 / nominal, 3)
+            out["mfu_6n"] = round(flops_6n / seconds / 1e12 / nominal, 3)
+    if opts.peak and is_main():
+        out["measured_peak_tflops"] = round(matmul_peak(device, torch.bfloat16 if bf16 else torch.float32), 1)
+        out["fraction_of_measured_peak"] = round(out["tflops_per_second"] / out["measured_peak_tflops"], 3)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--step", choices=("recall", "decode"), default="decode")
+    ap.add_argument("--size", choices=tuple(SIZES), default="1b")
+    ap.add_argument("--steps", type=int, default=200, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32, help="per device")
+    ap.add_argument("--memories", type=int, default=256)
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--deepspeed", default=None)
+    ap.add_argument("--lora_targets", default=None, help="default: the trainer's own")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the default model's)")
+    ap.add_argument("--peak", action="store_true", help="also measure a large matmul's TFLOP/s")
+    ap.add_argument("--work", default="/tmp/gpu_train")
+    ap.add_argument("--pad_multiple", type=int, default=1, help="step 2: round batch widths up to this")
+    ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")
+    ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+    ap.add_argument("--seed", type=int, default=0)
+    opts = ap.parse_args(argv)
+    if opts.deepspeed:
+        from recall.distributed import init_process_group
+
+        init_process_group(opts.deepspeed)
+    out = run(opts)
+    from recall.distributed import is_main
+
+    if is_main():
+        print(json.dumps(out), flush=True)
+        if opts.json:
+            with open(opts.json, "a") as f:
+                f.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
