@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from memory.chat_store import ChatStore
+from memory.token_manager import safe_chat_template
 from memory.vector_db import MemoryRecord, MemoryVectorDB
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _question_prompt(tokenizer, fact: str) -> str:
     for f, q in QUESTION_FEW_SHOT:
         messages += [{"role": "user", "content": f"Fact: {f}"}, {"role": "assistant", "content": q}]
     messages.append({"role": "user", "content": f"Fact: {fact}"})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return safe_chat_template(tokenizer, messages, add_generation_prompt=True)
 
 
 @torch.no_grad()

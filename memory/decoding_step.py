@@ -30,7 +30,7 @@ from memory.runs import last_complete_checkpoint, raise_if_stopped
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
 from memory.sft_data import SFTExample, chat_prompt
 from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
-                                  memory_token_ids)
+                                  memory_token_ids, neutralize)
 from recall.generation import NEUTRAL_CONTEXT, RecallEngine
 from recall.text_embedding_train import ACTIVATION_PHRASE, format_query
 from recall.text_memory_train import (EnhancedTextMemoryTrainer, MemoryDecodingArguments, ResampledDataset,
@@ -96,11 +96,11 @@ class SampleBuilder:
             self.mix = ()
         if len(self.mix) != 3 or min(self.mix) < 0 or self.mix[0] < 1:
             raise ValueError(f"decode_mix: expected memory:sandwich:sft counts per memory with memory >= 1, got {mix}")
-        self.memories = [enc(m) for m in memories]
+        self.memories = [enc(neutralize(m, tok)) for m in memories]
         # a context's prefix = format_query minus its trailing <recall>: the exact ids step 1 saw
         self.contexts = [[enc(format_query(tok, c))[:-1] for c in ctxs] for ctxs in contexts]
         self.sft_prompts = [enc(chat_prompt(tok, e.prompt)) for e in sft]
-        self.sft_answers = [enc(e.answer)[:max_answer_tokens] + self.im_end for e in sft]
+        self.sft_answers = [enc(neutralize(e.answer, tok))[:max_answer_tokens] + self.im_end for e in sft]
         self.phrase = enc(f"{ACTIVATION_PHRASE} ")
         self.space = enc(" ")
 
@@ -207,7 +207,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     token_ids = add_memory_tokens(loaded.model, tok)  # idempotent; the ids step 1 used
     lm, query_projector, temperature = merge_recall_state(loaded.model if start_lm is None else start_lm, tok,
                                                           recall_dir)
-    texts = [r.text for r in records]
+    texts = [neutralize(r.text, tok) for r in records]  # what training targets and decoding yields
     contexts = [decode_contexts(cues[r.id]) for r in records]
     eval_ctx = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
     metrics: Dict[str, object] = {"memories": len(records), "sft_examples": len(sft)}

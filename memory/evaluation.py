@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from memory.recall_step import COMPLETE_MARKER
+from memory.token_manager import neutralize
 from memory.vector_db import MemoryVectorDB
 from recall.text_embedding_train import format_query, retrieval_metrics
 
@@ -190,7 +191,7 @@ def decode_exact_match(engine, db: MemoryVectorDB) -> dict:
     if not records:
         return {"decode_exact_match": None, "n": 0, "failures": []}
     decoded = engine.decode_memories(db.vectors([r.id for r in records]))
-    texts = [r.text for r in records]
+    texts = [neutralize(r.text, engine.tokenizer) for r in records]
     return {"decode_exact_match": exact_match_rate(decoded, texts), "n": len(texts),
             "failures": [{"text": t, "decoded": d} for t, d in zip(texts, decoded)
                          if normalize_ws(t) != normalize_ws(d)]}
@@ -227,7 +228,7 @@ def forgetting(base, trained_lm, tokenizer, prompts, max_new_tokens: int = 48) -
     vocab = base.model.get_output_embeddings().weight.shape[0]
     for prompt, answer in zip(prompts, answers):
         p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(neutralize(answer, tokenizer), add_special_tokens=False)["input_ids"]
         if not a_ids:
             continue
         ids = torch.tensor([p_ids + a_ids], device=base.runtime.device)

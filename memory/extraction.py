@@ -29,6 +29,7 @@ import torch
 from memory.grounding import content_words, grounding_report
 from recall.get_text_embedding import autocast
 from memory.schema import ChatSession, MemoryCandidate
+from memory.token_manager import safe_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def build_prompt(tokenizer, text: str, few_shot: bool = True) -> str:
             messages += [{"role": "user", "content": f"Message: {question}"},
                          {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": f"Message: {text}"})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return safe_chat_template(tokenizer, messages, add_generation_prompt=True)
 
 
 # --------------------------------------------------------- constrained output

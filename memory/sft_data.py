@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from memory.fileio import atomic_write_json
+from memory.token_manager import safe_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     """A user turn under the chat template, ready for the assistant's answer. An empty
     system message keeps templates (SmolLM2's) from inserting their default one."""
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return safe_chat_template(tokenizer, messages, add_generation_prompt=True)
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+import re
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -25,6 +26,46 @@ INIT_WORDS: Dict[str, List[str]] = {
     RECALL_END_TOKEN: ["end", "done", "remembered", "."],
     MEMORY_PAD_TOKEN: ["memory", "fact", "note", "information"],
 }
+
+
+# chat-template markers of most model families: <|im_start|>, <|eot_id|>, <|endoftext|>, ...
+_MARKER = r"<\|[^\s<>|]{1,64}\|>"
+_PATTERNS: Dict[tuple, "re.Pattern"] = {}
+
+
+def _reserved(tokenizer) -> "re.Pattern":
+    key = (id(tokenizer), len(tokenizer) if tokenizer is not None else 0)
+    if key not in _PATTERNS:
+        strings = set(MEMORY_TOKENS)
+        if tokenizer is not None:
+            strings.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
+            strings.update(getattr(tokenizer, "all_special_tokens", ()))
+        alternatives = [re.escape(s) for s in sorted((s for s in strings if s.strip()), key=len, reverse=True)]
+        _PATTERNS[key] = re.compile("|".join(alternatives + [_MARKER]))
+    return _PATTERNS[key]
+
+
+def _defang(token: str) -> str:
+    if len(token) >= 2 and token[0] == "<" and token[-1] == ">":
+        return "\u2039" + token[1:-1] + "\u203a"  # <recall> -> ‹recall›: readable, never a token
+    return token[0] + "\u2060" + token[1:]  # a word joiner splits e.g. [INST]
+
+
+def neutralize(text: str, tokenizer=None) -> str:
+    """``text`` with every special-token string (the memory tokens, the tokenizer's added and
+    special tokens, chat-template markers like ``<|im_end|>``) made plain text: ``<recall>``
+    becomes ``‹recall›``. Tokenizers match such strings inside ordinary text, so a chat message
+    or memory containing them would otherwise become a real ``<recall>`` or end-of-turn in
+    training and recall. Idempotent."""
+    return _reserved(tokenizer).sub(lambda m: _defang(m.group()), text)
+
+
+def safe_chat_template(tokenizer, messages: Sequence[dict], **kwargs) -> str:
+    """``apply_chat_template(tokenize=False)`` over messages whose contents are neutralized:
+    the only special tokens in the prompt are the template's own."""
+    clean = [{**m, "content": neutralize(m["content"], tokenizer)} if isinstance(m.get("content"), str) else m
+             for m in messages]
+    return tokenizer.apply_chat_template(clean, tokenize=False, **kwargs)
 
 
 def memory_token_ids(tokenizer) -> Dict[str, int]:

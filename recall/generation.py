@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memory.token_manager import safe_chat_template
 from recall.get_text_embedding import autocast, backbone
 
 NOT_FOUND = " (nothing found in memory)"
@@ -89,7 +90,7 @@ class RecallEngine:
     # ----------------------------------------------------------- prompts
     def prompt_text(self, user_text: str, history: Sequence[dict] = (), force_recall: bool = False) -> str:
         messages = [{"role": "system", "content": ""}, *history, {"role": "user", "content": user_text}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = safe_chat_template(self.tokenizer, messages, add_generation_prompt=True)
         if force_recall:
             text += f"{self.activation_phrase} {self.tokenizer.convert_ids_to_tokens(self.recall_id)}"
         return text

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from memory.token_manager import safe_chat_template
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, last_token_positions
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
@@ -44,7 +45,7 @@ def format_query(tokenizer, context: str, activation: str = ACTIVATION_PHRASE) -
     assistant starting its answer with the activation phrase. The recall loop builds the
     same shape at inference, so training and use agree."""
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": context}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = safe_chat_template(tokenizer, messages, add_generation_prompt=True)
     return f"{prompt}{activation} {RECALL_TOKEN}"
 
 
