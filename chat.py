@@ -32,6 +32,13 @@ def _print_answer(answer, out=sys.stdout) -> None:
 
 
 def main(argv=None) -> int:
+    from memory.fileio import private_umask
+
+    with private_umask():  # what this writes is the user's alone (0600 files, 0700 directories)
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model_dir", default="output/models",
                     help="a version directory, or a models/ directory (its 'current' is used)")

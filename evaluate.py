@@ -15,6 +15,13 @@ from memory.evaluation import QuestionsFormatError, evaluate_retrieval, find_mod
 
 
 def main(argv=None) -> int:
+    from memory.fileio import private_umask
+
+    with private_umask():  # what this writes is the user's alone (0600 files, 0700 directories)
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output_dir", required=True, help="work directory (memory DB, runs/)")
     ap.add_argument("--questions", required=True, help='JSON list of {"question", "expected", "user_id"?}')

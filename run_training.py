@@ -31,6 +31,13 @@ def _pop_flag(argv, flag: str) -> bool:
 
 
 def main(argv=None) -> int:
+    from memory.fileio import private_umask
+
+    with private_umask():  # what this writes is the user's alone (0600 files, 0700 directories)
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     from memory.runs import (LOCK_FILE, AlreadyRunning, ProcessLock, StopRequested, install_stop_handlers,
                              restore_handlers, utc_now)
     from memory.training_scheduler import journald_logging, status_lines

@@ -108,6 +108,13 @@ def _status(db: MemoryVectorDB, id: int) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from memory.fileio import private_umask
+
+    with private_umask():  # what this writes is the user's alone (0600 files, 0700 directories)
+        return _main(argv)
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     ap = _parser()
     args, rest = ap.parse_known_args(argv)
     if rest and args.command not in ("search", "add"):

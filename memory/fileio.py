@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import Any
 
 
+@contextlib.contextmanager
+def private_umask():
+    """Files and directories created inside are the owner's alone (0600 / 0700): memories,
+    chats, DB files, checkpoints and model versions hold a person's private facts. The CLI
+    entry points run under it; the previous umask comes back afterwards."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a 0600 temp dotfile in the same directory + os.replace."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")

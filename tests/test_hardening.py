@@ -110,3 +110,35 @@ def test_recall_for_one_user_never_returns_another_users_memory(tmp_path):
         hits = db_search(db, "alex", top_k=5)(v)  # the query matches Bo's memory exactly
         assert [h.text for h in hits[0]] == ["Alex likes tea."]
         assert db_search(db, "carol", top_k=5)(v) == [[]]
+
+
+def test_everything_a_run_writes_is_the_owners_alone(tiny_model_dir, tmp_path):
+    """0600 files and 0700 directories for the DB, runs, checkpoints, reports and versions."""
+    import json
+    import stat
+
+    import run_training
+
+    facts = tmp_path / "m.jsonl"
+    facts.write_text("".join(json.dumps({"text": t, "user_id": "alex"}) + "\n"
+                             for t in ("The user lives in Porto.", "The user has a dog named Max.")))
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "Say hi.", "completion": "Hi there!"}) + "\n")
+    out = tmp_path / "out"
+    before = os.umask(0o022)
+    try:
+        assert run_training.main(["--model_name_or_path", str(tiny_model_dir), "--chats_dir", "", "--precision", "fp32",
+                                  "--output_dir", str(out), "--num_train_epochs", "1", "--lora_r", "4",
+                                  "--cue_questions", "1", "--k_folds", "0", "--memories", str(facts),
+                                  "--sft_data", str(sft), "--sft_self_distill", "false", "--decode_epochs", "1",
+                                  "--decode_min_steps", "0", "--decode_lora_r", "4", "--decode_projector_hidden",
+                                  "16", "--disable_tqdm", "true"]) == 0
+        assert os.umask(0o022) == 0o022  # the caller's umask is back
+    finally:
+        os.umask(before)
+    paths = [p for p in out.rglob("*") if not p.is_symlink()]
+    names = {p.name for p in paths}
+    assert {"memories.sqlite3", "memories.usearch", "manifest.json", "model.safetensors"} <= names
+    loose = [f"{p.relative_to(out)} {stat.filemode(p.stat().st_mode)}" for p in [out, *paths]
+             if p.stat().st_mode & 0o077]
+    assert not loose, loose
