@@ -177,7 +177,8 @@ def _run(args, rest: List[str]) -> int:
                 raise ValueError("add: the memory text is empty")
             user = args.user or service.args.default_user_id
             report = ingest_candidates(service.db, [MemoryCandidate(text=text, user_id=user, source="manual")],
-                                       service.vectorizer(), near_duplicate_cosine=service.args.near_duplicate_cosine)
+                                       service.vectorizer(), near_duplicate_cosine=service.args.near_duplicate_cosine,
+                                       secret_filter=service.secret_filter)
             service.db.flush()
             if report.added:
                 print(f"added memory {report.added[0]} for {user} (pending: trained in the next cycle)")

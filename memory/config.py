@@ -65,6 +65,9 @@ class MemoryArguments:
     extraction_grounding: bool = True
     extraction_batch_size: int = 16
     near_duplicate_cosine: float = 0.97
+    secret_filter: str = dataclasses.field(
+        default="library", metadata={"help": "keep secrets (passwords, keys, card numbers, IBANs, private keys) out "
+                                             "of memories, cues and chat SFT data: library | regex | off"})
     cue_questions: int = dataclasses.field(default=3, metadata={"help": "questions generated per memory (step 1 cues)"})
     recall_teacher: str = dataclasses.field(
         default="minilm", metadata={"help": "sentence encoder that filters generated questions and gives soft "
@@ -131,6 +134,8 @@ class MemoryArguments:
             raise ValueError(f"replay_ratio and replay_cap must be >= 0, got {self.replay_ratio}, {self.replay_cap}")
         if self.check_interval_minutes <= 0:
             raise ValueError(f"check_interval_minutes: expected > 0, got {self.check_interval_minutes}")
+        if self.secret_filter not in ("library", "regex", "off"):
+            raise ValueError(f"secret_filter: expected library, regex or off, got {self.secret_filter!r}")
         if self.extraction_unit not in ("sentence", "message", "session"):
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
 

@@ -11,6 +11,7 @@ rerun does not generate them again.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -19,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from memory.chat_store import ChatStore
+from memory.secrets import log_filtered
 from memory.token_manager import safe_chat_template
 from memory.vector_db import MemoryRecord, MemoryVectorDB
 
@@ -106,19 +108,24 @@ def source_text(store: ChatStore, record: MemoryRecord, cache: Dict[str, object]
 
 
 def ensure_cues(db: MemoryVectorDB, records: Sequence[MemoryRecord], model, tokenizer, store: ChatStore,
-                n_questions: int = 3, seed: int = 0) -> Dict[int, List[Cue]]:
-    """Cues for every record; generates and stores them for records that have none yet."""
+                n_questions: int = 3, seed: int = 0, secret_filter=None) -> Dict[int, List[Cue]]:
+    """Cues for every record; generates and stores them for records that have none yet. With a
+    ``secret_filter``, a source message or question holding a secret is not kept as a cue (the
+    memory itself passed the filter, its source turn may not)."""
     todo = [r for r in records if not r.cues]
     if todo:
         logger.info("generating cues for %d memories", len(todo))
         questions = generate_questions(model, tokenizer, [r.text for r in todo], n=n_questions, seed=seed)
         sessions: Dict[str, object] = {}
+        counts: collections.Counter = collections.Counter()
+        keep = (lambda t: secret_filter.keep(t, counts)) if secret_filter is not None else (lambda t: True)
         for rec, qs in zip(todo, questions):
-            cues = [Cue("question", q) for q in qs]
+            cues = [Cue("question", q) for q in qs if keep(q)]
             src = source_text(store, rec, sessions)
-            if src and src.lower() != rec.text.lower():
+            if src and src.lower() != rec.text.lower() and keep(src):
                 cues.insert(0, Cue("source", src))
             db.set_cues(rec.id, [c.encode() for c in cues] or [Cue("text", rec.text).encode()])
+        log_filtered(counts, "cues")
     out = {}
     for rec in records:
         stored = db.get(rec.id).cues

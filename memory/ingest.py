@@ -12,6 +12,7 @@ For each candidate, oldest first:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Dict, FrozenSet, List, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 
 from memory.grounding import content_words
 from memory.schema import MemoryCandidate
+from memory.secrets import log_filtered
 from memory.subjects import subject_key
 from memory.vector_db import MemoryRecord, MemoryVectorDB, normalize_text
 
@@ -33,11 +35,13 @@ class IngestReport:
     duplicate_exact: int = 0
     duplicate_near: int = 0
     superseded: int = 0
+    secrets: Dict[str, int] = dataclasses.field(default_factory=dict)  # dropped, by secret type
     events: List[dict] = dataclasses.field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
         return {"added": len(self.added), "duplicate_exact": self.duplicate_exact,
-                "duplicate_near": self.duplicate_near, "superseded": self.superseded}
+                "duplicate_near": self.duplicate_near, "superseded": self.superseded,
+                "secret_filtered": sum(self.secrets.values())}
 
 
 def _jaccard(a: FrozenSet[str], b: FrozenSet[str]) -> float:
@@ -58,9 +62,18 @@ class _UserView:
 
 
 def ingest_candidates(db: MemoryVectorDB, candidates: Sequence[MemoryCandidate], vectorizer, *,
-                      near_duplicate_cosine: float = 0.97, near_duplicate_jaccard: float = 0.6
-                      ) -> IngestReport:
+                      near_duplicate_cosine: float = 0.97, near_duplicate_jaccard: float = 0.6,
+                      secret_filter=None) -> IngestReport:
+    """Store ``candidates`` (de-duplicated, update rule applied). With a ``secret_filter``
+    (memory.secrets), a candidate holding a password, key, card number, IBAN or private key is
+    dropped before it is embedded or stored; ``report.secrets`` counts them by type."""
     report = IngestReport()
+    if secret_filter is not None:
+        counts: collections.Counter = collections.Counter()
+        candidates = [c for c in candidates if secret_filter.keep(c.text, counts)]
+        report.secrets = dict(counts)
+        log_filtered(counts, "memories")
+        report.events += [{"event": "secret_filtered", "types": sorted(counts)}] if counts else []
     if not candidates:
         return report
     ordered = sorted(candidates, key=lambda c: (c.timestamp or "", c.message_index or 0))

@@ -148,13 +148,23 @@ class MemoryTrainingService:
             return LoadResult([], [])
         return self.store.load_sessions(strict=self.args.strict)
 
+    @property
+    def secret_filter(self):
+        """memory.secrets.SecretFilter of ``--secret_filter`` (None when off)."""
+        if not hasattr(self, "_secret_filter"):
+            from memory.secrets import SecretFilter
+
+            self._secret_filter = None if self.args.secret_filter == "off" else SecretFilter(self.args.secret_filter)
+        return self._secret_filter
+
     def import_memories(self, path: str) -> IngestReport:
         """``--memories FILE.jsonl``: entries stored as if extracted (same de-duplication)."""
         from memory.import_memories import read_memories_jsonl
 
         candidates = read_memories_jsonl(path, self.args.default_user_id)
         report = ingest_candidates(self.db, candidates, self.vectorizer(),
-                                   near_duplicate_cosine=self.args.near_duplicate_cosine)
+                                   near_duplicate_cosine=self.args.near_duplicate_cosine,
+                                   secret_filter=self.secret_filter)
         self.db.flush()
         return report
 
@@ -178,6 +188,7 @@ class MemoryTrainingService:
 
     def sft_examples(self, sessions: Sequence[ChatSession] = ()) -> list:
         """Step 2's SFT data: ``--sft_data``, self-distilled answers, the sessions' replies."""
+        from memory.secrets import filter_texts
         from memory.sft_data import chat_session_examples, read_sft_jsonl, self_distilled
         from recall.model_loading import cache_root
 
@@ -189,7 +200,9 @@ class MemoryTrainingService:
             out += self_distilled(lm.model, lm.tokenizer, lm.source.identity, cache_root() / "sft",
                                   autocast_dtype=lm.runtime.autocast_dtype)
         if self.args.sft_from_chats:
-            out += chat_session_examples(sessions)
+            pairs = chat_session_examples(sessions)
+            keep = filter_texts([f"{e.prompt}\n{e.answer}" for e in pairs], self.secret_filter, "chat SFT examples")
+            out += [e for e, k in zip(pairs, keep) if k]
         return out
 
     def decoding_arguments(self, out_dir: Path):
@@ -339,7 +352,8 @@ class MemoryTrainingService:
     def store_memories(self, sessions: List[ChatSession], result: ExtractionResult) -> IngestReport:
         """Step 2b: de-duplicate, apply the update rule, store; then mark sessions processed."""
         report = ingest_candidates(self.db, result.candidates, self.vectorizer(),
-                                   near_duplicate_cosine=self.args.near_duplicate_cosine)
+                                   near_duplicate_cosine=self.args.near_duplicate_cosine,
+                                   secret_filter=self.secret_filter)
         per_session = collections.Counter(c.session_id for c in result.candidates)
         for s in sessions:
             self.db.mark_session_processed(s.session_id, s.content_hash(), s.source_path or "",

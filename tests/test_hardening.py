@@ -142,3 +142,76 @@ def test_everything_a_run_writes_is_the_owners_alone(tiny_model_dir, tmp_path):
     loose = [f"{p.relative_to(out)} {stat.filemode(p.stat().st_mode)}" for p in [out, *paths]
              if p.stat().st_mode & 0o077]
     assert not loose, loose
+
+
+# ------------------------------------------------------------------ secrets
+SECRETS = {
+    "Stated Credential": "The user's email password is Kx9!mQ2pz.",
+    "AWS Access Key": "The user's AWS key is AKIAIOSFODNN7EXAMPLE.",
+    "GitHub Token": "The user pushes with 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.",
+    "Private Key": "-----BEGIN RSA PRIVATE KEY----- MIIEowIBAAKCAQEA7",
+    "Card Number": "The user's card number is 4111 1111 1111 1111.",
+    "IBAN": "The user's IBAN is GB82 WEST 1234 5698 7654 32.",
+}
+LOOKALIKES = ["The user's password is too short.", "The user's phone is 555 123 4567.",
+              "Invoice 4111111111111112 is overdue.", "The ISBN is 978-0-306-40615-7.", "The user likes tea."]
+
+
+@pytest.mark.parametrize("detector", ["library", "regex"])
+def test_secret_filter_finds_each_kind_and_passes_lookalikes(detector):
+    from memory.secrets import SecretFilter
+
+    f = SecretFilter(detector)
+    for kind, text in SECRETS.items():
+        assert kind in f.find(text), (detector, kind)
+    if detector == "library":  # checksums: no card or IBAN look-alike passes as one
+        assert [t for t in LOOKALIKES if f.find(t)] == []
+    assert SecretFilter("off").find(SECRETS["IBAN"]) == []
+    with pytest.raises(ValueError, match="secret_filter"):
+        SecretFilter("magic")
+
+
+def test_memories_with_secrets_are_never_stored_and_logged_by_type_only(tmp_path, tiny_model, tokenizer, caplog):
+    import logging
+
+    from memory.ingest import ingest_candidates
+    from memory.schema import MemoryCandidate
+    from memory.secrets import SecretFilter
+    from memory.vector_db import MemoryVectorDB
+    from memory.vectors import ChatModelVectorizer
+
+    vectorizer = ChatModelVectorizer(tiny_model, tokenizer, "tiny", template="raw")
+    cands = [MemoryCandidate(text=t, user_id="alex") for t in [*SECRETS.values(), "The user lives in Porto."]]
+    with MemoryVectorDB(tmp_path / "db") as db, caplog.at_level(logging.WARNING):
+        report = ingest_candidates(db, cands, vectorizer, near_duplicate_cosine=1.01, secret_filter=SecretFilter())
+        assert [r.text for r in db.records()] == ["The user lives in Porto."]
+    assert sum(report.secrets.values()) == len(SECRETS) and report.counts()["secret_filtered"] == len(SECRETS)
+    assert "Card Number x1" in caplog.text and "IBAN x1" in caplog.text
+    for text in SECRETS.values():  # types, never values
+        for secret_part in ("4111", "Kx9!", "AKIA", "ghp_", "MIIEow", "WEST"):
+            if secret_part in text:
+                assert secret_part not in caplog.text
+
+
+def test_chat_turns_with_secrets_do_not_become_sft_or_cues(tmp_path, tiny_model_dir):
+    import json
+
+    from memory.config import parse_args
+    from memory.training_service import MemoryTrainingService
+
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    (chats / "s1.json").write_text(json.dumps({"session_id": "s1", "user_id": "alex", "messages": [
+        {"role": "user", "content": "What should my new password be?"},
+        {"role": "assistant", "content": "Try password: Tr0ub4dor&3-horse"},
+        {"role": "user", "content": "Thanks. What is a good tea?"},
+        {"role": "assistant", "content": "Green tea is a good choice."}]}))
+    service = MemoryTrainingService(*parse_args(["--model_name_or_path", str(tiny_model_dir), "--chats_dir", str(chats),
+                                                 "--output_dir", str(tmp_path / "out"), "--precision", "fp32",
+                                                 "--sft_self_distill", "false"]))
+    try:
+        sessions = service.load_chat_sessions().sessions
+        answers = [e.answer for e in service.sft_examples(sessions)]
+    finally:
+        service.close()
+    assert answers == ["Green tea is a good choice."]
