@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -156,11 +157,40 @@ def _load_yaml(path: str) -> dict:
         raise ValueError(f"{file}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a mapping of option names to values, got {type(data).__name__}")
-    known = {f.name for cls in _argument_classes() for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    hints = {}
+    for cls in _argument_classes():
+        types = typing.get_type_hints(cls)
+        hints.update({f.name: types.get(f.name) for f in dataclasses.fields(cls)})
+    unknown = sorted(map(str, set(data) - set(hints)))
     if unknown:
-        raise ValueError(f"{file}: unknown option(s): {', '.join(map(str, unknown))}")
-    return data
+        raise ValueError(f"{file}: unknown option(s): {', '.join(unknown)}")
+    return {key: _typed_value(file, key, value, hints[key]) for key, value in data.items()}
+
+
+def _typed_value(file: Path, key: str, value, hint):
+    """A YAML value checked against the option's type. Defaults set from a config bypass
+    argparse's conversion, so a wrong type would otherwise fail later, far from the file."""
+    import math
+
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    simple = [a for a in args if a is not type(None)] if optional else [hint]
+    if len(simple) != 1 or simple[0] not in (bool, int, float, str):
+        return value  # a structured option (dicts, lists, unions): TrainingArguments checks it
+    base = simple[0]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{file}: {key}: expected {base.__name__}, got null")
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          str: isinstance(value, str)}[base]
+    if not ok:
+        hint_text = " (quote times and words, e.g. \"03:00\")" if base is str else ""
+        raise ValueError(f"{file}: {key}: expected {'a finite number' if base is float else base.__name__}"
+                         f"{hint_text}, got {value!r}")
+    return float(value) if base is float else value
 
 
 def _check_deepspeed(argv: List[str]) -> None:
@@ -201,5 +231,10 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple:
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_load_yaml(pre.config))
-    parsed = parser.parse_args_into_dataclasses(argv)  # (+ a namespace holding --config)
+    try:
+        parsed = parser.parse_args_into_dataclasses(argv)  # (+ a namespace holding --config)
+    except ValueError as exc:
+        if pre.config and pre.config not in str(exc):  # a check in a dataclass: say where options came from
+            raise ValueError(f"{exc} (options from {pre.config} and the command line)") from exc
+        raise
     return parsed[0], parsed[1], parsed[2]

@@ -99,15 +99,18 @@ def read_sft_jsonl(path) -> List[SFTExample]:
     if not file.is_file():
         raise SFTFormatError(f"--sft_data: file not found: {file}")
     out = []
-    with file.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SFTFormatError(f"{file}:{n}: not valid JSON: {exc.msg}") from exc
-            out.append(parse_sft_record(record, f"{file}:{n}"))
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SFTFormatError(f"{file}: not UTF-8: {exc}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SFTFormatError(f"{file}:{n}: not valid JSON: {exc.msg}") from exc
+        out.append(parse_sft_record(record, f"{file}:{n}"))
     if not out:
         raise SFTFormatError(f"{file}: no examples")
     return out

@@ -1,0 +1,12 @@
+"""Fixed-seed fuzzing of the user-file readers (see tests/fuzz_readers.py; the long run is
+``python -m bench.fuzz_readers``)."""
+import pytest
+
+from tests.fuzz_readers import PROPERTIES
+
+BUDGET = {"config YAML": 60}  # parsing builds the whole argument parser: slower per example
+
+
+@pytest.mark.parametrize("reader", list(PROPERTIES))
+def test_reader_parses_or_names_the_file(reader):
+    PROPERTIES[reader](BUDGET.get(reader, 300))()
