@@ -215,3 +215,70 @@ def test_chat_turns_with_secrets_do_not_become_sft_or_cues(tmp_path, tiny_model_
     finally:
         service.close()
     assert answers == ["Green tea is a good choice."]
+
+
+# ------------------------------------------------------------------ the forget guarantee
+@pytest.fixture(scope="module")
+def decoding_model_dir(tokenizer, tmp_path_factory):
+    """A tiny model initialised at a larger scale: at 0.02 its logits stay too flat to decode a
+    memory exactly (see test_memory_decoding)."""
+    path = tmp_path_factory.mktemp("tiny-0.3")
+    make_tiny_model(tokenizer, initializer_range=0.3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_forget_erases_at_once_and_the_next_cycle_no_longer_decodes_or_retrieves_it(decoding_model_dir, tmp_path):
+    """forget removes the record and vector from the live DB and every version's snapshot at
+    once; the next cycle retrains from the base model without it, after which its old vector
+    neither decodes to its text nor retrieves it."""
+    import json
+
+    import run_training
+    from memory.__main__ import main as memory_cli
+    from memory.decoding_step import normalize_ws
+    from memory.publish import resolve_current
+    from memory.vector_db import MemoryVectorDB
+    from recall.published import open_version
+
+    facts = ["The user lives in Porto.", "The user has a dog named Max.", "The user works as a nurse."]
+    mem = tmp_path / "m.jsonl"
+    mem.write_text("".join(json.dumps({"text": t, "user_id": "alex"}) + "\n" for t in facts))
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "Say hi.", "completion": "Hi there!"}) + "\n")
+    out = tmp_path / "out"
+    flags = ["--model_name_or_path", str(decoding_model_dir), "--chats_dir", "", "--precision", "fp32",
+             "--output_dir", str(out), "--num_train_epochs", "2", "--lora_r", "4", "--cue_questions", "1",
+             "--k_folds", "0", "--sft_data", str(sft), "--sft_self_distill", "false", "--decode_epochs", "100",
+             "--decode_min_steps", "0", "--decode_learning_rate", "1e-2", "--decode_batch_size", "3",
+             "--decode_mix", "2:1:1", "--decode_projector_hidden", "64", "--disable_tqdm", "true",
+             "--recall_teacher", "none"]
+    assert run_training.main(flags + ["--memories", str(mem)]) == 0
+    with MemoryVectorDB(out / "memory_db") as db:
+        target = next(r for r in db.records() if "Max" in r.text)
+        old_vector = db.vectors([target.id])
+
+    def decoded_and_hits():
+        model, snapshot = open_version(out / "models", precision="fp32")
+        try:
+            text = model.engine.decode_memories(old_vector)[0]
+            hits = snapshot.search(old_vector, k=3, statuses=("active",))[0]
+            return text, [h.record.id for h in hits]
+        finally:
+            snapshot.close()
+
+    text, hits = decoded_and_hits()
+    assert normalize_ws(text) == target.text and hits[0] == target.id  # it was learnt: the test can fail
+    first = resolve_current(out / "models")
+
+    assert memory_cli(["--output_dir", str(out), "forget", str(target.id), "--yes"]) == 0
+    for db_dir in (out / "memory_db", first / "memory_db"):  # at once: live DB and published snapshot
+        with MemoryVectorDB(db_dir) as db:
+            assert db.get(target.id).text == "" and db.get(target.id).status == "deleted"
+            assert target.id not in [h.record.id for h in db.search(old_vector, k=3)[0]]
+
+    assert run_training.main(flags) == 0  # the next cycle: a full retrain without it
+    assert resolve_current(out / "models") != first
+    text, hits = decoded_and_hits()
+    assert normalize_ws(text) != target.text and "Max" not in text
+    assert target.id not in hits
