@@ -13,6 +13,7 @@ stopped cleanly at a safe point by SIGTERM/SIGINT), 1 bad input, 2 bad option, 3
 training (or daemon) holds the lock.
 """
 import sys
+import traceback
 from pathlib import Path
 
 from memory.chat_store import ChatFormatError
@@ -75,6 +76,12 @@ def _main(argv=None) -> int:
     except (ChatFormatError, ModelNotFoundError, SFTFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         record["error"] = str(exc)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a full disk, a corrupt DB...: the traceback, then what it means
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc}\n(the current version is unchanged; fix the cause and run the "
+              "same command again to resume)", file=sys.stderr)
+        record["error"] = f"{type(exc).__name__}: {exc}"
         return 1
     except StopRequested as exc:
         print(f"{exc}; run the same command again to resume", file=sys.stderr)

@@ -18,6 +18,7 @@ next trigger.
 """
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import os
@@ -119,6 +120,19 @@ class TrainingScheduler:
         when = self.scheduler.next_run if self.scheduler.jobs else None
         return when.astimezone().isoformat(timespec="seconds") if when else None
 
+    def tick(self) -> None:
+        """One pass of the loop: run what is due. A wall clock set backwards (NTP, a restored VM)
+        would leave the jobs waiting for their old next-run times, possibly for days: when the
+        clock is seen going back by more than a minute, the jobs are planned again from now."""
+        now = dt.datetime.now()
+        last, self._last_tick = getattr(self, "_last_tick", None), now
+        if last is not None and now < last - dt.timedelta(minutes=1):
+            logger.warning("the clock went back by %s; rescheduling from now", last - now)
+            self.scheduler.clear()
+            self.setup()
+            self.status.update(next_run=self.next_run())
+        self.scheduler.run_pending()
+
     def setup(self) -> None:
         amount, unit = parse_every(self.args.schedule_every)
         if unit == "days":
@@ -150,7 +164,7 @@ class TrainingScheduler:
                         self.output_dir, self.args.schedule_every, self.next_run())
             self.check("startup")
             while not STOP.is_set():
-                self.scheduler.run_pending()
+                self.tick()
                 idle = self.scheduler.idle_seconds
                 STOP.wait(timeout=max(0.2, min(idle if idle is not None else 5.0, 5.0)))
         except StopRequested as exc:

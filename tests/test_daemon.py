@@ -158,6 +158,7 @@ def test_replay_is_capped_so_a_cycle_costs_new_plus_replay(tiny_model_dir, tmp_p
 
 
 # ------------------------------------------------------------------ crashes and resume
+@pytest.mark.reliability(fault='SIGKILL at each of 4 stage boundaries, real process', outcome='rerun equals an uninterrupted run; one version')
 def test_kill_9_at_every_stage_boundary_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, reference):
     f = _files(tmp_path)
     out = tmp_path / "out"
@@ -175,6 +176,7 @@ def test_kill_9_at_every_stage_boundary_then_rerun_equals_an_uninterrupted_run(t
     assert len(list((out / "models").glob("model_*"))) == 1  # the crash after the switch did not publish twice
 
 
+@pytest.mark.reliability(fault='kill -9 in the middle of step 3.1 and of step 3.2', outcome='resumed from the last complete checkpoint')
 def test_kill_9_mid_training_resumes_from_the_trainer_checkpoint(tiny_model_dir, tmp_path, reference):
     f = _files(tmp_path)
     out = tmp_path / "out"
@@ -193,6 +195,7 @@ def test_kill_9_mid_training_resumes_from_the_trainer_checkpoint(tiny_model_dir,
     assert state == {**reference, "mode": "full"}
 
 
+@pytest.mark.reliability(fault='A checkpoint cut short by a kill', outcome='removed, never resumed from')
 def test_a_checkpoint_cut_short_by_a_kill_is_never_resumed_from(tmp_path):
     from memory.runs import CHECKPOINT_COMPLETE, last_complete_checkpoint
 
@@ -207,6 +210,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_never_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
+@pytest.mark.reliability(fault='SIGTERM during training (systemd stop)', outcome='exit 0 with a checkpoint; next run resumes')
 def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_the_next_run_resumes(tiny_model_dir, tmp_path):
     f = _files(tmp_path)
     out = tmp_path / "out"
@@ -226,6 +230,7 @@ def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_the_next_run_resumes(
     assert _state(out)["snapshot"] == sorted(FIRST)
 
 
+@pytest.mark.reliability(fault='A chat session written while a cycle runs', outcome='nothing lost: trained in the next cycle')
 def test_a_session_written_during_a_cycle_waits_for_the_next_one(tiny_model_dir, tmp_path):
     from memory.chat_store import ChatStore
     from memory.schema import ChatMessage, ChatSession
@@ -250,6 +255,7 @@ def test_a_session_written_during_a_cycle_waits_for_the_next_one(tiny_model_dir,
 
 
 # ------------------------------------------------------------------ the daemon
+@pytest.mark.reliability(fault='Two daemons and a manual run at once', outcome="one trains; the others exit 3 with the holder's pid")
 def test_two_daemons_one_trains_and_a_manual_run_is_refused(tiny_model_dir, tmp_path):
     f = _files(tmp_path)
     out = tmp_path / "out"
@@ -281,6 +287,7 @@ def test_two_daemons_one_trains_and_a_manual_run_is_refused(tiny_model_dir, tmp_
     assert "daemon: not running" in status.stdout and "last run: ok (startup)" in status.stdout
 
 
+@pytest.mark.reliability(fault='A cycle failing on a corrupt SFT file under the daemon', outcome='daemon alive; current kept; recovered when fixed')
 def test_the_daemon_survives_a_failed_cycle_and_keeps_current(tiny_model_dir, tmp_path):
     f = _files(tmp_path)
     out = tmp_path / "out"

@@ -91,6 +91,7 @@ def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, tin
     assert multi["metrics"]["decoding"]["decode_exact_match"] is not None  # decoded through <|memory_pad|>
 
 
+@pytest.mark.reliability(fault="Every ZeRO-3 rank killed after step 2's first checkpoint", outcome='resumed from the DeepSpeed checkpoint')
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
 def test_zero3_run_killed_after_a_checkpoint_resumes_from_it(tiny_model_dir, tmp_path, single):
     """Every rank SIGKILLs itself right after step 2's first complete DeepSpeed checkpoint

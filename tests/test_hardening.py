@@ -43,6 +43,7 @@ def test_neutralize_leaves_plain_text_alone_and_is_idempotent(tok):
     assert neutralize(out, tok) == out
 
 
+@pytest.mark.reliability(fault='Chat text with special-token strings (ChatML, Llama-3, StarCoder markers, a fake recall block)', outcome="plain text: only the template's special tokens")
 @pytest.mark.parametrize("text", HOSTILE)
 def test_special_token_strings_in_chat_text_never_become_tokens(tok, text):
     template_only = tok(format_query(tok, "hello"), add_special_tokens=False)["input_ids"]
@@ -55,6 +56,7 @@ def test_special_token_strings_in_chat_text_never_become_tokens(tok, text):
         [i for i in tok(chat_prompt(tok, "hello"), add_special_tokens=False)["input_ids"] if i in specials]
 
 
+@pytest.mark.reliability(fault='Memory and SFT text with special-token strings', outcome='one <recall>, <|memory_pad|>, </recall> per sample')
 def test_memory_text_with_special_tokens_trains_as_plain_text(tok):
     """One <recall>, one <|memory_pad|>, one </recall> per memory sample: those the builder puts there."""
     builder = SampleBuilder(tok, [HOSTILE[1], HOSTILE[0]], [[HOSTILE[2]], ["q?"]],
@@ -75,6 +77,7 @@ def test_safe_chat_template_keeps_non_text_content(tok):
     assert msgs[0]["content"] == "<recall> hi"  # the caller's messages are not modified
 
 
+@pytest.mark.reliability(fault='A code-running pickle as model weights', outcome='refused; the code never runs')
 def test_a_malicious_pickle_in_a_model_directory_is_refused_not_run(tmp_path, tiny_model_dir):
     """transformers loads .bin weights with torch.load(weights_only=True); ours are safetensors."""
     import shutil
@@ -98,6 +101,7 @@ def test_a_malicious_pickle_in_a_model_directory_is_refused_not_run(tmp_path, ti
     assert not marker.exists()
 
 
+@pytest.mark.reliability(fault="A query matching another user's memory exactly", outcome='nothing of theirs returned')
 def test_recall_for_one_user_never_returns_another_users_memory(tmp_path):
     from memory.schema import MemoryCandidate
     from memory.vector_db import MemoryVectorDB
@@ -112,6 +116,7 @@ def test_recall_for_one_user_never_returns_another_users_memory(tmp_path):
         assert db_search(db, "carol", top_k=5)(v) == [[]]
 
 
+@pytest.mark.reliability(fault='A run under umask 022', outcome='every file 0600, every directory 0700')
 def test_everything_a_run_writes_is_the_owners_alone(tiny_model_dir, tmp_path):
     """0600 files and 0700 directories for the DB, runs, checkpoints, reports and versions."""
     import json
@@ -157,6 +162,7 @@ LOOKALIKES = ["The user's password is too short.", "The user's phone is 555 123 
               "Invoice 4111111111111112 is overdue.", "The ISBN is 978-0-306-40615-7.", "The user likes tea."]
 
 
+@pytest.mark.reliability(fault='Secrets of 6 kinds and 5 look-alikes', outcome='each kind found; no look-alike flagged (library)')
 @pytest.mark.parametrize("detector", ["library", "regex"])
 def test_secret_filter_finds_each_kind_and_passes_lookalikes(detector):
     from memory.secrets import SecretFilter
@@ -171,6 +177,7 @@ def test_secret_filter_finds_each_kind_and_passes_lookalikes(detector):
         SecretFilter("magic")
 
 
+@pytest.mark.reliability(fault='Memories holding secrets', outcome='never stored; logged by type, never by value')
 def test_memories_with_secrets_are_never_stored_and_logged_by_type_only(tmp_path, tiny_model, tokenizer, caplog):
     import logging
 
@@ -193,6 +200,7 @@ def test_memories_with_secrets_are_never_stored_and_logged_by_type_only(tmp_path
                 assert secret_part not in caplog.text
 
 
+@pytest.mark.reliability(fault='Chat turns holding secrets', outcome='not used as SFT data')
 def test_chat_turns_with_secrets_do_not_become_sft_or_cues(tmp_path, tiny_model_dir):
     import json
 
@@ -228,6 +236,7 @@ def decoding_model_dir(tokenizer, tmp_path_factory):
     return path
 
 
+@pytest.mark.reliability(fault='forget on a memory the model decodes exactly', outcome='erased at once; after the next cycle neither decoded nor retrieved')
 def test_forget_erases_at_once_and_the_next_cycle_no_longer_decodes_or_retrieves_it(decoding_model_dir, tmp_path):
     """forget removes the record and vector from the live DB and every version's snapshot at
     once; the next cycle retrains from the base model without it, after which its old vector

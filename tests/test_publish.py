@@ -35,6 +35,7 @@ def test_publish_switches_current_and_keeps_retention(tmp_path):
     assert os.readlink(models / CURRENT) == made[-1].name  # relative link: the folder can move
 
 
+@pytest.mark.reliability(fault='An exception in the middle of publishing', outcome='current and old versions unchanged')
 def test_a_failed_publish_leaves_current_and_old_versions(tmp_path):
     models = tmp_path / "models"
     first = publish_version(models, _write_files(["a.txt"]), {})
@@ -49,6 +50,7 @@ def test_a_failed_publish_leaves_current_and_old_versions(tmp_path):
     assert not list(models.glob(".tmp-*"))
 
 
+@pytest.mark.reliability(fault='A publishing process SIGKILLed before the manifest', outcome='current still loads')
 def test_a_process_killed_before_the_manifest_leaves_current_loadable(tmp_path):
     models = tmp_path / "models"
     first = publish_version(models, _write_files(["a.txt"]), {})
@@ -70,6 +72,7 @@ def test_a_process_killed_before_the_manifest_leaves_current_loadable(tmp_path):
     assert resolve_current(models) == second.resolve() and not list(models.glob(".tmp-*"))
 
 
+@pytest.mark.reliability(fault='A version directory without a manifest', outcome='never used')
 def test_a_version_without_manifest_is_never_used(tmp_path):
     models = tmp_path / "models"
     first = publish_version(models, _write_files(["a.txt"]), {})
@@ -191,6 +194,7 @@ def test_evaluate_reports_the_recall_loop(published, tmp_path, capsys):
     assert "decode_exact_match" in capsys.readouterr().out
 
 
+@pytest.mark.reliability(fault='Ctrl-C during step 2', outcome='current unchanged')
 def test_an_interrupted_training_leaves_current_unchanged(published, tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 

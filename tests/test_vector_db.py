@@ -227,6 +227,7 @@ def _reference(path, queries):
         return [hit_ids(h) for h in d.search(queries, k=5, statuses=("active", "pending"))]
 
 
+@pytest.mark.reliability(fault='Corrupt vector index', outcome='rebuilt from SQLite')
 def test_corrupt_index_rebuilt(tmp_path, caplog):
     path, queries = tmp_path / "db", unit(8, seed=1)
     with MemoryVectorDB(path) as d:
@@ -240,6 +241,7 @@ def test_corrupt_index_rebuilt(tmp_path, caplog):
     assert "rebuilding" in caplog.text
 
 
+@pytest.mark.reliability(fault='Truncated vector index', outcome='rebuilt from SQLite')
 def test_truncated_index_rebuilt(tmp_path):
     path, queries = tmp_path / "db", unit(8, seed=1)
     with MemoryVectorDB(path) as d:
@@ -250,6 +252,7 @@ def test_truncated_index_rebuilt(tmp_path):
     assert _reference(path, queries) == before
 
 
+@pytest.mark.reliability(fault="Another DB's index file", outcome='detected and rebuilt')
 def test_foreign_index_rebuilt(tmp_path):
     """A readable index that is not the one last saved (same keys, other vectors) is rebuilt."""
     for name, seed in [("a", 0), ("b", 1)]:
@@ -262,6 +265,7 @@ def test_foreign_index_rebuilt(tmp_path):
     np.testing.assert_array_equal(np.stack([index.get(1), index.get(2)]), expected)
 
 
+@pytest.mark.reliability(fault='Missing vector index', outcome='rebuilt from SQLite')
 def test_missing_index_rebuilt(tmp_path, caplog):
     path, queries = tmp_path / "db", unit(8, seed=1)
     with MemoryVectorDB(path) as d:
@@ -274,6 +278,7 @@ def test_missing_index_rebuilt(tmp_path, caplog):
     assert os.path.exists(path / INDEX_FILENAME)
 
 
+@pytest.mark.reliability(fault='Process killed right after adding memories', outcome='nothing lost')
 def test_killed_after_add_keeps_records(tmp_path):
     path = tmp_path / "db"
     with MemoryVectorDB(path) as d:
