@@ -70,58 +70,49 @@ def _check(reader, data: bytes, errors, name: str = "input.json"):
         assert _snapshot(Path(tmp)) == before, "a reader wrote or changed a file"
 
 
-def chat_file_property(max_examples: int, seed_derandomize: bool = True):
+def _property(strategy, setup, name: str):
+    """A hypothesis property: ``setup()`` returns ``(reader, errors)``; every input drawn from
+    ``strategy`` must parse or raise one of ``errors`` naming the file."""
+    def make(max_examples: int, derandomize: bool = True):
+        reader, errors = setup()
+
+        @settings(max_examples=max_examples, derandomize=derandomize, deadline=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(strategy)
+        def prop(data):
+            _check(reader, data, errors, name)
+
+        return prop
+
+    return make
+
+
+def _chat_reader():
     from memory.chat_store import ChatFormatError, ChatStore
 
-    @settings(max_examples=max_examples, derandomize=seed_derandomize, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(raw_bytes)
-    def prop(data):
+    def read(path):
         with tempfile.TemporaryDirectory() as store_dir:
-            store = ChatStore(store_dir)
-            _check(store.read_session_file, data, ChatFormatError)
-
-    return prop
+            ChatStore(store_dir).read_session_file(path)
+    return read, ChatFormatError
 
 
-def memories_file_property(max_examples: int, seed_derandomize: bool = True):
+def _memories_reader():
     from memory.chat_store import ChatFormatError
     from memory.import_memories import read_memories_jsonl
-
-    @settings(max_examples=max_examples, derandomize=seed_derandomize, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(jsonl_bytes)
-    def prop(data):
-        _check(read_memories_jsonl, data, ChatFormatError, "memories.jsonl")
-
-    return prop
+    return read_memories_jsonl, ChatFormatError
 
 
-def sft_file_property(max_examples: int, seed_derandomize: bool = True):
+def _sft_reader():
     from memory.sft_data import SFTFormatError, read_sft_jsonl
-
-    @settings(max_examples=max_examples, derandomize=seed_derandomize, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(jsonl_bytes)
-    def prop(data):
-        _check(read_sft_jsonl, data, SFTFormatError, "sft.jsonl")
-
-    return prop
+    return read_sft_jsonl, SFTFormatError
 
 
-def questions_file_property(max_examples: int, seed_derandomize: bool = True):
+def _questions_reader():
     from memory.evaluation import QuestionsFormatError, load_questions
-
-    @settings(max_examples=max_examples, derandomize=seed_derandomize, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(raw_bytes)
-    def prop(data):
-        _check(load_questions, data, QuestionsFormatError, "questions.json")
-
-    return prop
+    return load_questions, QuestionsFormatError
 
 
-def config_file_property(max_examples: int, seed_derandomize: bool = True):
+def _config_reader():
     """A config YAML: parsed with every option of its declared type, or a ValueError naming
     the file (argparse's own usage error, exit 2, counts as clear too)."""
     import dataclasses
@@ -137,7 +128,7 @@ def config_file_property(max_examples: int, seed_derandomize: bool = True):
                 assert isinstance(value, hint) or (hint is float and isinstance(value, int)), \
                     f"{f.name}: {value!r} is not {hint.__name__}"
 
-    def reader(path):
+    def read(path):
         try:
             parsed = parse_args(["--config", str(path)])
         except SystemExit as exc:
@@ -145,16 +136,11 @@ def config_file_property(max_examples: int, seed_derandomize: bool = True):
             return
         for obj in parsed:
             typed(obj)
-
-    @settings(max_examples=max_examples, derandomize=seed_derandomize, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(yaml_bytes)
-    def prop(data):
-        _check(reader, data, ValueError, "config.yaml")
-
-    return prop
+    return read, ValueError
 
 
-PROPERTIES = {"chat files": chat_file_property, "memories JSONL": memories_file_property,
-              "SFT JSONL": sft_file_property, "questions JSON": questions_file_property,
-              "config YAML": config_file_property}
+PROPERTIES = {"chat files": _property(raw_bytes, _chat_reader, "input.json"),
+              "memories JSONL": _property(jsonl_bytes, _memories_reader, "memories.jsonl"),
+              "SFT JSONL": _property(jsonl_bytes, _sft_reader, "sft.jsonl"),
+              "questions JSON": _property(raw_bytes, _questions_reader, "questions.json"),
+              "config YAML": _property(yaml_bytes, _config_reader, "config.yaml")}
