@@ -77,16 +77,16 @@ def _main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         record["error"] = str(exc)
         return 1
+    except StopRequested as exc:
+        print(f"{exc}; run the same command again to resume", file=sys.stderr)
+        record.update(result="stopped", error=str(exc))
+        return 0
     except Exception as exc:  # noqa: BLE001 - a full disk, a corrupt DB...: the traceback, then what it means
         traceback.print_exc()
         print(f"error: {type(exc).__name__}: {exc}\n(the current version is unchanged; fix the cause and run the "
               "same command again to resume)", file=sys.stderr)
         record["error"] = f"{type(exc).__name__}: {exc}"
         return 1
-    except StopRequested as exc:
-        print(f"{exc}; run the same command again to resume", file=sys.stderr)
-        record.update(result="stopped", error=str(exc))
-        return 0
     finally:
         service.close()
         service.status.update(state="idle", stage=None, progress=None, last_run={**record, "finished_at": utc_now()})
