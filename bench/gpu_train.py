@@ -28,6 +28,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -143,21 +144,19 @@ def _param_counts(model):
     return body, trainable
 
 
-def run(opts) -> dict:
+def build_trainer(opts, device, timer):
+    """The real trainer of ``opts.step`` on a random model of ``opts.size`` and synthetic data;
+    returns ``(trainer, counting collator, lm)``."""
     from transformers import AutoTokenizer
 
     from memory.decoding_step import SampleBuilder
     from memory.token_manager import RECALL_TOKEN, add_memory_tokens
-    from recall.distributed import is_main, world_size
     from recall.model_loading import materialize, resolve_model_source
-    from recall.text_embedding_train import (RecallMemoryTrainer, RecallTrainingArguments, build_recall_model,
-                                             format_query)
+    from recall.text_embedding_train import (RecallCollator, RecallMemoryTrainer, RecallTrainingArguments,
+                                             build_recall_model, format_query)
     from recall.text_memory_train import (DecodingCollator, EnhancedTextMemoryTrainer, MemoryDecodingArguments,
                                           ResampledDataset, build_decoder_model)
 
-    device = torch.device(opts.device)
-    if opts.no_cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     bf16 = opts.precision == "bf16"
     tok = AutoTokenizer.from_pretrained(opts.tokenizer or materialize(resolve_model_source()))
     if tok.pad_token is None:
@@ -171,51 +170,63 @@ def run(opts) -> dict:
     common = dict(output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
                   save_strategy="no", logging_steps=10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
                   disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda")
-    timer = _timer(opts.warmup)
     if opts.step == "recall":
         args = RecallTrainingArguments(**common, lora_target_modules=opts.lora_targets or "q_proj,v_proj")
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
         data = [{"text": format_query(tok, c), "target": row} for row, ctxs in enumerate(contexts) for c in ctxs]
-        from recall.text_embedding_train import RecallCollator
-
         collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length))
-        trainer = RecallMemoryTrainer(model, args, bank, tok, token_ids[RECALL_TOKEN], train_dataset=data,
-                                      data_collator=collate, callbacks=[timer])
-    else:
-        args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple,
-                                       **({"lora_target_modules": opts.lora_targets} if opts.lora_targets else {}))
-        builder = SampleBuilder(tok, memories, contexts, sft, args.max_length, mix=args.mix)
-        kd = builder.teacher_topk(lm, device=device) if args.kd_weight > 0 else None  # the base is the teacher
-        model = build_decoder_model(lm, token_ids, args, d, memory_bank=bank)
-        model.projector.fit_center(bank)
-        n_anchors = sum(len(c) for c in contexts) + len(sft)
-        anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
-        collate = CountingCollator(DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
-                                                    pad_to_multiple_of=args.pad_to_multiple_of))
-        trainer = EnhancedTextMemoryTrainer(model, args, bank, tok, ResampledDataset(builder.epoch, seed=opts.seed),
-                                            data_collator=collate, callbacks=[timer])
+        return RecallMemoryTrainer(model, args, bank, tok, token_ids[RECALL_TOKEN], train_dataset=data,
+                                   data_collator=collate, callbacks=[timer]), collate, lm
+    args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple,
+                                   **({"lora_target_modules": opts.lora_targets} if opts.lora_targets else {}))
+    builder = SampleBuilder(tok, memories, contexts, sft, args.max_length, mix=args.mix)
+    kd = builder.teacher_topk(lm, device=device) if args.kd_weight > 0 else None  # the base is the teacher
+    model = build_decoder_model(lm, token_ids, args, d, memory_bank=bank)
+    model.projector.fit_center(bank)
+    n_anchors = sum(len(c) for c in contexts) + len(sft)
+    anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
+    collate = CountingCollator(DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
+                                                pad_to_multiple_of=args.pad_to_multiple_of))
+    return EnhancedTextMemoryTrainer(model, args, bank, tok, ResampledDataset(builder.epoch, seed=opts.seed),
+                                     data_collator=collate, callbacks=[timer]), collate, lm
+
+
+def train(trainer, device, profile_path: Optional[str]) -> float:
+    """``trainer.train()``, under torch.profiler when ``profile_path`` is given (the top
+    operators by self CPU and by self device time go there); returns the wall seconds."""
+    started = time.perf_counter()
+    if not profile_path:
+        trainer.train()
+        return time.perf_counter() - started
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        trainer.train()
+    table = prof.key_averages()
+    with open(profile_path, "w") as f:
+        for key in ("self_cpu_time_total", "self_device_time_total" if device.type == "cuda" else None):
+            if key:
+                f.write(f"== sorted by {key}\n{table.table(sort_by=key, row_limit=25)}\n")
+    return time.perf_counter() - started
+
+
+def run(opts) -> dict:
+    from recall.distributed import is_main, world_size
+
+    device = torch.device(opts.device)
+    if opts.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    timer = _timer(opts.warmup)
+    trainer, collate, lm = build_trainer(opts, device, timer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    if opts.profile:  # where the step time goes: the top operators by self CPU and by self device time
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            trainer.train()
-        table = prof.key_averages()
-        with open(opts.profile, "w") as f:
-            for key in ("self_cpu_time_total", "self_device_time_total" if device.type == "cuda" else None):
-                if key:
-                    f.write(f"== sorted by {key}\n{table.table(sort_by=key, row_limit=25)}\n")
-    else:
-        trainer.train()
-    wall = time.perf_counter() - started
+    wall = train(trainer, device, opts.profile)
     marks = timer.marks
     timed = collate.batches[opts.warmup:opts.warmup + opts.steps]  # num_workers=0: one batch per step, in order
-    seconds = marks[-1] - marks[opts.warmup - 1] if opts.warmup else marks[-1] - started
+    seconds = marks[-1] - marks[opts.warmup - 1] if opts.warmup else wall
     cfg = lm.config
-    body, trainable = _param_counts(model)
+    body, trainable = _param_counts(trainer.model)
     tokens = sum(b["tokens"] for b in timed)
     attn = sum(b["sq"] for b in timed) * cfg.num_hidden_layers * cfg.hidden_size  # 2 L d S per token, causal half
     head = sum(b["labelled"] for b in timed) * 2 * cfg.vocab_size * cfg.hidden_size

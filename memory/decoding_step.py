@@ -222,12 +222,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
         kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
     dataset = ResampledDataset(builder.epoch, seed=args.seed)
-    epochs = epochs_for_min_steps(len(dataset), args)
-    if epochs > args.num_train_epochs:
-        logger.info("step 3.2: %d samples per epoch; %d epochs instead of %g to reach min_steps %d",
-                    len(dataset), epochs, args.num_train_epochs, args.min_steps)
-        args.num_train_epochs = epochs
-    metrics["epochs"] = args.num_train_epochs
+    metrics["epochs"] = args.num_train_epochs = epochs_for_min_steps(len(dataset), args)
     bank_t = torch.from_numpy(bank)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -271,7 +266,11 @@ def epochs_for_min_steps(samples_per_epoch: int, args) -> float:
     otherwise gets a few dozen steps, too few to learn decoding); never fewer than configured."""
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
     steps_per_epoch = max(1, math.ceil(samples_per_epoch / per_step))
-    return max(args.num_train_epochs, math.ceil(args.min_steps / steps_per_epoch))
+    epochs = max(args.num_train_epochs, math.ceil(args.min_steps / steps_per_epoch))
+    if epochs > args.num_train_epochs:
+        logger.info("step 3.2: %d samples per epoch; %d epochs instead of %g to reach min_steps %d",
+                    samples_per_epoch, epochs, args.num_train_epochs, args.min_steps)
+    return epochs
 
 
 def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir, texts,
