@@ -135,8 +135,10 @@ class MemoryArguments:
             raise ValueError(f"replay_ratio and replay_cap must be >= 0, got {self.replay_ratio}, {self.replay_cap}")
         if self.check_interval_minutes <= 0:
             raise ValueError(f"check_interval_minutes: expected > 0, got {self.check_interval_minutes}")
-        if self.secret_filter not in ("library", "regex", "off"):
-            raise ValueError(f"secret_filter: expected library, regex or off, got {self.secret_filter!r}")
+        from memory.secrets import DETECTORS
+
+        if self.secret_filter not in DETECTORS:
+            raise ValueError(f"secret_filter: expected one of {', '.join(DETECTORS)}, got {self.secret_filter!r}")
         if self.extraction_unit not in ("sentence", "message", "session"):
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
 

@@ -129,11 +129,10 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     trained = [r for r in records if r.id in wanted]
     if is_main():  # rank 0 generates and stores missing cues; the other ranks read them
         with without_zero3_init():  # alone: HF generate must not wait for the other ranks (synced_gpus)
-            from memory.secrets import SecretFilter
+            from memory.secrets import secret_filter_for
 
-            secrets = None if args.secret_filter == "off" else SecretFilter(args.secret_filter)
             ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed,
-                        secret_filter=secrets)
+                        secret_filter=secret_filter_for(args.secret_filter))
     barrier()
     trained = [db.get(r.id) for r in trained]
     cues = ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)

@@ -125,6 +125,11 @@ class SecretFilter:
         return not types
 
 
+def secret_filter_for(option: str) -> Optional[SecretFilter]:
+    """The filter of a ``--secret_filter`` value; None when it is ``off``."""
+    return None if option == "off" else SecretFilter(option)
+
+
 def log_filtered(counts: Dict[str, int], what: str) -> None:
     """Filtered items are logged by type and count, never by value."""
     if counts:

@@ -30,19 +30,23 @@ INIT_WORDS: Dict[str, List[str]] = {
 
 # chat-template markers of most model families: <|im_start|>, <|eot_id|>, <|endoftext|>, ...
 _MARKER = r"<\|[^\s<>|]{1,64}\|>"
-_PATTERNS: Dict[tuple, "re.Pattern"] = {}
+_CACHE_ATTR = "_recall_memory_reserved"  # (vocabulary size, pattern), kept on the tokenizer itself
 
 
 def _reserved(tokenizer) -> "re.Pattern":
-    key = (id(tokenizer), len(tokenizer) if tokenizer is not None else 0)
-    if key not in _PATTERNS:
-        strings = set(MEMORY_TOKENS)
-        if tokenizer is not None:
-            strings.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
-            strings.update(getattr(tokenizer, "all_special_tokens", ()))
-        alternatives = [re.escape(s) for s in sorted((s for s in strings if s.strip()), key=len, reverse=True)]
-        _PATTERNS[key] = re.compile("|".join(alternatives + [_MARKER]))
-    return _PATTERNS[key]
+    size = len(tokenizer) if tokenizer is not None else 0
+    cached = getattr(tokenizer, _CACHE_ATTR, None)
+    if cached is not None and cached[0] == size:  # a tokenizer that gained tokens is read again
+        return cached[1]
+    strings = set(MEMORY_TOKENS)
+    if tokenizer is not None:
+        strings.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
+        strings.update(getattr(tokenizer, "all_special_tokens", ()))
+    alternatives = [re.escape(s) for s in sorted((s for s in strings if s.strip()), key=len, reverse=True)]
+    pattern = re.compile("|".join(alternatives + [_MARKER]))
+    if tokenizer is not None:
+        setattr(tokenizer, _CACHE_ATTR, (size, pattern))
+    return pattern
 
 
 def _defang(token: str) -> str:

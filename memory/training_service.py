@@ -152,9 +152,9 @@ class MemoryTrainingService:
     def secret_filter(self):
         """memory.secrets.SecretFilter of ``--secret_filter`` (None when off)."""
         if not hasattr(self, "_secret_filter"):
-            from memory.secrets import SecretFilter
+            from memory.secrets import secret_filter_for
 
-            self._secret_filter = None if self.args.secret_filter == "off" else SecretFilter(self.args.secret_filter)
+            self._secret_filter = secret_filter_for(self.args.secret_filter)
         return self._secret_filter
 
     def import_memories(self, path: str) -> IngestReport:

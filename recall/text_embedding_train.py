@@ -28,14 +28,13 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from memory.token_manager import safe_chat_template
+from memory.token_manager import RECALL_TOKEN, safe_chat_template
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, last_token_positions
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
 
-RECALL_TOKEN = "<recall>"
 ACTIVATION_PHRASE = "Let me check my memory."
 TRAINABLE_STATE = "recall_state.safetensors"
 
