@@ -78,11 +78,12 @@ def random_model(size: str, tokenizer, dtype, device):
 
 def matmul_peak(device, dtype=torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
     """Measured TFLOP/s of an n^3 matmul (after warm-up), the ceiling this run can reach."""
-    if device.type == "cpu":
-        n, reps = 2048, 3
+    warmup = 3
+    if device.type == "cpu":  # without AMX, bf16 runs ~1 GFLOP/s here: one 1024^3 product is enough
+        n, reps, warmup = (2048, 3, 1) if dtype == torch.float32 else (1024, 1, 1)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
+    for _ in range(warmup):
         a @ b
     _sync(device)
     t = time.perf_counter()
@@ -158,10 +159,16 @@ def build_trainer(opts, device, timer):
                                           ResampledDataset, build_decoder_model)
 
     bf16 = opts.precision == "bf16"
-    tok = AutoTokenizer.from_pretrained(opts.tokenizer or materialize(resolve_model_source()))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    lm = random_model(opts.size, tok, torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32, device)
+    if opts.size == "default":  # the real default model (SmolLM2-135M-Instruct), fp32 weights
+        from recall.model_loading import load_model_and_tokenizer
+
+        loaded = load_model_and_tokenizer(device=str(device), precision="fp32")
+        lm, tok = loaded.model, loaded.tokenizer
+    else:
+        tok = AutoTokenizer.from_pretrained(opts.tokenizer or materialize(resolve_model_source()))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        lm = random_model(opts.size, tok, torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32, device)
     token_ids = add_memory_tokens(lm, tok)
     memories, contexts, sft = synthetic_data(opts.memories, opts.seed)
     d = lm.config.hidden_size
@@ -177,7 +184,8 @@ def build_trainer(opts, device, timer):
         collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length))
         return RecallMemoryTrainer(model, args, bank, tok, token_ids[RECALL_TOKEN], train_dataset=data,
                                    data_collator=collate, callbacks=[timer]), collate, lm
-    args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple,
+    naive = getattr(opts, "naive", False)
+    args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple, head_on_all_positions=naive,
                                    **({"lora_target_modules": opts.lora_targets} if opts.lora_targets else {}))
     builder = SampleBuilder(tok, memories, contexts, sft, args.max_length, mix=args.mix)
     kd = builder.teacher_topk(lm, device=device) if args.kd_weight > 0 else None  # the base is the teacher
@@ -259,7 +267,8 @@ def run(opts) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--step", choices=("recall", "decode"), default="decode")
-    ap.add_argument("--size", choices=tuple(SIZES), default="1b")
+    ap.add_argument("--size", choices=tuple(SIZES) + ("default",), default="1b",
+                    help="a random Llama of this shape, or default: the real default model")
     ap.add_argument("--steps", type=int, default=200, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32, help="per device")
@@ -272,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--peak", action="store_true", help="also measure a large matmul's TFLOP/s")
     ap.add_argument("--work", default="/tmp/gpu_train")
     ap.add_argument("--pad_multiple", type=int, default=1, help="step 2: round batch widths up to this")
+    ap.add_argument("--naive", action="store_true",
+                    help="step 2 baseline: LM head on every position (with --pad_multiple 192: pad to max_length)")
     ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,8 +73,14 @@ def by_user(questions) -> Dict[Optional[str], List[dict]]:
     return groups
 
 
-def _ranks(questions, db: MemoryVectorDB, scorer: Callable[[List[str], List[str]], np.ndarray]) -> List[dict]:
-    """Per question: rank of the first memory containing ``expected`` (0 if none in its user's memories)."""
+def expected_in_text(question: dict, record) -> bool:
+    """The default hit rule: the memory's text contains ``expected`` (case-insensitive)."""
+    return question["expected"].lower() in record.text.lower()
+
+
+def _ranks(questions, db: MemoryVectorDB, scorer: Callable[[List[str], list], np.ndarray],
+           is_hit: Callable[[dict, object], bool] = expected_in_text) -> List[dict]:
+    """Per question: rank of the first memory that ``is_hit`` (0 if none in its user's memories)."""
     rows = []
     for user, qs in by_user(questions).items():
         records = db.records(user_id=user, statuses=LIVE)
@@ -83,10 +89,10 @@ def _ranks(questions, db: MemoryVectorDB, scorer: Callable[[List[str], List[str]
             continue
         scores = scorer([q["question"] for q in qs], records)
         for q, s in zip(qs, scores):
-            order = np.argsort(-s)
-            ranked = [records[i].text for i in order]
-            hit = next((r + 1 for r, t in enumerate(ranked) if q["expected"].lower() in t.lower()), 0)
-            rows.append({"question": q["question"], "expected": q["expected"], "rank": hit, "top": ranked[:K]})
+            order = np.argsort(-s, kind="stable")
+            hit = next((r + 1 for r, i in enumerate(order) if is_hit(q, records[i])), 0)
+            rows.append({"question": q["question"], "expected": q["expected"], "rank": hit,
+                         "top": [records[i].text for i in order[:K]]})
     return rows
 
 
@@ -95,10 +101,12 @@ def _metrics(rows) -> Dict[str, float]:
     return retrieval_metrics(ranks)
 
 
-def _compare_retrievers(report: dict, questions, db: MemoryVectorDB, trained, base_embed) -> dict:
-    """Fill ``report`` with the three retrievers' ranks, in the same run: ``trained(texts,
+def _compare_retrievers(report: dict, questions, db: MemoryVectorDB, trained, base_embed,
+                        is_hit: Callable[[dict, object], bool] = expected_in_text, extra: Sequence = ()) -> dict:
+    """Fill ``report`` with the retrievers' ranks, in the same run: ``trained(texts,
     records)`` scores, the base model's PromptEOL vectors (``base_embed(texts)``, the same
-    space as the default keys) and all-MiniLM-L6-v2 on question and memory text."""
+    space as the default keys), all-MiniLM-L6-v2 on question and memory text, and any
+    ``extra`` ``(name, scorer)`` pairs."""
     from memory.vectors import SentenceEncoderVectorizer
 
     minilm = SentenceEncoderVectorizer("minilm")
@@ -109,9 +117,10 @@ def _compare_retrievers(report: dict, questions, db: MemoryVectorDB, trained, ba
     def rag(texts, records):
         return minilm.encode(texts) @ minilm.encode([r.text for r in records]).T
 
-    for name, scorer in (("trained_recall", trained), ("untrained_last_token", untrained), ("minilm_rag", rag)):
+    scorers = [("trained_recall", trained), ("untrained_last_token", untrained), ("minilm_rag", rag), *extra]
+    for name, scorer in scorers:
         start = time.perf_counter()
-        rows = _ranks(questions, db, scorer)
+        rows = _ranks(questions, db, scorer, is_hit)
         report[name] = {**_metrics(rows), "seconds": time.perf_counter() - start, "per_question": rows}
     return report
 
@@ -122,32 +131,41 @@ def is_version(model_dir) -> bool:
     return (Path(model_dir) / MANIFEST).is_file()
 
 
-def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto") -> dict:
-    if is_version(model_dir):
-        return evaluate_version(model_dir, questions_path, device=device, precision=precision)
+def step1_scorers(model_dir, db: MemoryVectorDB, *, device="auto", precision="auto"):
+    """``(trained, base_embed)`` for a step-1 run directory: the trained ``<recall>`` query
+    scored against the DB's keys, and the untrained base model's PromptEOL vectors."""
     from recall.get_text_embedding import TEMPLATES, extract_last_token_embedding
     from recall.text_embedding_train import load_recall_model
 
+    model, tokenizer, loaded, args = load_recall_model(model_dir, device=device, precision=precision)
+
+    @torch.no_grad()
+    def trained(texts, records):
+        keys = torch.from_numpy(db.vectors([r.id for r in records]))
+        out = []
+        for start in range(0, len(texts), 32):
+            enc = tokenizer([format_query(tokenizer, t) for t in texts[start:start + 32]], add_special_tokens=False,
+                            padding=True, return_tensors="pt").to(loaded.runtime.device)
+            with loaded.runtime.autocast():
+                out.append(model(enc["input_ids"], enc["attention_mask"]).float().cpu())
+        return (torch.cat(out) @ keys.T).numpy()
+
+    def base_embed(texts):
+        with model.lm.disable_adapter():
+            return extract_last_token_embedding(
+                model.lm, tokenizer, texts, template=TEMPLATES["prompteol"],
+                autocast_dtype=loaded.runtime.autocast_dtype).numpy()
+
+    return trained, base_embed
+
+
+def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto") -> dict:
+    if is_version(model_dir):
+        return evaluate_version(model_dir, questions_path, device=device, precision=precision)
     questions = load_questions(questions_path)
     db = MemoryVectorDB(Path(output_dir) / "memory_db")
     try:
-        model, tokenizer, loaded, args = load_recall_model(model_dir, device=device, precision=precision)
-        key_vectors = lambda records: torch.from_numpy(db.vectors([r.id for r in records]))  # noqa: E731
-
-        @torch.no_grad()
-        def trained(texts, records):
-            enc = tokenizer([format_query(tokenizer, t) for t in texts], add_special_tokens=False,
-                            padding=True, return_tensors="pt").to(loaded.runtime.device)
-            with loaded.runtime.autocast():
-                q = model(enc["input_ids"], enc["attention_mask"]).float().cpu()
-            return (q @ key_vectors(records).T).numpy()
-
-        def base_embed(texts):
-            with model.lm.disable_adapter():
-                return extract_last_token_embedding(
-                    model.lm, tokenizer, texts, template=TEMPLATES["prompteol"],
-                    autocast_dtype=loaded.runtime.autocast_dtype).numpy()
-
+        trained, base_embed = step1_scorers(model_dir, db, device=device, precision=precision)
         report = {"model_dir": str(model_dir), "questions": str(questions_path), "n": len(questions), "k": K}
         _compare_retrievers(report, questions, db, trained, base_embed)
         return report

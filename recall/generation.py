@@ -68,6 +68,7 @@ class _Row:
         self.recalls: List[Recall] = []
         self.in_memory = False  # between <|memory_pad|> and </recall>
         self.done = False
+        self.forced = False  # the prompt ended in <recall> (--force-recall): generation starts inside a recall
 
 
 class RecallEngine:
@@ -167,6 +168,8 @@ class RecallEngine:
         not_found = tok(NOT_FOUND, add_special_tokens=False)["input_ids"] + [self.end_id]
         hidden, logits, past = self._forward(self._embed(ids, {}), mask, None)
         fed = ids[:, -1].tolist()
+        for row, last in zip(rows, fed):
+            row.forced = last == self.recall_id
         for _ in range(max_new_tokens + 1):
             self._handle_queries(rows, fed, hidden[:, -1], search, threshold, not_found, mask.shape[1] - 1)
             next_ids, vectors = [], {}
@@ -229,7 +232,7 @@ class RecallEngine:
 
     def _answer(self, prompt: str, row: _Row) -> Answer:
         text = self.tokenizer.decode(row.generated, skip_special_tokens=False)
-        final_ids, skipping = [], False
+        final_ids, skipping = [], row.forced
         for t in row.generated:
             if t == self.recall_id:
                 skipping = True

@@ -148,9 +148,10 @@ class RecallCollator:
 
 
 def retrieval_metrics(ranks: Sequence[int]) -> Dict[str, float]:
-    """recall@1, recall@5 and MRR from 1-based ranks of the right memory."""
+    """recall@1, recall@5, recall@10 and MRR from 1-based ranks of the right memory."""
     n = max(len(ranks), 1)
     return {"recall_at_1": sum(r == 1 for r in ranks) / n, "recall_at_5": sum(r <= 5 for r in ranks) / n,
+            "recall_at_10": sum(r <= 10 for r in ranks) / n,
             "mrr": sum(1.0 / r for r in ranks) / n, "n": len(ranks)}
 
 

@@ -84,6 +84,9 @@ class MemoryDecodingArguments(TrainingArguments):
     recall_temperature: float = 0.05
     pad_to_multiple_of: int = dataclasses.field(
         default=1, metadata={"help": "round batch widths up to this (GPU: fewer shapes for cuDNN attention)"})
+    head_on_all_positions: bool = dataclasses.field(
+        default=False, metadata={"help": "benchmark baseline only: the 49k-wide LM head on every position, "
+                                         "as a plain causal-LM loss computes it (same loss, more work)"})
     remove_unused_columns: bool = False
     report_to: Optional[str] = "none"
 
@@ -160,6 +163,7 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
                              else F.normalize(memory_bank.float(), dim=-1), persistent=False)
         # weights of the loss parts; forward returns their weighted sum as "loss"
         self.loss_weights = {"lm": 1.0, "recall": 0.0, "preserve": 0.0, "kd": 0.0}
+        self.head_on_all_positions = False  # the naive baseline's LM head (see MemoryDecodingArguments)
 
     # -------------------------------------------------------------- forward
     def embed(self, input_ids: torch.Tensor, memory_vectors: Optional[torch.Tensor]) -> torch.Tensor:
@@ -206,7 +210,10 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, memory_vectors)
         targets = labels[:, 1:]
         picked = targets != IGNORE
-        logits = self.logits(hidden[:, :-1][picked])
+        if self.head_on_all_positions:  # same values, computed the plain causal-LM way
+            logits = self.logits(hidden[:, :-1])[picked]
+        else:
+            logits = self.logits(hidden[:, :-1][picked])
         parts = {"lm": F.cross_entropy(logits, targets[picked])}
         if kd_mask is not None and kd_mask[:, 1:][picked].any():
             sel = kd_mask[:, 1:][picked]
@@ -257,6 +264,7 @@ def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArgum
                                args.noise_std, memory_bank, args.recall_temperature)
     model.loss_weights = {"lm": 1.0, "recall": args.recall_loss_weight, "preserve": args.preserve_weight,
                           "kd": args.kd_weight}
+    model.head_on_all_positions = args.head_on_all_positions
     return model
 
 

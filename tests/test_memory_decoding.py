@@ -225,3 +225,51 @@ def test_collator_rounds_the_width_up_when_asked(tiny):
     assert rounded["input_ids"].shape[1] == -(-width // 64) * 64 > width
     assert torch.equal(rounded["attention_mask"][:, :width], plain["attention_mask"])
     assert rounded["attention_mask"][:, width:].sum() == 0 and (rounded["labels"][:, width:] == IGNORE).all()
+
+
+def test_naive_head_on_all_positions_gives_the_same_loss(tiny, tmp_path):
+    """The benchmark's naive baseline (LM head on every position) computes the loss the
+    default (head on labelled positions only) does, so its speed is compared like for like."""
+    lm, tok, ids = tiny
+    builder = SampleBuilder(tok, FACTS, [["q?"]] * 3, SFT, max_length=128)
+    samples = [builder.sft_sample(0), builder.memory_sample(2, 0), builder.sandwich_sample(1, 1)]
+    vectors = torch.randn(3, 64)
+    losses = {}
+    for naive in (False, True):
+        model = build_decoder_model(copy.deepcopy(lm), ids, _args(tmp_path, head_on_all_positions=naive),
+                                    memory_dim=64).eval()
+        pad_to = 128 if naive else 1
+        batch = DecodingCollator(tok.pad_token_id, vectors, ids[MEMORY_PAD_TOKEN], pad_to_multiple_of=pad_to)(samples)
+        assert (batch["input_ids"].shape[1] == 128) == naive
+        losses[naive] = model(**batch)["lm"]
+    assert torch.allclose(losses[False], losses[True], atol=1e-5)
+
+
+def test_a_forced_recall_span_is_not_part_of_the_final_answer(tiny, monkeypatch):
+    """--force-recall puts <recall> in the prompt: what follows up to </recall> (the memory, or
+    'nothing found') is the recall span, not the answer."""
+    lm, tok, ids = tiny
+    engine = RecallEngine(lm, tok, ids, MemoryProjector(64, 64, 1.0, 0))
+    vec = np.ones(64, np.float32)
+    word = tok("Paris", add_special_tokens=False)["input_ids"][0]
+    answer_word = tok(" Lisbon", add_special_tokens=False)["input_ids"][0]
+    script = {1: word, 2: ids[RECALL_END_TOKEN], 3: answer_word, 4: tok.convert_tokens_to_ids("<|im_end|>")}
+    step = {"n": 0}
+    real_forward = engine._forward
+
+    def scripted_forward(emb, mask, past):
+        hidden, logits, past = real_forward(emb, mask, past)
+        logits = torch.full_like(logits, -1e9)
+        logits[:, script.get(step["n"], ids[RECALL_END_TOKEN])] = 0
+        step["n"] += 1
+        return hidden, logits, past
+
+    monkeypatch.setattr(engine, "_forward", scripted_forward)
+    [answer] = engine.generate(["hello"], lambda q: [[Hit(1, 0.9, "Paris", vec)]], force_recall=True,
+                               max_new_tokens=8, threshold=0.5)
+    assert answer.recalls[0].decoded == "Paris"
+    assert answer.final == "Lisbon"
+    step["n"] = 2  # nothing found: the span is the notice, then the answer
+    [answer] = engine.generate(["hello"], lambda q: [[Hit(1, 0.1, "Paris", vec)]], force_recall=True,
+                               max_new_tokens=12, threshold=0.5)
+    assert "nothing found" not in answer.final

@@ -1,0 +1,94 @@
+"""Training speed against this machine's limit: tokens/s and MFU of both trainers, with the
+naive baseline and each lever measured in the same run.
+
+    python -m bench.speed                  # ~15 min on the 2-core CPU
+    python -m bench.speed --quick          # fewer steps, no bf16 (minutes)
+
+Everything runs through the real trainers (``bench.gpu_train.build_trainer``) on the real
+default model (SmolLM2-135M-Instruct, fp32 weights) and the synthetic data of the pipeline's
+shapes. The same process first measures the machine's fp32 and bf16 matmul peak (2048^3,
+torch, all cores; bf16 at 1024^3 where it is slow). MFU = useful FLOPs (``bench.gpu_train``: real tokens only, the LM head only
+where there is a label, backward 2x forward for the frozen base) / time / measured peak of the
+precision used; the figure against the bf16 peak is printed next to it.
+
+Step-2 variants (same data, same seed):
+- ``naive``: fp32, every batch padded to ``max_length`` (192), the 49k-wide LM head on every position;
+- ``default``: fp32, padding to the longest sample in the batch, the LM head only on labelled positions;
+- ``default + bf16 autocast``; ``default + pad to multiple of 8``.
+Step 1: fp32 and bf16 autocast (it has no LM head at all).
+Writes ``bench/results/speed.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path("bench/results/speed.json")
+
+
+def _opts(**kw):
+    base = dict(step="decode", size="default", steps=6, warmup=2, batch=8, memories=64, precision="fp32",
+                device="cpu", deepspeed=None, lora_targets=None, tokenizer=None, peak=False, work="/tmp/bench_speed",
+                pad_multiple=1, no_cudnn_attention=False, profile=None, seed=0, naive=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+VARIANTS = [  # (name, step, options)
+    ("step 2 naive: fp32, pad to 192, LM head everywhere", "decode", dict(naive=True, pad_multiple=192)),
+    ("step 2 default: fp32, dynamic padding, LM head on labels", "decode", {}),
+    ("step 2 default + pad to multiple of 8", "decode", dict(pad_multiple=8)),
+    ("step 2 default + bf16 autocast", "decode", dict(precision="bf16", batch=2, steps=1, warmup=1)),
+    ("step 1 default: fp32, no LM head", "recall", dict(batch=16)),
+    ("step 1 + bf16 autocast", "recall", dict(batch=4, precision="bf16", steps=1, warmup=1)),
+]
+
+
+def main(argv=None) -> int:
+    from bench.gpu_train import matmul_peak, run
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 timed steps, no bf16 variants")
+    ap.add_argument("--json", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    device = torch.device("cpu")
+    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    print(f"measured matmul peak: fp32 {peaks['fp32']:.3f} TFLOP/s, bf16 {peaks['bf16']:.3f} TFLOP/s", flush=True)
+    rows = []
+    for name, step, kw in VARIANTS:
+        if args.quick and kw.get("precision") == "bf16":
+            continue
+        if args.quick:
+            kw = {**kw, "steps": min(kw.get("steps", 6), 3), "warmup": 1}
+        started = time.perf_counter()
+        out = run(_opts(step=step, **kw))
+        tflops = out["tflops_per_second"]
+        out.update(name=name, mfu=tflops / peaks[out["precision"]], mfu_vs_bf16_peak=tflops / peaks["bf16"],
+                   wall=time.perf_counter() - started)
+        rows.append(out)
+        print(f"{name}: {out['tokens_per_second']:.0f} tokens/s, MFU {out['mfu']:.3f} of the {out['precision']} "
+              f"peak ({out['wall']:.0f}s)", flush=True)
+    naive = next(r for r in rows if r["name"].startswith("step 2 naive"))
+    for r in rows:
+        r["vs_naive"] = r["tokens_per_second"] / naive["tokens_per_second"] if r["step"] == "decode" else None
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or 'cpu'}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}", "peak_tflops": peaks, "rows": rows,
+              "command": "python -m bench.speed" + (" --quick" if args.quick else "")}
+    print("\n| configuration | tokens/s | vs naive | TFLOP/s | MFU (own precision's peak) | MFU vs bf16 peak |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        vs = f"{r['vs_naive']:.2f}x" if r["vs_naive"] else "-"
+        print(f"| {r['name']} | {r['tokens_per_second']:.0f} | {vs} | {r['tflops_per_second']:.4f} | "
+              f"{r['mfu']:.3f} | {r['mfu_vs_bf16_peak']:.3f} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
