@@ -186,6 +186,7 @@ def build_trainer(opts, device, timer):
                                    data_collator=collate, callbacks=[timer]), collate, lm
     naive = getattr(opts, "naive", False)
     args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple, head_on_all_positions=naive,
+                                   length_grouped=getattr(opts, "length_grouping", False) and not naive,
                                    **({"lora_target_modules": opts.lora_targets} if opts.lora_targets else {}))
     builder = SampleBuilder(tok, memories, contexts, sft, args.max_length, mix=args.mix)
     kd = builder.teacher_topk(lm, device=device) if args.kd_weight > 0 else None  # the base is the teacher
@@ -195,7 +196,8 @@ def build_trainer(opts, device, timer):
     anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
     collate = CountingCollator(DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
                                                 pad_to_multiple_of=args.pad_to_multiple_of))
-    return EnhancedTextMemoryTrainer(model, args, bank, tok, ResampledDataset(builder.epoch, seed=opts.seed),
+    data = ResampledDataset(builder.epoch, seed=opts.seed, group=opts.batch if args.length_grouped else 0)
+    return EnhancedTextMemoryTrainer(model, args, bank, tok, data,
                                      data_collator=collate, callbacks=[timer]), collate, lm
 
 
@@ -283,6 +285,7 @@ def main(argv=None):
     ap.add_argument("--pad_multiple", type=int, default=1, help="step 2: round batch widths up to this")
     ap.add_argument("--naive", action="store_true",
                     help="step 2 baseline: LM head on every position (with --pad_multiple 192: pad to max_length)")
+    ap.add_argument("--length_grouping", action="store_true", help="step 2: length-grouped batches")
     ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")

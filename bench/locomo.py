@@ -62,22 +62,24 @@ def _args(work: Path, epochs: float, stage: str):
 
 def prepare(conv: Conversation, work: Path, service) -> Dict[int, List[str]]:
     """Chats into the store (marked extracted: the bank is the gold facts), gold facts into
-    the DB; returns memory id -> cited turns. Idempotent."""
-    gold_file = work / "gold.json"
-    if gold_file.is_file():
-        return {int(k): v for k, v in json.loads(gold_file.read_text()).items()}
+    the DB; returns memory id -> cited turns. Safe to rerun after a crash at any point: the
+    facts are added only when the conversation's bank is empty, and the id -> turns map is
+    rebuilt from the stored texts."""
     db = service.db
     for session in chat_sessions(conv):
-        path = service.save_chat_session(session)
-        db.mark_session_processed(session.session_id, session.content_hash(), str(path), 0)
+        if db.session_state(session.session_id) != session.content_hash():
+            path = service.save_chat_session(session)
+            db.mark_session_processed(session.session_id, session.content_hash(), str(path), 0)
     pairs = gold_candidates(conv, bank_user=conv.sample_id)
-    vectorizer = service.vectorizer()
-    vectors = np.asarray(vectorizer.encode([c.text for c, _ in pairs]), dtype=np.float32)
-    ids = db.add([c for c, _ in pairs], vectors, vectorizer.encoder_id)
-    db.flush()
-    cited = {i: list(d) for i, (_, d) in zip(ids, pairs)}
-    gold_file.write_text(json.dumps(cited))
-    return cited
+    if not db.count(user_id=conv.sample_id):
+        vectorizer = service.vectorizer()
+        vectors = np.asarray(vectorizer.encode([c.text for c, _ in pairs]), dtype=np.float32)
+        db.add([c for c, _ in pairs], vectors, vectorizer.encoder_id)
+        db.flush()
+    turns_of: Dict[str, set] = {}
+    for cand, cited in pairs:
+        turns_of.setdefault(cand.text, set()).update(cited)
+    return {r.id: sorted(turns_of.get(r.text, ())) for r in db.records(user_id=conv.sample_id)}
 
 
 def _questions(conv: Conversation) -> List[dict]:
@@ -272,8 +274,17 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     max_sessions = QUICK_SESSIONS if args.quick else args.max_sessions
     convs = load_locomo(args.locomo)
-    picks = range(len(convs)) if args.conversations == "all" or (not args.quick and args.conversations == "") else \
-        [int(x) for x in ("0" if args.quick else args.conversations).split(",")]
+    if args.quick:
+        picks = [0]
+    elif args.conversations == "all":
+        picks = list(range(len(convs)))
+    else:
+        try:
+            picks = [int(x) for x in args.conversations.split(",")]
+        except ValueError:
+            ap.error(f"--conversations: expected indexes like 0,3 or all, got {args.conversations!r}")
+        if not all(0 <= i < len(convs) for i in picks):
+            ap.error(f"--conversations: {args.locomo} has conversations 0-{len(convs) - 1}")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     for p in parts:
         if p not in ("retrieval", "extraction", "e2e"):

@@ -92,7 +92,8 @@ def _line(path: Path, title: str, curves: dict, xlabel: str, ylabel: str, log: b
 
 def _command(log: dict, part: str, fallback: str) -> str:
     entry = log.get(part) or {}
-    when = f", {entry['date']}, {entry['seconds']} s wall" if entry.get("date") else ""
+    when = f", {entry['date']}" if entry.get("date") else ""
+    when += f", {entry['seconds']} s wall" if entry.get("seconds") is not None else ""
     return f"`{entry.get('command', fallback)}`{when}"
 
 
@@ -100,7 +101,7 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     lines = ["## 1. LoCoMo", "",
              "LoCoMo (Maharana et al., ACL 2024, CC BY-NC 4.0) is read in place from "
              "`../shared/benchmarks/locomo/locomo10.json`; nothing of it is in this repository. "
-             f"Command: {_command(log, 'locomo', 'python -m bench.locomo')}. Rules: the docstring of "
+             "Rules: the docstring of "
              "`bench/locomo.py` (bank = the conversation's `observation` facts; questions = categories 1–4 whose "
              "evidence an observation cites; a hit = a retrieved fact cites an evidence turn; step 1 never sees "
              "LoCoMo's questions; every answer is cut the same way before LoCoMo's F1).", ""]
@@ -110,7 +111,10 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
         folder = results / "locomo" / mode
         if any(folder.glob("*.json")):
             found = True
-            lines += [f"### {title}", ""] + _locomo_folder(folder, out_dir, mode)
+            key, fallback = ("locomo", "python -m bench.locomo") if mode == "full" else \
+                ("locomo_quick", "python -m bench.locomo --quick --parts retrieval,extraction,e2e")
+            lines += [f"### {title}", "", f"Command: {_command(log, key, fallback)}."] + \
+                _locomo_folder(folder, out_dir, mode)
     return lines if found else lines + ["(no LoCoMo results yet)", ""]
 
 

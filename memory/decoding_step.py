@@ -221,7 +221,8 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
         anchors = torch.from_numpy(before.query_vectors(builder.anchor_texts(contexts, sft)))
     if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
         kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
-    dataset = ResampledDataset(builder.epoch, seed=args.seed)
+    dataset = ResampledDataset(builder.epoch, seed=args.seed,
+                               group=args.per_device_train_batch_size if args.length_grouped else 0)
     metrics["epochs"] = args.num_train_epochs = epochs_for_min_steps(len(dataset), args)
     bank_t = torch.from_numpy(bank)
     from transformers.integrations import is_deepspeed_zero3_enabled

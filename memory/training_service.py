@@ -216,7 +216,7 @@ class MemoryTrainingService:
             lora_alpha=a.decode_lora_alpha, lora_target_modules=a.decode_lora_target_modules,
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
             mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
-            kd_weight=a.decode_kd_weight, deepspeed=t.deepspeed,
+            kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped, deepspeed=t.deepspeed,
             disable_tqdm=t.disable_tqdm)
 
     def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path, plan: Optional[dict] = None,

@@ -82,6 +82,8 @@ class MemoryDecodingArguments(TrainingArguments):
     kd_weight: float = dataclasses.field(
         default=3.0, metadata={"help": "weight of KL(base || model) on SFT answers (base top-k log-probs)"})
     recall_temperature: float = 0.05
+    length_grouped: bool = dataclasses.field(
+        default=False, metadata={"help": "batches of similar-length samples (batch order shuffled): less padding"})
     pad_to_multiple_of: int = dataclasses.field(
         default=1, metadata={"help": "round batch widths up to this (GPU: fewer shapes for cuDNN attention)"})
     head_on_all_positions: bool = dataclasses.field(
@@ -348,15 +350,37 @@ class DecodingCollator:
 
 
 class ResampledDataset(torch.utils.data.Dataset):
-    """A fixed-size epoch whose samples are redrawn each epoch by ``sampler(epoch, rng)``."""
+    """A fixed-size epoch whose samples are redrawn each epoch by ``sampler(epoch, rng)``.
 
-    def __init__(self, sampler, seed: int = 0):
-        self.sampler, self.seed = sampler, seed
-        self.items = sampler(0, random.Random(seed))
+    ``group``: the per-device batch size, to lay each epoch out in length-grouped batches
+    (0: off). Within windows of ``group * GROUP_WINDOW`` samples, samples are sorted by length
+    and cut into batches, and the batches are shuffled; the trainer then reads the dataset in
+    order, so a batch pads to the longest of similar lengths. A last partial batch stays last
+    (so every batch boundary stays aligned; under data parallelism each rank takes whole batches)."""
+
+    GROUP_WINDOW = 16
+
+    def __init__(self, sampler, seed: int = 0, group: int = 0):
+        self.sampler, self.seed, self.group = sampler, seed, group
+        self.items = self._arrange(sampler(0, random.Random(seed)), random.Random(seed))
         self.size = len(self.items)
 
+    def _arrange(self, items: List[dict], rng: random.Random) -> List[dict]:
+        if self.group <= 1:
+            return items
+        window = self.group * self.GROUP_WINDOW
+        batches = []
+        for start in range(0, len(items), window):
+            chunk = sorted(items[start:start + window], key=lambda x: len(x["input_ids"]))
+            batches += [chunk[i:i + self.group] for i in range(0, len(chunk), self.group)]
+        tail = [b for b in batches if len(b) < self.group]
+        full = [b for b in batches if len(b) == self.group]
+        rng.shuffle(full)
+        return [x for b in full + tail for x in b]
+
     def resample(self, epoch: int) -> None:
-        items = self.sampler(epoch, random.Random(self.seed + 1000 * epoch))
+        rng = random.Random(self.seed + 1000 * epoch)
+        items = self._arrange(self.sampler(epoch, rng), rng)
         if len(items) != self.size:
             raise RuntimeError(f"resampled epoch has {len(items)} samples, expected {self.size}")
         self.items = items
@@ -395,6 +419,12 @@ class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
         if isinstance(train_dataset, ResampledDataset):
             self.add_callback(_ResampleEachEpoch(train_dataset))
         self._parts: Dict[str, List[float]] = {}
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, ResampledDataset) and dataset.group > 1:
+            return torch.utils.data.SequentialSampler(dataset)  # the epoch is already laid out in batches
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parts = model(**inputs)

@@ -273,3 +273,29 @@ def test_a_forced_recall_span_is_not_part_of_the_final_answer(tiny, monkeypatch)
     [answer] = engine.generate(["hello"], lambda q: [[Hit(1, 0.1, "Paris", vec)]], force_recall=True,
                                max_new_tokens=12, threshold=0.5)
     assert "nothing found" not in answer.final
+
+
+def test_length_grouped_epochs_keep_the_samples_and_cut_padding(tiny, tmp_path):
+    """``length_grouped``: the same samples each epoch, laid out in batches of similar length
+    (shuffled at the batch level, a partial batch last), read in order by the trainer."""
+    _, tok, ids = tiny
+    facts = [f"The user has {n} {'very ' * (n % 7)}old books about {'the sea ' * (n % 5)}." for n in range(23)]
+    builder = SampleBuilder(tok, facts, [[f"q{n}?"] for n in range(23)], SFT, max_length=128)
+    plain = ResampledDataset(builder.epoch, seed=3)
+    grouped = ResampledDataset(builder.epoch, seed=3, group=4)
+    key = lambda x: (tuple(x["input_ids"]), x.get("memory_row", -1))  # noqa: E731
+    for epoch in (0, 1):
+        if epoch:
+            plain.resample(epoch)
+            grouped.resample(epoch)
+        assert sorted(map(key, plain.items)) == sorted(map(key, grouped.items))
+
+        def padded(items):
+            return sum(4 * max(len(x["input_ids"]) for x in items[i:i + 4]) for i in range(0, len(items), 4))
+        assert padded(grouped.items) < padded(plain.items)
+    assert len(grouped.items) % 4 != 0  # the partial batch exists and is last
+    first_epoch = [len(x["input_ids"]) for x in grouped.items[:4]]
+    assert max(first_epoch) - min(first_epoch) <= max(len(x["input_ids"]) for x in grouped.items) // 2
+    trainer = EnhancedTextMemoryTrainer(build_decoder_model(make_tiny_model(tok), ids, _args(tmp_path), 64),
+                                        _args(tmp_path), torch.randn(23, 64), tok, grouped)
+    assert isinstance(trainer._get_train_sampler(), torch.utils.data.SequentialSampler)
