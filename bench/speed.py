@@ -7,7 +7,7 @@ naive baseline and each lever measured in the same run.
 Everything runs through the real trainers (``bench.gpu_train.build_trainer``) on the real
 default model (SmolLM2-135M-Instruct, fp32 weights) and the synthetic data of the pipeline's
 shapes. The same process first measures the machine's fp32 and bf16 matmul peak (2048^3,
-torch, all cores; bf16 at 1024^3 where it is slow). MFU = useful FLOPs (``bench.gpu_train``: real tokens only, the LM head only
+torch, all cores, the best of several trials; bf16 at 1024^3 where it is slow). MFU = useful FLOPs (``bench.gpu_train``: real tokens only, the LM head only
 where there is a label, backward 2x forward for the frozen base) / time / measured peak of the
 precision used; the figure against the bf16 peak is printed next to it.
 
