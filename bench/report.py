@@ -183,15 +183,16 @@ def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     decode = [r for r in speed["rows"] if r["step"] == "decode"]
     best = max(decode, key=lambda r: r["tokens_per_second"])
     lines += ["", f"Target {TARGETS['speed_vs_naive']}: best {best['vs_naive']:.2f}×, {_met(best['vs_naive'] >= 3)}. "
-              f"The naive run's waste bounds what removing it can buy: {best['padding_fraction']:.0%} of the "
-              f"default's batch cells are still padding against "
+              f"(best: {best['name']}). The naive run's waste bounds what removing it can buy: "
+              f"{best['padding_fraction']:.0%} of that configuration's batch cells are still padding against "
               f"{next(r for r in decode if r.get('vs_naive') == 1.0)['padding_fraction']:.0%} for the naive one."]
     if peaks["bf16"] < peaks["fp32"]:
         lines += ["", f"Target {TARGETS['mfu']}: this CPU has no AMX or AVX512-BF16, so bf16 matmuls are emulated at "
                   f"{peaks['bf16'] * 1000:.1f} GFLOP/s, {peaks['fp32'] / peaks['bf16']:.0f}× *below* fp32. Training "
                   "therefore runs in fp32 (`--precision auto` picks it by the same measurement), and a fraction of "
                   "the bf16 peak is not a meaningful figure here (it exceeds 1). Against the fp32 peak, the "
-                  f"precision it runs in, step 2 reaches **{best['mfu']:.2f}**, {_met(best['mfu'] >= 0.25)} at 25%."]
+                  f"precision it runs in, step 2 reaches **{best['mfu']:.2f}** ({best['name']}), "
+                  f"{_met(best['mfu'] >= 0.25)} at 25%."]
     else:
         lines += ["", f"Target {TARGETS['mfu']}: best step-2 configuration {best['mfu_vs_bf16_peak']:.3f}, "
                   f"{_met(best['mfu_vs_bf16_peak'] >= 0.25)}."]
@@ -210,24 +211,43 @@ def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     return lines
 
 
+def _overall_slope(points, steps) -> str:
+    import math
+
+    pts = sorted(points)
+    if len(pts) < 2 or pts[0][1] <= 0 or pts[-1][0] == pts[0][0]:
+        return "not measured (fewer than two sizes)"
+    slope = math.log(pts[-1][1] / pts[0][1]) / math.log(pts[-1][0] / pts[0][0])
+    return f"{slope:.2f} from the smallest to the largest size (between consecutive sizes: {steps})"
+
+
 def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     scale = _load(results / "scale.json")
     lines = ["### Scale curve", ""]
     if not scale:
         return lines + ["(no scale results yet)", ""]
-    lines += [f"Command: {_command(log, 'scale', 'python -m bench.scale')}; {scale.get('date', '?')}.", "",
-              "| memories | wall time of one default training cycle (s) | stages (s) |", "|---|---|---|"]
-    for n, v in sorted(scale["training"].items(), key=lambda kv: int(kv[0])):
-        stages = ", ".join(f"{k} {s:.0f}" for k, s in v["stage_seconds"].items())
-        lines.append(f"| {n} | {v['seconds']:.0f} | {stages} |")
-    lines += ["", "| LoCoMo sessions | chat sessions | user turns | facts | extraction (s) |", "|---|---|---|---|---|"]
-    for n, v in sorted(scale["extraction"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {n} | {v['chat_sessions']} | {v['user_turns']} | {v['facts']} | {v['seconds']:.1f} |")
+    lines += [f"Command: {_command(log, 'scale', 'python -m bench.scale')}.", ""]
+    tr = sorted((v["memories"], v["seconds"]) for v in scale["training"].values())
+    ex = sorted((v["user_turns"], v["seconds"]) for v in scale["extraction"].values())
+    if tr:
+        lines += ["| memories | wall time of one default training cycle (s) | stages (s) |", "|---|---|---|"]
+        for n, v in sorted(scale["training"].items(), key=lambda kv: int(kv[0])):
+            stages = ", ".join(f"{k} {s:.0f}" for k, s in v["stage_seconds"].items())
+            lines.append(f"| {n} | {v['seconds']:.0f} | {stages} |")
+        lines.append("")
+    if ex:
+        lines += ["| LoCoMo sessions | chat sessions | user turns | facts | extraction (s) |", "|---|---|---|---|---|"]
+        for n, v in sorted(scale["extraction"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {n} | {v['chat_sessions']} | {v['user_turns']} | {v['facts']} | {v['seconds']:.1f} |")
+        lines.append("")
     g = scale.get("growth", {})
-    lines += ["", f"Growth order (log-log slope between consecutive sizes; 1 = linear): training vs memories "
-              f"{g.get('training_vs_memories')}, extraction vs user turns {g.get('extraction_vs_user_turns')}.", ""]
-    curves = {"training cycle vs memories": sorted((v["memories"], v["seconds"]) for v in scale["training"].values()),
-              "extraction vs user turns": sorted((v["user_turns"], v["seconds"]) for v in scale["extraction"].values())}
+    lines += ["Growth order (log-log slope; 1 = linear): training vs memories "
+              + _overall_slope(tr, g.get("training_vs_memories")) + "; extraction vs user turns "
+              + _overall_slope(ex, g.get("extraction_vs_user_turns")) + ".", ""]
+    if len(tr) < 2:
+        lines += ["The training-cycle curve needs `python -m bench.scale --memories 10,100,1000` "
+                  "(hours on this CPU); it has not been run yet.", ""]
+    curves = {"training cycle vs memories": tr, "extraction vs user turns": ex}
     png = _line(out_dir / "benchmarks_scale.png", "Wall time vs size", curves, "memories / user turns", "seconds")
     return lines + [f"![scale]({png})", ""]
 
