@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -266,7 +264,7 @@ def run(opts) -> dict:
             out["mfu"] = round(flops / seconds / 1e12 / nominal, 3)
             out["mfu_6n"] = round(flops_6n / seconds / 1e12 / nominal, 3)
     if opts.peak and is_main():
-        out["measured_peak_tflops"] = round(matmul_peak(device, torch.bfloat16 if bf16 else torch.float32), 1)
+        out["measured_peak_tflops"] = round(matmul_peak(device, torch.bfloat16 if opts.precision == "bf16" else torch.float32), 1)
         out["fraction_of_measured_peak"] = round(out["tflops_per_second"] / out["measured_peak_tflops"], 3)
     return out
 
