@@ -46,7 +46,7 @@ def run_pipeline(work: Path, extra) -> dict:
     finally:
         service.close()
     return {"seconds": time.perf_counter() - started, "stage_seconds": summary.stage_seconds,
-            "version": summary.version, "decoding": summary.decoding, "lines": summary.lines()}
+            "memories_imported": summary.memories_imported, "version": summary.version, "decoding": summary.decoding, "lines": summary.lines()}
 
 
 def run_from_step1(work: Path, extra) -> dict:

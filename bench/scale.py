@@ -31,9 +31,8 @@ def slopes(points):
 
 
 def training_cycle(n: int, locomo: str) -> dict:
-    from memory.config import parse_args
+    from bench.memory_decoding import run_pipeline
     from memory.locomo import load_locomo
-    from memory.training_service import MemoryTrainingService
 
     facts = [(c.sample_id, f) for c in load_locomo(locomo) for f in c.facts][:n]
     if len(facts) < n:
@@ -41,16 +40,9 @@ def training_cycle(n: int, locomo: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-scale-{n}-"))
     memories = work / "memories.jsonl"
     memories.write_text("".join(json.dumps({"text": f.text, "user_id": sid}) + "\n" for sid, f in facts))
-    model_args, args, train_args = parse_args(["--output_dir", str(work / "out"), "--memories", str(memories),
-                                               "--disable_tqdm", "true"])
-    service = MemoryTrainingService(model_args, args, train_args)
-    started = time.perf_counter()
-    try:
-        summary = service.run_training()
-    finally:
-        service.close()
-    return {"memories": n, "imported": summary.memories_imported, "seconds": time.perf_counter() - started,
-            "stage_seconds": summary.stage_seconds, "version": summary.version}
+    run = run_pipeline(work / "out", ["--memories", str(memories)])  # the default pipeline, timed per stage
+    return {"memories": n, "imported": run["memories_imported"], "seconds": run["seconds"],
+            "stage_seconds": run["stage_seconds"], "version": run["version"]}
 
 
 def extraction(n_sessions: int, locomo: str) -> dict:
