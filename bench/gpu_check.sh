@@ -2,6 +2,9 @@
 # GPU check: both trainers on a random-initialised ~1B Llama in bf16, single GPU, plain and under
 # DeepSpeed ZeRO-2 / ZeRO-3 (one process), printing tokens/s, MFU and peak memory per run.
 # Meant for a GPU machine without internet; about 6 minutes on an H100.
+# SET=levers STEPS=50: eager vs compiled transformer blocks instead (about 4 minutes);
+# SET=levers2 STEPS=40: compiled at batch 192, under ZeRO-2, and an operator profile;
+# SET=install: only install the carried wheels (into /tmp/site), for a command of your own.
 #
 #   bash bench/gpu_check.sh                  # results as JSON lines in $OUT/gpu_check.jsonl
 #
@@ -18,6 +21,7 @@
 # package is missing or not at the pinned version.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+case "${SET:-all}" in all|levers|levers2|install) ;; *) echo "SET: all | levers | levers2 | install, got $SET"; exit 2;; esac
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 RESULTS="$OUT/gpu_check.jsonl"
@@ -67,23 +71,41 @@ run() {  # label, then bench.gpu_train arguments
 single=("$PY" -m bench.gpu_train)
 ds=("$PY" -m torch.distributed.run --nproc_per_node 1 --master_port 29611 -m bench.gpu_train)
 
-run "step 2, plain bf16, batch 32 (+ matmul peak)" "${single[@]}" --step decode --batch 32 --steps "$STEPS" --peak
-run "step 2, plain bf16, batch 64" "${single[@]}" --step decode --batch 64 --steps "$STEPS"
-run "step 1, plain bf16, batch 64" "${single[@]}" --step recall --batch 64 --steps "$STEPS"
-run "step 2, ZeRO-2, batch 32" "${ds[@]}" --step decode --batch 32 --steps $((STEPS / 2)) \
-    --deepspeed ds_configs/zero2.json
-[ -f ds_configs/zero3.json ] && run "step 2, ZeRO-3, batch 32" "${ds[@]}" --step decode --batch 32 \
-    --steps $((STEPS / 2)) --deepspeed ds_configs/zero3.json
-
+[ "${SET:-all}" = install ] && { echo "wheels ready (PYTHONPATH=${PYTHONPATH:-})"; exit 0; }
+if [ "${SET:-all}" = levers ]; then  # eager vs regional torch.compile (--compile_layers), same run
+  run "step 2, plain bf16, batch 64 (+ matmul peak)" "${single[@]}" --step decode --batch 64 --steps "$STEPS" --peak
+  run "step 2, compiled blocks, batch 64, pad to 64" "${single[@]}" --step decode --batch 64 --steps "$STEPS" \
+      --compile_layers --pad_multiple 64
+  run "step 2, compiled blocks, batch 128, pad to 64, length-grouped" "${single[@]}" --step decode --batch 128 \
+      --steps "$STEPS" --compile_layers --pad_multiple 64 --length_grouping
+  run "step 1, compiled blocks, batch 128" "${single[@]}" --step recall --batch 128 --steps "$STEPS" --compile_layers
+elif [ "${SET:-all}" = levers2 ]; then  # compiled: larger batch, under ZeRO-2, and an operator profile
+  run "step 2, compiled blocks, batch 192, pad to 64, length-grouped" "${single[@]}" --step decode --batch 192 \
+      --steps "$STEPS" --compile_layers --pad_multiple 64 --length_grouping
+  run "step 2, compiled blocks, ZeRO-2, batch 128" "${ds[@]}" --step decode --batch 128 --steps "$STEPS" \
+      --compile_layers --pad_multiple 64 --length_grouping --deepspeed ds_configs/zero2.json
+  run "step 2, compiled blocks, batch 128, profiled (not a throughput figure)" "${single[@]}" --step decode \
+      --batch 128 --steps 8 --warmup 6 --compile_layers --pad_multiple 64 --length_grouping \
+      --profile "$OUT/gpu_profile_compiled_b128.txt"
+else
+  run "step 2, plain bf16, batch 32 (+ matmul peak)" "${single[@]}" --step decode --batch 32 --steps "$STEPS" --peak
+  run "step 2, plain bf16, batch 64" "${single[@]}" --step decode --batch 64 --steps "$STEPS"
+  run "step 1, plain bf16, batch 64" "${single[@]}" --step recall --batch 64 --steps "$STEPS"
+  run "step 2, ZeRO-2, batch 32" "${ds[@]}" --step decode --batch 32 --steps $((STEPS / 2)) \
+      --deepspeed ds_configs/zero2.json
+  [ -f ds_configs/zero3.json ] && run "step 2, ZeRO-3, batch 32" "${ds[@]}" --step decode --batch 32 \
+      --steps $((STEPS / 2)) --deepspeed ds_configs/zero3.json
+fi
 echo
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-print("| step | setup | batch | tokens/s | TFLOP/s | MFU | MFU (6N) | peak GiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| step | setup | batch | compiled | tokens/s | TFLOP/s | MFU | MFU (6N) | peak GiB |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     setup = (r["deepspeed"] or "plain").split("/")[-1].replace(".json", "")
-    print(f"| {r['step']} | {setup} | {r['batch_per_device']} | {r['tokens_per_second']:.0f} | "
+    print(f"| {r['step']} | {setup} | {r['batch_per_device']} | {r.get('compile_layers', False)} | "
+          f"{r['tokens_per_second']:.0f} | "
           f"{r['tflops_per_second']:.1f} | {r.get('mfu', float('nan')):.3f} | {r.get('mfu_6n', float('nan')):.3f} | "
           f"{r.get('peak_memory_gib', float('nan'))} |")
 peak = [r for r in rows if "measured_peak_tflops" in r]

@@ -179,7 +179,8 @@ def build_trainer(opts, device, timer):
                                          dim=-1)
     common = dict(output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
                   save_strategy="no", logging_steps=10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
-                  disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda")
+                  disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda",
+                  compile_layers=getattr(opts, "compile_layers", False))
     if opts.step == "recall":
         args = RecallTrainingArguments(**common, lora_target_modules=opts.lora_targets or "q_proj,v_proj")
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
@@ -250,7 +251,8 @@ def run(opts) -> dict:
     out = {"step": opts.step, "size": opts.size, "device": torch.cuda.get_device_name() if device.type == "cuda"
            else "cpu", "precision": opts.precision, "deepspeed": opts.deepspeed, "world_size": n,
            "batch_per_device": opts.batch, "pad_multiple": opts.pad_multiple,
-           "cudnn_attention": not opts.no_cudnn_attention, "timed_steps": len(timed), "seconds": round(seconds, 3),
+           "cudnn_attention": not opts.no_cudnn_attention,
+           "compile_layers": opts.compile_layers, "length_grouping": opts.length_grouping, "timed_steps": len(timed), "seconds": round(seconds, 3),
            "wall_seconds": round(wall, 1), "params_body": body, "params_trainable": trainable,
            "tokens_per_second": round(tokens * n / seconds, 1),
            "padding_fraction": round(1 - tokens / max(sum(b["padded"] for b in timed), 1), 3),
@@ -289,6 +291,7 @@ def main(argv=None):
     ap.add_argument("--naive", action="store_true",
                     help="step 2 baseline: LM head on every position (with --pad_multiple 192: pad to max_length)")
     ap.add_argument("--length_grouping", action="store_true", help="step 2: length-grouped batches")
+    ap.add_argument("--compile_layers", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")

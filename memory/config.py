@@ -240,4 +240,11 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple:
         if pre.config and pre.config not in str(exc):  # a check in a dataclass: say where options came from
             raise ValueError(f"{exc} (options from {pre.config} and the command line)") from exc
         raise
-    return parsed[0], parsed[1], parsed[2]
+    model_args, memory_args, train_args = parsed[0], parsed[1], parsed[2]
+    if train_args.compile_layers:
+        from recall.compilation import zero_stage
+
+        if zero_stage(train_args.deepspeed) == 3:
+            raise ValueError("--compile_layers does not work under DeepSpeed ZeRO-3 (its parameter gathering hooks "
+                             "run inside the compiled blocks): use a ZeRO-2 config, or drop --compile_layers")
+    return model_args, memory_args, train_args

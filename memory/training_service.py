@@ -217,6 +217,7 @@ class MemoryTrainingService:
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
             mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
             kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped, deepspeed=t.deepspeed,
+            compile_layers=t.compile_layers,
             disable_tqdm=t.disable_tqdm)
 
     def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path, plan: Optional[dict] = None,

@@ -70,6 +70,9 @@ class RecallTrainingArguments(TrainingArguments):
     query_projector: bool = dataclasses.field(default=False, metadata={"help": "force a linear projector"})
     distill_weight: float = dataclasses.field(
         default=1.0, metadata={"help": "weight of the KL term to a teacher's distribution over the bank"})
+    compile_layers: bool = dataclasses.field(
+        default=False, metadata={"help": "torch.compile each transformer block (GPU: fewer launches, fused "
+                                         "elementwise work; see recall/compilation.py). Also applies to step 2"})
     remove_unused_columns: bool = False  # the collator needs the raw "text" column
     report_to: Optional[str] = "none"
 
@@ -217,6 +220,10 @@ def build_recall_model(lm, tokenizer, args: RecallTrainingArguments, memory_dim:
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, bias="none")
     peft_lm = get_peft_model(lm, lora)
+    if getattr(args, "compile_layers", False):
+        from recall.compilation import compile_layers
+
+        compile_layers(peft_lm, args.deepspeed)
     return RecallQueryModel(peft_lm, token_ids, memory_dim, args.temperature, args.learn_temperature,
                             args.query_projector)
 

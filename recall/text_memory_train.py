@@ -89,6 +89,8 @@ class MemoryDecodingArguments(TrainingArguments):
     head_on_all_positions: bool = dataclasses.field(
         default=False, metadata={"help": "benchmark baseline only: the 49k-wide LM head on every position, "
                                          "as a plain causal-LM loss computes it (same loss, more work)"})
+    compile_layers: bool = dataclasses.field(
+        default=False, metadata={"help": "torch.compile each transformer block (see recall/compilation.py)"})
     remove_unused_columns: bool = False
     report_to: Optional[str] = "none"
 
@@ -212,17 +214,21 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, memory_vectors)
         targets = labels[:, 1:]
         picked = targets != IGNORE
+        # labelled positions as flat row indices: index_select's backward is a scatter-add, where
+        # a boolean mask's is a sorting index_put (10 ms a step for a 1B model on an H100)
+        at_b, at_t = picked.nonzero(as_tuple=True)  # row-major: the order a boolean mask gives
+        width = hidden.shape[1]
         if self.head_on_all_positions:  # same values, computed the plain causal-LM way
-            logits = self.logits(hidden[:, :-1])[picked]
+            logits = self.logits(hidden[:, :-1]).flatten(0, 1).index_select(0, at_b * (width - 1) + at_t)
         else:
-            logits = self.logits(hidden[:, :-1][picked])
-        parts = {"lm": F.cross_entropy(logits, targets[picked])}
-        if kd_mask is not None and kd_mask[:, 1:][picked].any():
-            sel = kd_mask[:, 1:][picked]
-            logp = torch.log_softmax(logits[sel], dim=-1)
-            teacher_logp = kd_logprobs[:, 1:][picked][sel]
+            logits = self.logits(hidden.flatten(0, 1).index_select(0, at_b * width + at_t))
+        parts = {"lm": F.cross_entropy(logits, targets[at_b, at_t])}
+        if kd_mask is not None and kd_mask[:, 1:][at_b, at_t].any():
+            sel = kd_mask[:, 1:][at_b, at_t].nonzero(as_tuple=True)[0]
+            logp = torch.log_softmax(logits.index_select(0, sel), dim=-1)
+            teacher_logp = kd_logprobs[:, 1:][at_b, at_t][sel]
             teacher_logp = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)  # renormalise top-k
-            student = logp.gather(-1, kd_indices[:, 1:][picked][sel])
+            student = logp.gather(-1, kd_indices[:, 1:][at_b, at_t][sel])
             parts["kd"] = (teacher_logp.exp() * (teacher_logp - student)).sum(-1).mean()
         has_recall = (input_ids == self.recall_id).any(dim=1)
         pos = (input_ids == self.recall_id).int().argmax(dim=1)  # the first <recall>
@@ -262,7 +268,12 @@ def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArgum
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, bias="none")
-    model = MemoryDecoderModel(get_peft_model(lm, lora), token_ids, memory_dim, args.projector_hidden,
+    peft_lm = get_peft_model(lm, lora)
+    if args.compile_layers:
+        from recall.compilation import compile_layers
+
+        compile_layers(peft_lm, args.deepspeed)
+    model = MemoryDecoderModel(peft_lm, token_ids, memory_dim, args.projector_hidden,
                                args.noise_std, memory_bank, args.recall_temperature)
     model.loss_weights = {"lm": 1.0, "recall": args.recall_loss_weight, "preserve": args.preserve_weight,
                           "kd": args.kd_weight}
