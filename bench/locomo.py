@@ -52,12 +52,14 @@ QUICK_SESSIONS = 5
 INSTRUCTION = "Answer in a few words."
 
 
-def _args(work: Path, epochs: float, stage: str):
-    from memory.config import MemoryArguments, ModelArguments
-    from recall.text_embedding_train import RecallTrainingArguments
+PIPELINE_FLAGS: List[str] = []  # --pipeline: extra run_training.py flags for every run
 
-    margs = MemoryArguments(chats_dir=str(work / "chats"), stage=stage, k_folds=0)
-    return ModelArguments(), margs, RecallTrainingArguments(output_dir=str(work), num_train_epochs=epochs)
+
+def _args(work: Path, epochs: float, stage: str):
+    from memory.config import parse_args
+
+    return parse_args(["--output_dir", str(work), "--chats_dir", str(work / "chats"), "--stage", stage,
+                       "--k_folds", "0", "--num_train_epochs", str(epochs), *PIPELINE_FLAGS])
 
 
 def prepare(conv: Conversation, work: Path, service) -> Dict[int, List[str]]:
@@ -127,7 +129,7 @@ def run_retrieval(conv: Conversation, work: Path, epochs: float, stage: str) -> 
         started_eval = time.perf_counter()
         trained, base_embed = step1_scorers(run_recall, db, precision="fp32")
         report = {"sample_id": conv.sample_id, "memories": len(cited), "questions": len(questions),
-                  "model_dir": str(run_recall)}
+                  "model_dir": str(run_recall), "pipeline_flags": PIPELINE_FLAGS}
         _compare_retrievers(report, questions, db, trained, base_embed, is_hit=is_hit, extra=[("bm25", bm25)])
     finally:
         db.close()
@@ -267,7 +269,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="work root (default ~/.cache/recall_memory/bench/locomo/<mode>)")
     ap.add_argument("--results", default=None, help=f"results folder (default {RESULTS}/<mode>)")
     ap.add_argument("--fresh", action="store_true", help="delete this mode's work and results first")
+    ap.add_argument("--pipeline", default="", help="extra run_training.py flags for every run, e.g. "
+                    "'--embedding_model minilm --vector_distill_weight 1' (use with its own --work and --results)")
     args = ap.parse_args(argv)
+    import shlex
+
+    PIPELINE_FLAGS[:] = shlex.split(args.pipeline)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("memory", "recall", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -102,7 +102,7 @@ def throughput(steps: int = 4, batch_size: int = 8) -> dict:
                 start = time.perf_counter()
             if pad_to is None:
                 loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                             batch.get("memory_vectors"))["lm"]
+                             batch.get("memory_vectors"))["loss"]  # the parts are detached
             else:
                 hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("memory_vectors"))
                 logits = model.logits(hidden[:, :-1])

@@ -62,13 +62,17 @@ def main():
     ap.add_argument("--embedding_model", default="chat", help="memory vectors: chat | minilm")
     ap.add_argument("--no_throughput", action="store_true")
     ap.add_argument("--cue_questions", type=int, default=3)
+    ap.add_argument("--vector_distill_weight", type=float, default=0.0,
+                    help="distil the teacher's vectors into <recall> (needs --embedding_model minilm)")
+    ap.add_argument("--general_prompts", action="store_true", help="bundled prompts as extra unlabelled texts")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
     margs = MemoryArguments(chats_dir="examples/chats", memories="examples/memories.jsonl", stage="recall",
                             k_folds=args.k_folds, embedding_model=args.embedding_model,
-                            cue_questions=args.cue_questions)
-    targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs)
+                            cue_questions=args.cue_questions, recall_general_prompts=args.general_prompts)
+    targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs,
+                                    vector_distill_weight=args.vector_distill_weight)
     service = MemoryTrainingService(ModelArguments(), margs, targs)
     start = time.perf_counter()
     sessions = service.load_chat_sessions().sessions
@@ -95,7 +99,7 @@ def main():
     print("\n| training precision | tokens/s | s/step |\n|---|---|---|")
     for name, s in speed.items():
         print(f"| {name} | {s['tokens_per_s']:.1f} | {s['seconds_per_step']:.2f} |")
-    out = {"metrics": metrics, "train_seconds": train_seconds, "throughput": speed,
+    out = {"options": vars(args), "metrics": metrics, "train_seconds": train_seconds, "throughput": speed,
            "questions": {n: {k2: v for k2, v in report[n].items() if k2 != "per_question"}
                          for n in ("trained_recall", "untrained_last_token", "minilm_rag")}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

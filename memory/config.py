@@ -26,7 +26,9 @@ def parse_every(text: str) -> Tuple[float, str]:
 
 def _decoding_default(name: str):
     """A ``decode_*`` option whose default and help are ``MemoryDecodingArguments.<name>``'s,
-    so step 2's defaults live in one place (read lazily: importing it loads transformers)."""
+    so step 2's defaults live in one place (read lazily: importing it loads transformers).
+    Not for bools: ``HfArgumentParser`` makes a bool without a plain default ``False`` on the
+    command line (``tests/test_service.py`` checks that the parsed defaults agree)."""
     def default():
         from recall.text_memory_train import MemoryDecodingArguments
 
@@ -74,6 +76,9 @@ class MemoryArguments:
         default="minilm", metadata={"help": "sentence encoder that filters generated questions and gives soft "
                                             "targets over the bank in step 1: minilm | an encoder directory | none"})
     recall_teacher_temperature: float = 0.05
+    recall_general_prompts: bool = dataclasses.field(
+        default=False, metadata={"help": "step 1: the bundled general prompts join the chats' user turns as "
+                                         "unlabelled texts for the teacher's terms"})
     cue_filter_rank: int = dataclasses.field(
         default=3, metadata={"help": "keep a generated question if the teacher ranks its memory in this top-k"})
     k_folds: int = dataclasses.field(
@@ -99,7 +104,8 @@ class MemoryArguments:
     decode_recall_loss_weight: float = _decoding_default("recall_loss_weight")
     decode_preserve_weight: float = _decoding_default("preserve_weight")
     decode_kd_weight: float = _decoding_default("kd_weight")
-    decode_length_grouped: bool = _decoding_default("length_grouped")
+    decode_length_grouped: bool = dataclasses.field(  # = MemoryDecodingArguments.length_grouped (see above)
+        default=True, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
     # step 4 and the recall loop
     models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})

@@ -59,6 +59,9 @@ class Teacher:
         self.users = [r.user_id for r in records]
         self.temperature = temperature
 
+    def vectors(self, texts: Sequence[str]):
+        return torch.from_numpy(self.encoder.encode(list(texts))).float()
+
     def probabilities(self, texts: Sequence[str]):
         scores = torch.from_numpy(self.encoder.encode(list(texts)) @ self.keys.T)
         return torch.softmax(scores / self.temperature, dim=-1)
@@ -148,6 +151,14 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     if teacher is not None:
         for item, probs in zip(data, teacher.probabilities([d["raw"] for d in data])):
             item["teacher"] = probs.tolist()
+    if train_args.vector_distill_weight > 0:
+        if teacher is None or teacher.encoder.encoder_id != db.encoder_id:
+            raise ValueError(f"vector_distill_weight: the <recall> query can only learn the teacher's vectors when "
+                             f"the memory vectors come from the same encoder (memory DB: {db.encoder_id}, teacher: "
+                             f"{'none' if teacher is None else teacher.encoder.encoder_id}); set --embedding_model "
+                             f"to the --recall_teacher encoder, or vector_distill_weight to 0")
+        for item, vec in zip(data, teacher.vectors([d["raw"] for d in data])):
+            item["teacher_vector"] = vec.tolist()
     metrics["cues"] = sum(d["target"] >= 0 for d in data)
     metrics["unlabelled_texts"] = len(data) - metrics["cues"]
     logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts", len(records), metrics["cues"],

@@ -177,6 +177,10 @@ class MemoryTrainingService:
 
         run_dir = run_dir or self.new_run_dir()
         turns = [m.content for s in sessions for m in s.messages if m.role == "user" and len(m.content) < 2000]
+        if self.args.recall_general_prompts:
+            from memory.sft_data import read_prompts
+
+            turns += read_prompts()
         plan = plan or {}
         return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns,
                                   bank_ids=plan.get("bank_ids"), train_ids=plan.get("memory_ids"),

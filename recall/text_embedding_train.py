@@ -70,6 +70,11 @@ class RecallTrainingArguments(TrainingArguments):
     query_projector: bool = dataclasses.field(default=False, metadata={"help": "force a linear projector"})
     distill_weight: float = dataclasses.field(
         default=1.0, metadata={"help": "weight of the KL term to a teacher's distribution over the bank"})
+    vector_distill_weight: float = dataclasses.field(
+        default=0.0, metadata={"help": "weight of distilling the teacher encoder's vectors into the <recall> query "
+                                       "(1 - cos + in-batch InfoNCE, on every text, labelled or not); needs memory "
+                                       "vectors from the teacher's encoder (--embedding_model = --recall_teacher)"})
+    vector_distill_temperature: float = 0.05
     compile_layers: bool = dataclasses.field(
         default=False, metadata={"help": "torch.compile each transformer block (GPU: fewer launches, fused "
                                          "elementwise work; see recall/compilation.py). Also applies to step 2"})
@@ -85,7 +90,8 @@ class MemoryBankInfoNCE(nn.Module):
     texts that have no labelled memory, optional teacher probabilities (B, M), and the log
     of the inverse temperature."""
 
-    def forward(self, queries, bank, targets, log_scale, teacher=None, distill_weight: float = 1.0):
+    def forward(self, queries, bank, targets, log_scale, teacher=None, distill_weight: float = 1.0,
+                teacher_vectors=None, vector_weight: float = 0.0, vector_temperature: float = 0.05):
         logits = queries @ bank.T * log_scale.exp().clamp(max=1000.0)
         loss = logits.new_zeros(())
         if (targets >= 0).any():
@@ -93,7 +99,19 @@ class MemoryBankInfoNCE(nn.Module):
         if teacher is not None and distill_weight > 0:
             kl = F.kl_div(F.log_softmax(logits, dim=-1), teacher, reduction="batchmean")
             loss = loss + distill_weight * kl
+        if teacher_vectors is not None and vector_weight > 0:
+            loss = loss + vector_weight * vector_distillation(queries, teacher_vectors, vector_temperature)
         return loss
+
+
+def vector_distillation(queries: torch.Tensor, teacher_vectors: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Distil a sentence encoder into the query: ``1 - cos(q_i, t_i)`` plus an in-batch
+    InfoNCE (each query must pick its own text's teacher vector among the batch's). Needs no
+    label, so any text teaches it; queries and teacher vectors share the memory-vector space."""
+    t = F.normalize(teacher_vectors.to(queries.dtype), dim=-1)
+    cosine = (queries * t).sum(-1)
+    nce = F.cross_entropy(queries @ t.T / temperature, torch.arange(len(queries), device=queries.device))
+    return (1 - cosine).mean() + nce
 
 
 class RecallQueryModel(TrainableStateMixin, nn.Module):
@@ -147,6 +165,8 @@ class RecallCollator:
             batch["targets"] = torch.tensor([f["target"] for f in features])
         if all(f.get("teacher") is not None for f in features):
             batch["teacher"] = torch.tensor([f["teacher"] for f in features], dtype=torch.float32)
+        if all(f.get("teacher_vector") is not None for f in features):
+            batch["teacher_vectors"] = torch.tensor([f["teacher_vector"] for f in features], dtype=torch.float32)
         return batch
 
 
@@ -181,7 +201,8 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         queries, log_scale = model(inputs["input_ids"], inputs["attention_mask"], with_log_scale=True)
         loss = self.loss_fn(queries, self._bank(queries.device), inputs["targets"], log_scale,
-                            inputs.get("teacher"), self.args.distill_weight)
+                            inputs.get("teacher"), self.args.distill_weight, inputs.get("teacher_vectors"),
+                            self.args.vector_distill_weight, self.args.vector_distill_temperature)
         return (loss, queries) if return_outputs else loss
 
     @torch.no_grad()

@@ -123,3 +123,23 @@ def test_missing_model_is_a_clear_error(chats, tmp_path, capsys):
     code = run_training.main(["--model_name_or_path", str(tmp_path / "nope"), "--chats_dir", str(chats),
                               "--output_dir", str(tmp_path / "out")])
     assert code == 1 and "nope" in capsys.readouterr().err
+
+
+def test_step2_options_parse_to_the_trainers_own_defaults(tmp_path):
+    """Every ``--decode_*`` option, parsed from an empty command line, equals the default of
+    the ``MemoryDecodingArguments`` field it feeds (a bool once silently parsed to False)."""
+    import dataclasses
+
+    from memory.config import parse_args
+    from recall.text_memory_train import MemoryDecodingArguments
+
+    _, args, _ = parse_args(["--output_dir", str(tmp_path)])
+    defaults = {f.name: f.default for f in dataclasses.fields(MemoryDecodingArguments)}
+    renamed = {"decode_epochs": "num_train_epochs", "decode_batch_size": "per_device_train_batch_size"}
+    checked = 0
+    for f in dataclasses.fields(args):
+        if f.name.startswith("decode_"):
+            name = renamed.get(f.name, f.name.removeprefix("decode_"))
+            assert getattr(args, f.name) == defaults[name], f.name
+            checked += 1
+    assert checked >= 14
