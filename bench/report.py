@@ -211,6 +211,37 @@ def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     return lines
 
 
+def gpu_section(results: Path) -> List[str]:
+    """Step 1 and 2 on a lent GPU (``bash bench/gpu_check.sh``, ``SET=levers``/``levers2``), from
+    ``gpu_levers.jsonl``: one row per run, the eager step-2 row of the same invocation as baseline."""
+    path = results / "gpu_levers.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "profile" not in str(r.get("variant", "")) and r.get("timed_steps", 0) >= 20]
+    if not rows:
+        return []
+    lines = ["### On a GPU (random-initialised ~1B Llama, bf16)", "",
+             f"Device: {rows[0]['device']}. Commands: `SET=levers STEPS=50 bash bench/gpu_check.sh` and "
+             "`SET=levers2 STEPS=40 bash bench/gpu_check.sh` (`bench/results/gpu_levers.jsonl`). MFU counts useful "
+             f"FLOPs (frozen base: no weight gradients) against the nominal {rows[0].get('nominal_bf16_tflops')} "
+             "TFLOP/s; MFU (6N) is the usual 6N-per-token count.", "",
+             "| step | setup | batch | compiled blocks | tokens/s | TFLOP/s | MFU | MFU (6N) | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        setup = (r.get("deepspeed") or "plain").split("/")[-1].replace(".json", "")
+        if r.get("length_grouping"):
+            setup += ", length-grouped"
+        lines.append(f"| {r['step']} | {setup} | {r['batch_per_device']} | {'yes' if r.get('compile_layers') else 'no'} | "
+                     f"{r['tokens_per_second']:,.0f} | {r['tflops_per_second']:.1f} | {r.get('mfu', float('nan')):.3f} | "
+                     f"{r.get('mfu_6n', float('nan')):.3f} | {r.get('peak_memory_gib', '')} |")
+    best = max((r for r in rows if r["step"] == "decode"), key=lambda r: r.get("mfu", 0), default=None)
+    if best:
+        lines += ["", f"Target: step-2 MFU ≥ 40% on a ~1B model: best {best.get('mfu', 0):.3f}, "
+                  f"{_met(best.get('mfu', 0) >= 0.40)}.", ""]
+    return lines
+
+
 def _overall_slope(points, steps) -> str:
     import math
 
@@ -301,6 +332,7 @@ def render(results: Path, docs: Path, log: dict, quick: bool = False) -> None:
                 "harness, not the figures to quote.", ""]
     out += locomo_section(results, docs.parent, log)
     out += speed_section(results, docs.parent, log)
+    out += gpu_section(results)
     out += scale_section(results, docs.parent, log)
     out += latency_section(results, docs.parent, log)
     failed = {k: v for k, v in log.items() if v.get("exit")}

@@ -105,7 +105,7 @@ class MemoryArguments:
     decode_preserve_weight: float = _decoding_default("preserve_weight")
     decode_kd_weight: float = _decoding_default("kd_weight")
     decode_length_grouped: bool = dataclasses.field(  # = MemoryDecodingArguments.length_grouped (see above)
-        default=True, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
+        default=False, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
     # step 4 and the recall loop
     models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})

@@ -35,6 +35,11 @@ def test_report_states_targets_and_writes_plots(tmp_path):
         "date": "2026-11-26", "questions": 3, "tokens": 8, "memories": 5, "command": "python -m bench.recall_latency",
         "tokens_per_second": {"hf_generate": 15.0, "loop_recall": 13.0}, "plain_step_ms": 60.0,
         "recall_latency_ms": 90.0, "query_and_search_ms": 2.0, "recall_latency_vs_plain_step": 1.5}))
+    gpu = [{"step": "decode", "device": "NVIDIA H100 80GB HBM3", "deepspeed": None, "batch_per_device": 64,
+            "compile_layers": c, "length_grouping": False, "timed_steps": 50, "tokens_per_second": t,
+            "tflops_per_second": t / 250, "mfu": m, "mfu_6n": m * 1.5, "peak_memory_gib": 20.0,
+            "nominal_bf16_tflops": 989.4} for c, t, m in ((False, 23793, 0.098), (True, 50103, 0.207))]
+    (results / "gpu_levers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gpu))
     docs = tmp_path / "docs" / "BENCHMARKS.md"
     render(results, docs, {"locomo": {"command": "python -m bench.locomo", "date": "2026-11-26 10:00", "seconds": 5}})
     text = docs.read_text()
@@ -45,5 +50,6 @@ def test_report_states_targets_and_writes_plots(tmp_path):
     assert "step 2 reaches **0.56** (step 2 default), **met**" in text  # against the fp32 peak: bf16 is slower here
     assert "`python -m bench.locomo`, 2026-11-26 10:00, 5 s wall" in text
     assert "(no scale results yet)" in text
+    assert "| decode | plain | 64 | yes | 50,103 |" in text and "best 0.207, **missed**" in text
     for png in ("benchmarks_locomo_retrieval_full.png", "benchmarks_speed.png"):
         assert (docs.parent / png).stat().st_size > 1000 and f"]({png})" in text
