@@ -212,13 +212,17 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     eval_ctx = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
     metrics: Dict[str, object] = {"memories": len(records), "sft_examples": len(sft)}
 
-    before = RecallEngine(lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
+    # the <recall> state itself (what the preserve term keeps), and step 1's query from it: the
+    # same unless memory vectors have another width (e.g. MiniLM's), where a fixed projector maps it
+    raw = RecallEngine(lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
+    before = raw if query_projector is None else RecallEngine(lm, tok, token_ids, query_projector=query_projector,
+                                                              autocast_dtype=loaded.runtime.autocast_dtype)
     metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
 
     builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix)
     anchors = kd = None
     if args.preserve_weight > 0:  # step 1's query for every context a sample can have
-        anchors = torch.from_numpy(before.query_vectors(builder.anchor_texts(contexts, sft)))
+        anchors = torch.from_numpy(raw.query_vectors(builder.anchor_texts(contexts, sft)))
     if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
         kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
     dataset = ResampledDataset(builder.epoch, seed=args.seed,

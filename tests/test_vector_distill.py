@@ -52,21 +52,31 @@ def _run(tiny_model_dir, tmp_path, *extra):
     return run_training.main(["--model_name_or_path", str(tiny_model_dir), "--chats_dir", "", "--precision", "fp32",
                               "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1",
                               "--per_device_train_batch_size", "8", "--lora_r", "4", "--cue_questions", "0",
-                              "--memories", str(mem), "--stage", "recall", *extra])
+                              "--memories", str(mem), *extra])
 
 
-def test_minilm_memory_vectors_train_with_distillation_on_the_general_prompts(tiny_model_dir, tmp_path):
+def test_minilm_memory_vectors_train_with_distillation_then_decode_and_publish(tiny_model_dir, tmp_path):
+    """Steps 3.1, 3.2 and 4 with memory vectors of another width than the model's (MiniLM: 384):
+    step 2 measures and preserves step 1's query through its projector."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                           for p, c in [("Say hi.", "Hi there!"), ("Name a colour.", "Blue.")]))
     code = _run(tiny_model_dir, tmp_path, "--embedding_model", "minilm", "--vector_distill_weight", "1",
-                "--recall_general_prompts", "true")
+                "--recall_general_prompts", "true", "--stage", "all", "--sft_data", str(sft),
+                "--sft_self_distill", "false", "--decode_epochs", "1", "--decode_min_steps", "0", "--decode_lora_r", "4",
+                "--decode_projector_hidden", "32", "--disable_tqdm", "true")
     assert code == 0
     [run] = sorted((tmp_path / "out" / "runs").iterdir())
     metrics = json.loads((run / "recall" / "metrics.json").read_text())
     assert metrics["unlabelled_texts"] >= 100  # the bundled prompts joined the (empty) chats' turns
     assert metrics["final_train_set"]["n"] == metrics["cues"] > 0
+    decode = json.loads((run / "decode" / "metrics.json").read_text())
+    assert decode["recall_before"]["n"] > 0 and 0 <= decode["recall_after"]["recall_at_1"] <= 1
+    assert (tmp_path / "out" / "models" / "current").exists()
 
 
 def test_distillation_into_another_encoders_space_is_refused(tiny_model_dir, tmp_path, capsys):
-    code = _run(tiny_model_dir, tmp_path, "--vector_distill_weight", "1")  # memory vectors: the chat model's
+    code = _run(tiny_model_dir, tmp_path, "--vector_distill_weight", "1", "--stage", "recall")  # chat-model vectors
     assert code != 0
     captured = capsys.readouterr()
     assert "vector_distill_weight" in captured.out + captured.err and "embedding_model" in captured.out + captured.err
