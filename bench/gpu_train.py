@@ -180,7 +180,7 @@ def build_trainer(opts, device, timer):
     common = dict(output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
                   save_strategy="no", logging_steps=10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
                   disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda",
-                  compile_layers=getattr(opts, "compile_layers", False))
+                  compile_layers=opts.compile_layers)
     if opts.step == "recall":
         args = RecallTrainingArguments(**common, lora_target_modules=opts.lora_targets or "q_proj,v_proj")
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))

@@ -38,7 +38,7 @@ def _opts(**kw):
     base = dict(step="decode", size="default", steps=6, warmup=2, batch=8, memories=64, precision="fp32",
                 device="cpu", deepspeed=None, lora_targets=None, tokenizer=None, peak=False, work="/tmp/bench_speed",
                 pad_multiple=1, no_cudnn_attention=False, profile=None, seed=0, naive=False,
-                length_grouping=False)
+                length_grouping=False, compile_layers=False)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -62,8 +62,9 @@ class Teacher:
     def vectors(self, texts: Sequence[str]):
         return torch.from_numpy(self.encoder.encode(list(texts))).float()
 
-    def probabilities(self, texts: Sequence[str]):
-        scores = torch.from_numpy(self.encoder.encode(list(texts)) @ self.keys.T)
+    def probabilities(self, vectors: torch.Tensor):
+        """Soft targets over the bank for texts' ``vectors`` (from ``vectors``)."""
+        scores = vectors @ torch.from_numpy(self.keys).float().T
         return torch.softmax(scores / self.temperature, dim=-1)
 
     def keeps(self, text: str, row: int, max_rank: int) -> bool:
@@ -127,6 +128,14 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
         logger.warning("step 3.1: no memories in the store, skipping <recall> training")
         return None
     started = time.perf_counter()
+    teacher = None
+    if args.recall_teacher != "none":
+        teacher = Teacher(args.recall_teacher, records, args.recall_teacher_temperature)
+    if train_args.vector_distill_weight > 0 and (teacher is None or teacher.encoder.encoder_id != db.encoder_id):
+        raise ValueError(f"vector_distill_weight: the <recall> query can only learn the teacher's vectors when "
+                         f"the memory vectors come from the same encoder (memory DB: {db.encoder_id}, teacher: "
+                         f"{'none' if teacher is None else teacher.encoder.encoder_id}); set --embedding_model "
+                         f"to the --recall_teacher encoder, or vector_distill_weight to 0")
     token_ids = add_memory_tokens(loaded.model, loaded.tokenizer)
     wanted = set(r.id for r in records) if train_ids is None else set(train_ids)
     trained = [r for r in records if r.id in wanted]
@@ -141,24 +150,17 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     cues = ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
     bank = torch.from_numpy(db.vectors([r.id for r in records]))
     metrics: Dict[str, object] = {"memories": len(trained), "bank": len(records)}
-    teacher = None
-    if args.recall_teacher != "none":
-        teacher = Teacher(args.recall_teacher, records, args.recall_teacher_temperature)
+    if teacher is not None:
         metrics["questions_dropped_by_teacher"] = _filter_questions(cues, records, teacher, args.cue_filter_rank)
     else:
         extra_texts = ()  # unlabelled texts only teach through a teacher
     data = build_dataset(loaded.tokenizer, records, cues, extra_texts)
     if teacher is not None:
-        for item, probs in zip(data, teacher.probabilities([d["raw"] for d in data])):
+        vectors = teacher.vectors([d["raw"] for d in data])  # each text encoded once, for both terms
+        for item, probs, vec in zip(data, teacher.probabilities(vectors), vectors):
             item["teacher"] = probs.tolist()
-    if train_args.vector_distill_weight > 0:
-        if teacher is None or teacher.encoder.encoder_id != db.encoder_id:
-            raise ValueError(f"vector_distill_weight: the <recall> query can only learn the teacher's vectors when "
-                             f"the memory vectors come from the same encoder (memory DB: {db.encoder_id}, teacher: "
-                             f"{'none' if teacher is None else teacher.encoder.encoder_id}); set --embedding_model "
-                             f"to the --recall_teacher encoder, or vector_distill_weight to 0")
-        for item, vec in zip(data, teacher.vectors([d["raw"] for d in data])):
-            item["teacher_vector"] = vec.tolist()
+            if train_args.vector_distill_weight > 0:
+                item["teacher_vector"] = vec.tolist()
     metrics["cues"] = sum(d["target"] >= 0 for d in data)
     metrics["unlabelled_texts"] = len(data) - metrics["cues"]
     logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts", len(records), metrics["cues"],

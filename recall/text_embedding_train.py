@@ -241,7 +241,7 @@ def build_recall_model(lm, tokenizer, args: RecallTrainingArguments, memory_dim:
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, bias="none")
     peft_lm = get_peft_model(lm, lora)
-    if getattr(args, "compile_layers", False):
+    if args.compile_layers:
         from recall.compilation import compile_layers
 
         compile_layers(peft_lm, args.deepspeed)
