@@ -115,7 +115,24 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
                 ("locomo_quick", "python -m bench.locomo --quick --parts retrieval,extraction,e2e")
             lines += [f"### {title}", "", f"Command: {_command(log, key, fallback)}.", ""] + \
                 _locomo_folder(folder, out_dir, mode)
+    for mode, title, command, note in OPT_IN_LOCOMO:  # not part of run_all: run by hand, rendered when present
+        folder = results / "locomo" / mode
+        if any(folder.glob("*.json")):
+            found = True
+            lines += [f"### {title}", "", f"Command: `{command}`. {note}", ""] + _locomo_folder(folder, out_dir, mode)
     return lines if found else lines + ["(no LoCoMo results yet)", ""]
+
+
+_DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
+OPT_IN_LOCOMO = (
+    ("full_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, conversation 0",
+     f'python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_minilm_distill '
+     f'--pipeline "{_DISTILL}"',
+     "The run's wall time includes 23 min paused and 21 min sharing the CPU with another benchmark."),
+    ("quick_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, quick mode",
+     f'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_minilm_distill '
+     f'--pipeline "{_DISTILL}"', ""),
+)
 
 
 def _locomo_folder(folder: Path, out_dir: Path, mode: str) -> List[str]:

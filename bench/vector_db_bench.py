@@ -53,6 +53,7 @@ USEARCH_DEFAULTS = {"connectivity": 16, "expansion_add": 128, "expansion_search"
 EXACT = 2**62  # brute_force_max that makes every search exact
 ADD_BATCH = 10_000
 PAIR_SAMPLE = 20_000  # random pairs for the cosine statistics
+SAMPLE_CHUNK = 50_000  # vectors generated at a time
 RESULTS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "vector_db.json")
 
@@ -122,11 +123,16 @@ def structured_sampler(rng: np.random.Generator, dim: int):
     offset = rng.standard_normal(dim)
     offset *= OFFSET_NORM * np.sqrt(LATENT_DIM) / np.linalg.norm(offset)
 
-    def sample(m: int) -> np.ndarray:
+    def chunk(m: int) -> np.ndarray:
         c = rng.choice(CLUSTERS, size=m, p=weights)
         z = centres[c] + spread[c, None] * rng.standard_normal((m, LATENT_DIM))
         iso = ISOTROPIC * np.sqrt(LATENT_DIM / dim) * rng.standard_normal((m, dim))
         return unit_rows(z @ lift + offset + iso)
+
+    def sample(m: int) -> np.ndarray:
+        # in chunks: float64 temporaries for 1M x 576 at once would take ~15 GB
+        return np.concatenate([chunk(min(SAMPLE_CHUNK, m - i)) for i in range(0, m, SAMPLE_CHUNK)] or
+                              [np.zeros((0, dim), np.float32)])
 
     return sample
 
@@ -157,7 +163,7 @@ def exact_top_k(stored: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 def cosine_stats(data: Dataset, k: int, seed: int) -> dict:
     """Nearest-neighbour cosines of held-out queries and cosines of random stored pairs."""
     q = data.queries["held_out"]
-    top = -np.sort(-(q @ data.stored.T), axis=1)[:, :k]
+    top = -np.sort(np.partition(-(q @ data.stored.T), k - 1, axis=1)[:, :k], axis=1)  # top-k, descending
     rng = np.random.default_rng(seed + 1)
     a, b = (data.stored[rng.integers(0, len(data.stored), PAIR_SAMPLE)] for _ in range(2))
     pairs = np.einsum("ij,ij->i", a, b)

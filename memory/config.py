@@ -106,6 +106,7 @@ class MemoryArguments:
     decode_kd_weight: float = _decoding_default("kd_weight")
     decode_length_grouped: bool = dataclasses.field(  # = MemoryDecodingArguments.length_grouped (see above)
         default=False, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
+    decode_stop_at_exact_match: float = _decoding_default("stop_at_exact_match")
     # step 4 and the recall loop
     models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
@@ -133,6 +134,8 @@ class MemoryArguments:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {self.stage!r}")
+        if not 0.0 <= self.decode_stop_at_exact_match <= 1.0:
+            raise ValueError(f"decode_stop_at_exact_match: expected a share in [0, 1], got {self.decode_stop_at_exact_match}")
         if self.keep_versions < 1:
             raise ValueError(f"keep_versions: expected at least 1, got {self.keep_versions}")
         parse_every(self.schedule_every)

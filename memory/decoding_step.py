@@ -245,8 +245,11 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
         refs = bank if reference_vectors is None else np.concatenate([bank, reference_vectors])
         model.projector.fit_center(torch.from_numpy(refs))
     model.to(loaded.runtime.device)
+    # each memory after the neutral ask (the last context of every memory): what decode_exact_match decodes
+    checks = [builder.memory_sample(row, len(ctxs) - 1) for row, ctxs in enumerate(builder.contexts)]
     trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank_t, tokenizer=tok,
-                                        train_dataset=dataset, anchors=anchors, kd=kd, callbacks=list(callbacks))
+                                        train_dataset=dataset, anchors=anchors, kd=kd, check_samples=checks,
+                                        callbacks=list(callbacks))
     train_started = time.perf_counter()
     resume = args.resume_from_checkpoint or last_complete_checkpoint(out_dir)
     if resume:
@@ -255,9 +258,14 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     raise_if_stopped(trainer.state, "step 3.2")
     train_seconds = time.perf_counter() - train_started
     trainer.save_model(str(out_dir))  # collective under DeepSpeed; only rank 0 writes
-    tokens = sum(len(x["input_ids"]) for x in dataset.items) * args.num_train_epochs
+    epochs_run = trainer.state.epoch or 0.0
+    tokens = sum(len(x["input_ids"]) for x in dataset.items) * epochs_run
     metrics["train"] = {"loss": result.training_loss, "seconds": train_seconds, "samples_per_epoch": len(dataset),
-                        "tokens_per_second": tokens / max(train_seconds, 1e-9), "world_size": world_size()}
+                        "epochs_run": epochs_run, "tokens_per_second": tokens / max(train_seconds, 1e-9),
+                        "world_size": world_size(),
+                        # the teacher-forced check at each epoch's end (see EnhancedTextMemoryTrainer.decode_check)
+                        "exact_match_by_epoch": [{"epoch": round(h["epoch"], 2), "exact_match": h["decode_exact_match"]}
+                                                 for h in trainer.state.log_history if "decode_exact_match" in h]}
     barrier()
     if not is_main():  # rank 0 measures and publishes
         return DecodingResult(None, None, query_projector, metrics)

@@ -220,7 +220,8 @@ class MemoryTrainingService:
             lora_alpha=a.decode_lora_alpha, lora_target_modules=a.decode_lora_target_modules,
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
             mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
-            kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped, deepspeed=t.deepspeed,
+            kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped,
+            stop_at_exact_match=a.decode_stop_at_exact_match, deepspeed=t.deepspeed,
             compile_layers=t.compile_layers,
             disable_tqdm=t.disable_tqdm)
 

@@ -92,8 +92,18 @@ class MemoryDecodingArguments(TrainingArguments):
                                          "as a plain causal-LM loss computes it (same loss, more work)"})
     compile_layers: bool = dataclasses.field(
         default=False, metadata={"help": "torch.compile each transformer block (see recall/compilation.py)"})
+    stop_at_exact_match: float = dataclasses.field(
+        default=0.0, metadata={"help": "stop training at the end of the first epoch where this share of the "
+                                        "memories decodes exactly (EnhancedTextMemoryTrainer.decode_check); "
+                                        "0: check and log every epoch, never stop early"})
     remove_unused_columns: bool = False
     report_to: Optional[str] = "none"
+
+    def __post_init__(self):
+        if not 0.0 <= self.stop_at_exact_match <= 1.0:
+            raise ValueError(f"stop_at_exact_match (--decode_stop_at_exact_match): expected a share in [0, 1], "
+                             f"got {self.stop_at_exact_match}")
+        super().__post_init__()
 
 
 class MemoryProjector(nn.Module):
@@ -414,15 +424,38 @@ class _ResampleEachEpoch(TrainerCallback):
             self.dataset.resample(epoch)
 
 
+class _DecodeCheckEachEpoch(TrainerCallback):
+    """At each epoch's end: ``trainer.decode_check()``, logged as ``decode_exact_match``;
+    stops training once it reaches ``args.stop_at_exact_match`` (when > 0). It runs before
+    the epoch's checkpoint is saved, so a stopped run's last checkpoint is its final state."""
+
+    def __init__(self, trainer: "EnhancedTextMemoryTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        rate = self.trainer.decode_check()
+        self.trainer.log({"decode_exact_match": round(rate, 4)})
+        stop = 0 < args.stop_at_exact_match <= rate
+        logger.info("step 2, epoch %.0f: %.3f of the memories decode exactly (teacher-forced)%s", state.epoch or 0,
+                    rate, "; stopping" if stop else "")
+        if stop:
+            control.should_training_stop = True
+        return control
+
+
 class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
     """``Trainer`` for step 2. ``memory_vectors``: (M, d) DB vectors, indexed by each
-    sample's ``memory_row``. A ``ResampledDataset`` is redrawn at every epoch."""
+    sample's ``memory_row``. A ``ResampledDataset`` is redrawn at every epoch.
+
+    ``check_samples``: one sample per memory (the memory after a fixed context, as
+    ``decode_exact_match`` decodes it). When given, ``decode_check`` runs at every epoch's
+    end (see ``_DecodeCheckEachEpoch``)."""
 
     STATE_FILE = DECODER_STATE  # only the small trainable state is saved (SmallStateTrainerMixin)
 
     def __init__(self, model: MemoryDecoderModel, args: MemoryDecodingArguments, memory_vectors: torch.Tensor,
                  tokenizer, train_dataset, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None,
-                 **kwargs):
+                 check_samples: Optional[List[dict]] = None, **kwargs):
         kwargs.setdefault("data_collator", DecodingCollator(tokenizer.pad_token_id, memory_vectors.float(),
                                                             model.pad_id, anchors=anchors, kd=kd,
                                                             pad_to_multiple_of=args.pad_to_multiple_of))
@@ -430,7 +463,49 @@ class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
         super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
         if isinstance(train_dataset, ResampledDataset):
             self.add_callback(_ResampleEachEpoch(train_dataset))
+        self.check_samples = list(check_samples or [])
+        if self.check_samples:
+            self.add_callback(_DecodeCheckEachEpoch(self))
         self._parts: Dict[str, List[float]] = {}
+
+    @torch.no_grad()
+    def decode_check(self, batch_size: int = 32) -> float:
+        """Share of ``check_samples`` whose every labelled token after the ``<|memory_pad|>``
+        (the memory text and ``</recall>``) is the model's argmax under teacher forcing.
+
+        That is exactly "greedy decoding reproduces the text": by induction over positions, greedy
+        decoding follows the text for as long as each next token is the argmax given the text so
+        far. So one batched forward pass stands in for token-by-token generation. The published
+        ``decode_exact_match`` decodes for real (merged weights, KV cache) and normalises
+        whitespace, so it can differ by numerics, and otherwise only upwards.
+
+        Every rank runs it on the same samples (ZeRO-3 gathers are collective), and the count is
+        the minimum over ranks, so all ranks take the same decision."""
+        model = self.model
+        was_training = model.training
+        model.eval()  # no injection noise
+        exact = 0
+        try:
+            for start in range(0, len(self.check_samples), batch_size):
+                batch = self._prepare_inputs(self.data_collator(self.check_samples[start:start + batch_size]))
+                ids, labels = batch["input_ids"], batch["labels"]
+                with self.compute_loss_context_manager():
+                    hidden = model.hidden_states(ids, batch["attention_mask"], batch.get("memory_vectors"))
+                    targets = labels[:, 1:]
+                    after_pad = torch.arange(targets.shape[1], device=ids.device)[None] >= \
+                        (ids == model.pad_id).int().argmax(1)[:, None]
+                    at_b, at_t = ((targets != IGNORE) & after_pad).nonzero(as_tuple=True)
+                    logits = model.logits(hidden[at_b, at_t])
+                wrong = (logits.argmax(-1) != targets[at_b, at_t]).long()
+                errors = torch.zeros(len(ids), dtype=torch.long, device=ids.device).index_add_(0, at_b, wrong)
+                exact += int((errors == 0).sum())
+        finally:
+            model.train(was_training)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            count = torch.tensor([exact], device=self.args.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+            exact = int(count.item())
+        return exact / max(len(self.check_samples), 1)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -78,6 +78,9 @@ def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, tin
     assert multi["snapshot"] == single["snapshot"] == sorted(FACTS)
     assert multi["live"] == single["live"]
     assert multi["metrics"]["decoding"]["train"]["world_size"] == 2
+    # the per-epoch decode check ran on every rank (its count is all-reduced) without hanging
+    curve = multi["metrics"]["decoding"]["train"]["exact_match_by_epoch"]
+    assert len(curve) == round(multi["metrics"]["decoding"]["train"]["epochs_run"]) > 0
     for part in ("recall", "decode"):
         assert set(multi[part]) == set(single[part])  # the same trainable tensors were saved
         assert _trained(multi[part]), f"{config}: {part} state saved empty or untrained"

@@ -134,18 +134,42 @@ def test_memories_decode_after_training_and_rows_change(tokenizer, tmp_path):
     # all three kinds, with a smaller SFT share than the default: the tiny model's capacity is small
     builder = SampleBuilder(tok, FACTS, [["Tell me."]] * 3, SFT, max_length=128, mix="2:1:1")
     dataset = ResampledDataset(builder.epoch, seed=0)
-    args = _args(tmp_path, num_train_epochs=100, lora_target_modules="q_proj,v_proj,o_proj,up_proj,down_proj")
+    # up to 100 epochs, stopping at the first epoch end where every memory decodes (teacher-forced check)
+    args = _args(tmp_path, num_train_epochs=100, lora_target_modules="q_proj,v_proj,o_proj,up_proj,down_proj",
+                 stop_at_exact_match=1.0)
     model = build_decoder_model(lm, ids, args, memory_dim=64, memory_bank=bank)
     rows_before = model.token_rows.delta.detach().clone()
+    checks = [builder.memory_sample(row, 0) for row in range(len(FACTS))]
     trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank, tokenizer=tok,
-                                        train_dataset=dataset)
+                                        train_dataset=dataset, check_samples=checks)
+    assert trainer.decode_check() == 0.0  # the random model decodes nothing
     trainer.train()
+    curve = [h["decode_exact_match"] for h in trainer.state.log_history if "decode_exact_match" in h]
+    assert len(curve) == round(trainer.state.epoch) and curve[-1] == 1.0 and max(curve[:-1]) < 1.0, curve
+    assert trainer.state.epoch < 100  # stopped early
     assert not torch.equal(rows_before, model.token_rows.delta.detach())
+
+    # the check agrees with real greedy decoding memory by memory, also where it fails:
+    # memory 2 gets another vector, which decodes to something else (or nothing)
+    wrong = bank.clone()
+    wrong[2] = torch.nn.functional.normalize(torch.randn(64), dim=-1)
+    trainer.data_collator.vectors = wrong
+    assert trainer.decode_check() == pytest.approx(2 / 3)
     model.eval()
     merged = model.merged_lm()
     engine = RecallEngine(merged, tok, ids, model.projector)
-    decoded = engine.decode_memories(bank.numpy(), context="Tell me.")
-    assert exact_match_rate(decoded, FACTS) == 1.0, decoded
+    assert exact_match_rate(engine.decode_memories(bank.numpy(), context="Tell me."), FACTS) == 1.0
+    decoded = engine.decode_memories(wrong.numpy(), context="Tell me.")
+    assert [d == f for d, f in zip(decoded, FACTS)] == [True, True, False], decoded
+
+
+def test_a_stop_share_outside_0_1_is_refused(tmp_path):
+    from memory.config import parse_args
+
+    with pytest.raises(ValueError, match="stop_at_exact_match.*1.5"):
+        _args(tmp_path, stop_at_exact_match=1.5)
+    with pytest.raises(ValueError, match="decode_stop_at_exact_match.*-0.1"):  # at parsing, before any model loads
+        parse_args(["--output_dir", str(tmp_path), "--decode_stop_at_exact_match", "-0.1"])
 
 
 class _CountingSearch:
