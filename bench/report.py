@@ -115,11 +115,11 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
                 ("locomo_quick", "python -m bench.locomo --quick --parts retrieval,extraction,e2e")
             lines += [f"### {title}", "", f"Command: {_command(log, key, fallback)}.", ""] + \
                 _locomo_folder(folder, out_dir, mode)
-    for mode, title, command, note in OPT_IN_LOCOMO:  # not part of run_all: run by hand, rendered when present
+    for mode, title, command in OPT_IN_LOCOMO:  # not part of run_all: run by hand, rendered when present
         folder = results / "locomo" / mode
         if any(folder.glob("*.json")):
             found = True
-            lines += [f"### {title}", "", f"Command: `{command}`. {note}", ""] + _locomo_folder(folder, out_dir, mode)
+            lines += [f"### {title}", "", f"Command: `{command}`.", ""] + _locomo_folder(folder, out_dir, mode)
     return lines if found else lines + ["(no LoCoMo results yet)", ""]
 
 
@@ -127,11 +127,10 @@ _DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_
 OPT_IN_LOCOMO = (
     ("full_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, conversation 0",
      f'python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_minilm_distill '
-     f'--pipeline "{_DISTILL}"',
-     "The run's wall time includes 23 min paused and 21 min sharing the CPU with another benchmark."),
+     f'--pipeline "{_DISTILL}"'),
     ("quick_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, quick mode",
      f'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_minilm_distill '
-     f'--pipeline "{_DISTILL}"', ""),
+     f'--pipeline "{_DISTILL}"'),
 )
 
 
@@ -176,7 +175,8 @@ def _locomo_folder(folder: Path, out_dir: Path, mode: str) -> List[str]:
             stages = r.get("stage_seconds") or {}
             extra = " (" + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items() if v >= 1) + ")" if stages else ""
         rss = f", process peak RSS {r['peak_rss_mib']:.0f} MiB" if r.get("peak_rss_mib") else ""
-        timing.append(f"{part} {r['sample_id']} {r.get('wall_seconds', 0):.0f} s{extra}{rss}")
+        note = f" ({r['note']})" if r.get("note") else ""  # a caveat recorded with the result
+        timing.append(f"{part} {r['sample_id']} {r.get('wall_seconds', 0):.0f} s{extra}{rss}{note}")
     lines += ["Runtime and memory: " + "; ".join(timing) + ".", ""]
     return lines
 

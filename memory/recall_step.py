@@ -63,7 +63,7 @@ class Teacher:
         return torch.from_numpy(self.encoder.encode(list(texts))).float()
 
     def probabilities(self, vectors: torch.Tensor):
-        """Soft targets over the bank for texts' ``vectors`` (from ``vectors``)."""
+        """Soft targets over the bank for text vectors from ``self.vectors``."""
         scores = vectors @ torch.from_numpy(self.keys).float().T
         return torch.softmax(scores / self.temperature, dim=-1)
 
