@@ -19,7 +19,8 @@ import uuid
 from memory.publish import VersionError
 
 
-def _print_answer(answer, out=sys.stdout) -> None:
+def _print_answer(answer, out=None) -> None:
+    out = out or sys.stdout  # read at call time: a default bound at import would outlive a redirected stdout
     if not answer.recalls:
         print("[no recall]", file=out)
     for r in answer.recalls:

@@ -105,16 +105,22 @@ class CountingCollator:
     """Wraps a collator; records real tokens, padded tokens, labelled tokens and the
     attention work (sum of squared lengths) of every batch it makes."""
 
-    def __init__(self, inner):
-        self.inner, self.batches = inner, []
+    def __init__(self, inner, recall_id: Optional[int] = None):
+        self.inner, self.batches, self.recall_id = inner, [], recall_id
 
     def __call__(self, features):
         batch = self.inner(features)
         lengths = batch["attention_mask"].sum(1)
         labels = batch.get("labels")
-        self.batches.append({"tokens": int(lengths.sum()), "padded": int(batch["attention_mask"].numel()),
-                             "labelled": int((labels != -100).sum()) if labels is not None else 0,
-                             "sq": int((lengths.double() ** 2).sum())})
+        record = {"tokens": int(lengths.sum()), "padded": int(batch["attention_mask"].numel()),
+                  "labelled": int((labels != -100).sum()) if labels is not None else 0,
+                  "sq": int((lengths.double() ** 2).sum())}
+        if self.recall_id is not None:  # tokens from the first <recall> on: what an activated adapter trains
+            ids = batch["input_ids"]
+            has = (ids == self.recall_id).any(1)
+            start = torch.where(has, (ids == self.recall_id).int().argmax(1), lengths)
+            record["tail_tokens"] = int((lengths - start).sum())
+        self.batches.append(record)
         return batch
 
 
@@ -177,21 +183,26 @@ def build_trainer(opts, device, timer):
     d = lm.config.hidden_size
     bank = torch.nn.functional.normalize(torch.randn(len(memories), d, generator=torch.Generator().manual_seed(0)),
                                          dim=-1)
+    scope = getattr(opts, "adapter_scope", "all")
     common = dict(output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
                   save_strategy="no", logging_steps=10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
                   disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda",
                   compile_layers=opts.compile_layers)
     if opts.step == "recall":
-        args = RecallTrainingArguments(**common, lora_target_modules=opts.lora_targets or "q_proj,v_proj")
+        args = RecallTrainingArguments(**common, adapter_scope=scope, lora_target_modules=opts.lora_targets or "auto")
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
         data = [{"text": format_query(tok, c), "target": row} for row, ctxs in enumerate(contexts) for c in ctxs]
         collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length))
         return RecallMemoryTrainer(model, args, bank, tok, token_ids[RECALL_TOKEN], train_dataset=data,
                                    data_collator=collate, callbacks=[timer]), collate, lm
     naive = getattr(opts, "naive", False)
+    targets = opts.lora_targets or ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" if scope == "recall"
+                                    else None)
     args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple, head_on_all_positions=naive,
                                    length_grouped=getattr(opts, "length_grouping", False) and not naive,
-                                   **({"lora_target_modules": opts.lora_targets} if opts.lora_targets else {}))
+                                   adapter_scope=scope, **({"lora_target_modules": targets} if targets else {}))
+    if scope == "recall":  # as memory.decoding_step runs it: no pure SFT samples, no KD on them
+        args.mix, args.kd_weight = ":".join(args.mix.split(":")[:2] + ["0"]), 0.0
     builder = SampleBuilder(tok, memories, contexts, sft, args.max_length, mix=args.mix)
     kd = builder.teacher_topk(lm, device=device) if args.kd_weight > 0 else None  # the base is the teacher
     model = build_decoder_model(lm, token_ids, args, d, memory_bank=bank)
@@ -199,7 +210,8 @@ def build_trainer(opts, device, timer):
     n_anchors = sum(len(c) for c in contexts) + len(sft)
     anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
     collate = CountingCollator(DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
-                                                pad_to_multiple_of=args.pad_to_multiple_of))
+                                                pad_to_multiple_of=args.pad_to_multiple_of),
+                               recall_id=token_ids[RECALL_TOKEN] if scope == "recall" else None)
     data = ResampledDataset(builder.epoch, seed=opts.seed, group=opts.batch if args.length_grouped else 0)
     return EnhancedTextMemoryTrainer(model, args, bank, tok, data,
                                      data_collator=collate, callbacks=[timer]), collate, lm
@@ -247,12 +259,18 @@ def run(opts) -> dict:
     forward = 2 * body * tokens + 2 * attn + head
     flops = 2 * forward + 4 * trainable * tokens  # frozen base: activation grads; trainables: + weight grads
     flops_6n = 3 * forward
+    if all("tail_tokens" in b for b in timed):  # activated adapter: the context is forward only
+        tail = sum(b["tail_tokens"] for b in timed)
+        backward = 2 * (2 * body * tail + 2 * attn * tail / max(tokens, 1) + head)
+        flops = forward + backward + 4 * trainable * tail
+        flops_6n = forward + 2 * (2 * body * tail + head)
     n = world_size()
     out = {"step": opts.step, "size": opts.size, "device": torch.cuda.get_device_name() if device.type == "cuda"
            else "cpu", "precision": opts.precision, "deepspeed": opts.deepspeed, "world_size": n,
            "batch_per_device": opts.batch, "pad_multiple": opts.pad_multiple,
            "cudnn_attention": not opts.no_cudnn_attention,
-           "compile_layers": opts.compile_layers, "length_grouping": opts.length_grouping, "timed_steps": len(timed), "seconds": round(seconds, 3),
+           "compile_layers": opts.compile_layers, "length_grouping": opts.length_grouping,
+           "adapter_scope": getattr(opts, "adapter_scope", "all"), "timed_steps": len(timed), "seconds": round(seconds, 3),
            "wall_seconds": round(wall, 1), "params_body": body, "params_trainable": trainable,
            "tokens_per_second": round(tokens * n / seconds, 1),
            "padding_fraction": round(1 - tokens / max(sum(b["padded"] for b in timed), 1), 3),
@@ -291,6 +309,9 @@ def main(argv=None):
     ap.add_argument("--naive", action="store_true",
                     help="step 2 baseline: LM head on every position (with --pad_multiple 192: pad to max_length)")
     ap.add_argument("--length_grouping", action="store_true", help="step 2: length-grouped batches")
+    ap.add_argument("--adapter_scope", choices=("all", "recall"), default="all",
+                    help="the LoRA at every position (default here: the full-training workload) or the "
+                         "activated adapter (the pipeline's default)")
     ap.add_argument("--compile_layers", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")

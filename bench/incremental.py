@@ -4,6 +4,8 @@
     python -m bench.incremental --part forgetting     # or: --part cost
     python -m bench.incremental -- --decode_epochs 3  # extra run_training.py flags after --
 
+Runs with ``--adapter_scope all``: only the adapter at every position has incremental cycles.
+
 **Forgetting across cycles.** ``examples/memories.jsonl`` (42 hand-written facts) is split in
 time order into an initial batch and three more disjoint batches. Cycle 1 trains the initial
 batch from the base model and publishes; cycles 2-4 each import the next batch and run an
@@ -35,8 +37,10 @@ def _service(work: Path, extra, *flags):
     from memory.config import parse_args
     from memory.training_service import MemoryTrainingService
 
+    # incremental cycles continue merged weights: the adapter at every position (an activated
+    # adapter, the pipeline's default, is retrained in full every cycle)
     model_args, args, train_args = parse_args(["--output_dir", str(work), "--chats_dir", "", "--disable_tqdm", "true",
-                                               "--k_folds", "0", *extra, *flags])
+                                               "--k_folds", "0", "--adapter_scope", "all", *extra, *flags])
     return MemoryTrainingService(model_args, args, train_args)
 
 

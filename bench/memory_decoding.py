@@ -3,15 +3,17 @@
     python -m bench.memory_decoding                 # whole default pipeline, then evaluation
     python -m bench.memory_decoding --throughput_only
     python -m bench.memory_decoding --from_step1 WORK -- --decode_mix 2:1:2   # step 2 variants
+    python -m bench.memory_decoding --json R.json --no_throughput -- --adapter_scope recall  # a variant pipeline
 
 1. runs ``python run_training.py`` (the default configuration) in a fresh work directory
    and records the wall time per stage;
 2. evaluates the published version on ``examples/questions.json``: retrieval (trained
    ``<recall>`` vs the untrained base and MiniLM, same run), ``decode_exact_match``,
    ``answer_hit_rate``, how often the model asks unprompted, and forgetting on held-out prompts;
-3. measures step-2 training throughput (tokens/s) of the default configuration against a
-   naive one (fp32, every sample padded to ``max_length``, LM head over every position) on
-   the same samples in the same process.
+3. measures step-2 training throughput (tokens/s) of the default configuration (the
+   activated adapter) and of the adapter at every position against a naive one (fp32, every
+   sample padded to ``max_length``, LM head over every position) on the same samples in the
+   same process.
 
 Writes ``bench/results/memory_decoding.json``.
 """
@@ -70,7 +72,11 @@ def run_from_step1(work: Path, extra) -> dict:
 
 
 def throughput(steps: int = 4, batch_size: int = 8) -> dict:
-    """tokens/s of real (non-pad) tokens, default vs naive, same samples, same process."""
+    """tokens/s of real (non-pad) tokens on the same samples, same process: the naive
+    configuration, the all-positions adapter and the activated adapter (the default).
+
+    The samples are the kinds the activated adapter trains (memory and sandwich samples; pure
+    SFT samples never reach it), so all three see the same tokens."""
     from memory.decoding_step import SampleBuilder
     from memory.sft_data import SFTExample, read_prompts
     from memory.token_manager import MEMORY_PAD_TOKEN, add_memory_tokens
@@ -84,16 +90,21 @@ def throughput(steps: int = 4, batch_size: int = 8) -> dict:
     prompts = read_prompts()
     sft = [SFTExample(p, "Here is a short answer to that question, in a few plain words. " * 3) for p in prompts]
     builder = SampleBuilder(loaded.tokenizer, facts, [[f"Tell me about {f.split()[-1]}"] for f in facts], sft, 192)
-    samples = builder.epoch(0, random.Random(0))
-    args = MemoryDecodingArguments(output_dir="/tmp/unused", report_to="none")
-    model = build_decoder_model(loaded.model, ids, args, memory_dim=loaded.model.config.hidden_size)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    samples = [x for x in builder.epoch(0, random.Random(0)) if x["kind"] != "sft"]
     bank = torch.randn(len(facts), loaded.model.config.hidden_size)
     out = {}
-    for name, pad_to in (("default: dynamic padding, LM head on labelled positions", None),
-                         ("naive: pad to max_length (192), LM head on every position", 192)):
+    configs = (("naive: pad to max_length (192), LM head on every position", "all", 192),
+               ("adapter at every position: dynamic padding, LM head on labelled positions", "all", None),
+               ("activated adapter (default): context without gradient, adapter from <recall> on", "recall", None))
+    for name, scope, pad_to in configs:
+        import copy
+
+        args = MemoryDecodingArguments(output_dir="/tmp/unused", report_to="none", adapter_scope=scope,
+                                       lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+                                       if scope == "recall" else MemoryDecodingArguments.lora_target_modules)
+        model = build_decoder_model(copy.deepcopy(loaded.model), ids, args, memory_dim=loaded.model.config.hidden_size)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         collate = DecodingCollator(loaded.tokenizer.pad_token_id, bank, ids[MEMORY_PAD_TOKEN], pad_to=pad_to)
         batches = [collate(samples[i * batch_size:(i + 1) * batch_size]) for i in range(steps + 1)]
         real = 0
@@ -115,7 +126,8 @@ def throughput(steps: int = 4, batch_size: int = 8) -> dict:
         seconds = time.perf_counter() - start
         out[name] = {"tokens_per_second": real / seconds, "seconds": seconds, "real_tokens": real}
     names = list(out)
-    out["speedup"] = out[names[0]]["tokens_per_second"] / out[names[1]]["tokens_per_second"]
+    out["speedup"] = out[names[2]]["tokens_per_second"] / out[names[0]]["tokens_per_second"]
+    out["speedup_all_positions"] = out[names[1]]["tokens_per_second"] / out[names[0]]["tokens_per_second"]
     return out
 
 
@@ -124,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput_only", action="store_true")
     ap.add_argument("--work", default=None, help="work directory (default: a fresh temp dir)")
     ap.add_argument("--from_step1", default=None, help="run only step 2 + publish on this work directory")
+    ap.add_argument("--json", default=None, help="where to write the results (default: bench/results/"
+                                                 "memory_decoding.json, or memory_decoding_variant.json with --from_step1)")
+    ap.add_argument("--no_throughput", action="store_true", help="skip the default-vs-naive throughput check")
     ap.add_argument("pipeline_args", nargs="*", help="extra run_training.py flags (after --)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -141,13 +156,15 @@ def main(argv=None) -> int:
         result["evaluation"] = report
         print("\n".join(result["pipeline"]["lines"]))
         print(format_table(report))
-    if not args.from_step1:
+    if not args.from_step1 and not args.no_throughput:
         result["throughput"] = throughput()
         for name, m in result["throughput"].items():
             if isinstance(m, dict):
                 print(f"{name}: {m['tokens_per_second']:.0f} tokens/s")
-        print(f"speed-up over naive: {result['throughput']['speedup']:.2f}x")
+        print(f"speed-up over naive: {result['throughput']['speedup']:.2f}x (activated), "
+              f"{result['throughput']['speedup_all_positions']:.2f}x (adapter at every position)")
     out = RESULTS if not args.from_step1 else RESULTS.with_name("memory_decoding_variant.json")
+    out = Path(args.json) if args.json else out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0

@@ -65,6 +65,9 @@ def main():
     ap.add_argument("--vector_distill_weight", type=float, default=0.0,
                     help="distil the teacher's vectors into <recall> (needs --embedding_model minilm)")
     ap.add_argument("--general_prompts", action="store_true", help="bundled prompts as extra unlabelled texts")
+    ap.add_argument("--adapter_scope", default=RecallTrainingArguments.adapter_scope,
+                    help="where the LoRA acts: recall | all")
+    ap.add_argument("--lora_target_modules", default="auto")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
@@ -72,7 +75,8 @@ def main():
                             k_folds=args.k_folds, embedding_model=args.embedding_model,
                             cue_questions=args.cue_questions, recall_general_prompts=args.general_prompts)
     targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs,
-                                    vector_distill_weight=args.vector_distill_weight)
+                                    vector_distill_weight=args.vector_distill_weight,
+                                    adapter_scope=args.adapter_scope, lora_target_modules=args.lora_target_modules)
     service = MemoryTrainingService(ModelArguments(), margs, targs)
     start = time.perf_counter()
     sessions = service.load_chat_sessions().sessions

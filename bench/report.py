@@ -106,8 +106,9 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
              "evidence an observation cites; a hit = a retrieved fact cites an evidence turn; step 1 never sees "
              "LoCoMo's questions; every answer is cut the same way before LoCoMo's F1).", ""]
     found = False
-    for mode, title in (("full", "Whole conversations"), ("quick", "Quick mode (`--quick`: conversation 0, first 5 "
-                                                                   "sessions)")):
+    for mode, title in (("full", "Whole conversations (adapter at every position, the default until 2026-11-27)"),
+                        ("quick", "Quick mode (`--quick`: conversation 0, first 5 sessions; adapter at every "
+                                  "position, the default until 2026-11-27)")):
         folder = results / "locomo" / mode
         if any(folder.glob("*.json")):
             found = True
@@ -124,11 +125,22 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
 
 
 _DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
-OPT_IN_LOCOMO = (
-    ("full_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, conversation 0",
+OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
+    ("quick_activated", "Activated adapter (the default since 2026-11-27), quick mode",
+     "python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_activated"),
+    ("full_activated_distill", "Activated adapter + opt-in MiniLM memory vectors and vector distillation, "
+                               "conversation 0",
+     f'python -m bench.locomo --conversations 0 --parts retrieval --results '
+     f'bench/results/locomo/full_activated_distill --pipeline "{_DISTILL}"'),
+    ("quick_activated_distill", "Activated adapter + opt-in MiniLM memory vectors and vector distillation, quick mode",
+     f'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_activated_distill '
+     f'--pipeline "{_DISTILL}"'),
+    ("full_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, conversation 0 (adapter at every "
+                            "position)",
      f'python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_minilm_distill '
      f'--pipeline "{_DISTILL}"'),
-    ("quick_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, quick mode",
+    ("quick_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, quick mode (adapter at every "
+                             "position)",
      f'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_minilm_distill '
      f'--pipeline "{_DISTILL}"'),
 )

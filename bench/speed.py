@@ -14,11 +14,16 @@ precision used; the figure against the bf16 peak is printed next to it.
 Step-2 variants (same data, same seed):
 - ``naive``: fp32, every batch padded to ``max_length`` (192), the 49k-wide LM head on every position,
   batches in random order;
-- ``default``: padding to the longest sample in the batch, the LM head only on labelled positions;
+- ``default``: padding to the longest sample in the batch, the LM head only on labelled positions
+  (the adapter at every position, ``--adapter_scope all``);
+- ``activated adapter`` (the pipeline's default, ``recall/activation.py``): the context runs
+  forward only, without gradient; the adapter and the backward pass start at ``<recall>``. Its
+  samples are the memory and sandwich kinds (pure SFT samples never reach an activated adapter),
+  and its MFU counts the context as forward-only work;
 - ``default + length-grouped batches`` (``--decode_length_grouped``: faster, but off by default:
   more forgetting in the pipeline run measured, see README), ``default + pad to multiple of 8``,
   ``default + bf16 autocast``: levers, kept as defaults only where they measure faster.
-Step 1: fp32 and bf16 autocast (it has no LM head at all).
+Step 1: fp32 and bf16 autocast (it has no LM head at all), and the activated adapter.
 Writes ``bench/results/speed.json``.
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ def _opts(**kw):
     base = dict(step="decode", size="default", steps=6, warmup=2, batch=8, memories=64, precision="fp32",
                 device="cpu", deepspeed=None, lora_targets=None, tokenizer=None, peak=False, work="/tmp/bench_speed",
                 pad_multiple=1, no_cudnn_attention=False, profile=None, seed=0, naive=False,
-                length_grouping=False, compile_layers=False)
+                length_grouping=False, compile_layers=False, adapter_scope="all")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -46,10 +51,14 @@ def _opts(**kw):
 VARIANTS = [  # (name, step, options)
     ("step 2 naive: fp32, pad to 192, LM head everywhere", "decode", dict(naive=True, pad_multiple=192)),
     ("step 2 default: fp32, dynamic padding, LM head on labels", "decode", {}),
+    ("step 2 activated adapter (pipeline default): context without gradient", "decode",
+     dict(adapter_scope="recall")),
     ("step 2 default + length-grouped batches", "decode", dict(length_grouping=True)),
     ("step 2 default + pad to multiple of 8", "decode", dict(pad_multiple=8)),
     ("step 2 default + bf16 autocast", "decode", dict(precision="bf16", batch=2, steps=1, warmup=1)),
     ("step 1 default: fp32, no LM head", "recall", dict(batch=16)),
+    ("step 1 activated adapter (pipeline default): context without gradient", "recall",
+     dict(batch=16, adapter_scope="recall")),
     ("step 1 + bf16 autocast", "recall", dict(batch=4, precision="bf16", steps=1, warmup=1)),
 ]
 

@@ -105,7 +105,7 @@ class MemoryArguments:
     decode_preserve_weight: float = _decoding_default("preserve_weight")
     decode_kd_weight: float = _decoding_default("kd_weight")
     decode_length_grouped: bool = dataclasses.field(  # = MemoryDecodingArguments.length_grouped (see above)
-        default=False, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
+        default=True, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
     decode_stop_at_exact_match: float = _decoding_default("stop_at_exact_match")
     # step 4 and the recall loop
     models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})

@@ -61,18 +61,46 @@ def merge_recall_state(base_lm, tokenizer, recall_dir: Path):
     from recall.token_rows import uninstall_token_rows
 
     cfg = json.loads((recall_dir / "recall_config.json").read_text())
+    if cfg.get("adapter_scope", "all") != "all":
+        raise ValueError(f"{recall_dir}: this step-1 adapter acts at <recall> only (adapter_scope "
+                         f"{cfg['adapter_scope']!r}); merging it would apply it to every position")
     state = load_file(str(recall_dir / TRAINABLE_STATE))
     memory_dim = next((v.shape[0] for k, v in state.items() if k.endswith("projector.weight")),
                       base_lm.config.hidden_size)
     args = RecallTrainingArguments(output_dir=str(recall_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                                    lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
-                                   query_projector=cfg["query_projector"])
+                                   query_projector=cfg["query_projector"], adapter_scope="all")
     model = build_recall_model(copy.deepcopy(base_lm), tokenizer, args, memory_dim, list(cfg["token_ids"].values()))
     model.load_trainable_state(state)
     lm = model.lm.merge_and_unload()
     uninstall_token_rows(lm, merge=True)
     temperature = float(torch.exp(-model.log_scale.detach()))
     return lm.eval(), model.projector, temperature
+
+
+def activated_recall_state(base_lm, tokenizer, recall_dir: Path):
+    """For a step-1 adapter with ``adapter_scope`` "recall": a copy of ``base_lm`` with step
+    1's token rows merged in but not its LoRA (step 2 continues it as an activated adapter),
+    the LoRA weights, step 1's config, its query projector and its temperature."""
+    from safetensors.torch import load_file
+
+    from recall.text_embedding_train import RecallTrainingArguments, TRAINABLE_STATE, build_recall_model
+    from recall.token_rows import uninstall_token_rows
+
+    cfg = json.loads((recall_dir / "recall_config.json").read_text())
+    state = load_file(str(recall_dir / TRAINABLE_STATE))
+    memory_dim = next((v.shape[0] for k, v in state.items() if k.endswith("projector.weight")),
+                      base_lm.config.hidden_size)
+    args = RecallTrainingArguments(output_dir=str(recall_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                   lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
+                                   query_projector=cfg["query_projector"], adapter_scope=cfg["adapter_scope"])
+    model = build_recall_model(copy.deepcopy(base_lm), tokenizer, args, memory_dim, list(cfg["token_ids"].values()))
+    model.load_trainable_state(state)
+    uninstall_token_rows(model.lm.get_base_model(), merge=True)
+    lm = model.lm.unload()  # the LoRA layers out, their weights not merged
+    lora = {k: v for k, v in state.items() if ".lora_" in k}
+    temperature = float(torch.exp(-model.log_scale.detach()))
+    return lm.eval(), lora, cfg, model.projector, temperature
 
 
 class SampleBuilder:
@@ -205,17 +233,43 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     started = time.perf_counter()
     tok = loaded.tokenizer
     token_ids = add_memory_tokens(loaded.model, tok)  # idempotent; the ids step 1 used
-    lm, query_projector, temperature = merge_recall_state(loaded.model if start_lm is None else start_lm, tok,
-                                                          recall_dir)
+    scope = json.loads((recall_dir / "recall_config.json").read_text()).get("adapter_scope", "all")
+    adapter_state = None
+    if scope == "recall":  # continue step 1's activated adapter (recall.activation)
+        if start_lm is not None:
+            raise ValueError("an activated adapter (adapter_scope 'recall') is retrained in full, not incrementally")
+        lm, adapter_state, step1, query_projector, temperature = activated_recall_state(loaded.model, tok, recall_dir)
+        targets = [t for t in args.lora_target_modules.split(",") if t]
+        targets += [t for t in step1["lora_target_modules"].split(",") if t and t not in targets]
+        n_mem, n_sand, n_sft = (args.mix.split(":") + ["0", "0", "0"])[:3]
+        if n_sft != "0":
+            logger.info("step 3.2: activated adapter: no pure SFT samples (mix %s -> %s:%s:0): they never reach it",
+                        args.mix, n_mem, n_sand)
+        args = dataclasses.replace(args, adapter_scope="recall", lora_r=step1["lora_r"], lora_alpha=step1["lora_alpha"],
+                                   lora_target_modules=",".join(targets), mix=f"{n_mem}:{n_sand}:0", kd_weight=0.0)
+    else:
+        lm, query_projector, temperature = merge_recall_state(loaded.model if start_lm is None else start_lm, tok,
+                                                              recall_dir)
     texts = [neutralize(r.text, tok) for r in records]  # what training targets and decoding yields
     contexts = [decode_contexts(cues[r.id]) for r in records]
     eval_ctx = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
-    metrics: Dict[str, object] = {"memories": len(records), "sft_examples": len(sft)}
+    metrics: Dict[str, object] = {"memories": len(records), "sft_examples": len(sft), "adapter_scope": scope}
 
     # the <recall> state itself (what the preserve term keeps), and step 1's query from it: the
     # same unless memory vectors have another width (e.g. MiniLM's), where a fixed projector maps it
-    raw = RecallEngine(lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
-    before = raw if query_projector is None else RecallEngine(lm, tok, token_ids, query_projector=query_projector,
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 partitions the model in place when training starts: keep a full copy to rebuild from
+    spare = copy.deepcopy(lm) if is_deepspeed_zero3_enabled() else None
+    model = None
+    query_lm = lm
+    if scope == "recall":  # the step-1 function lives in the adapter: wrap first, query through it
+        model = build_decoder_model(lm, token_ids, dataclasses.replace(args, recall_temperature=temperature),
+                                    bank.shape[1], memory_bank=torch.from_numpy(bank) if query_projector is None
+                                    else None, adapter_state=adapter_state)
+        query_lm = model.lm
+    raw = RecallEngine(query_lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
+    before = raw if query_projector is None else RecallEngine(query_lm, tok, token_ids, query_projector=query_projector,
                                                               autocast_dtype=loaded.runtime.autocast_dtype)
     metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
 
@@ -229,12 +283,9 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
                                group=args.per_device_train_batch_size if args.length_grouped else 0)
     metrics["epochs"] = args.num_train_epochs = epochs_for_min_steps(len(dataset), args)
     bank_t = torch.from_numpy(bank)
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    # ZeRO-3 partitions the model in place when training starts: keep a full copy to rebuild from
-    spare = copy.deepcopy(lm) if is_deepspeed_zero3_enabled() else None
-    model = build_decoder_model(lm, token_ids, dataclasses.replace(args, recall_temperature=temperature),
-                                bank.shape[1], memory_bank=bank_t if query_projector is None else None)
+    if model is None:
+        model = build_decoder_model(lm, token_ids, dataclasses.replace(args, recall_temperature=temperature),
+                                    bank.shape[1], memory_bank=bank_t if query_projector is None else None)
     if start_projector is not None:
         try:
             model.projector.load_state_dict(start_projector.state_dict())
@@ -271,7 +322,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
         return DecodingResult(None, None, query_projector, metrics)
     with without_zero3_init():  # rank 0 alone from here: generate must not wait for the other ranks
         return _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir,
-                        texts, eval_ctx, metrics, started)
+                        texts, eval_ctx, metrics, started, adapter_state)
 
 
 def epochs_for_min_steps(samples_per_epoch: int, args) -> float:
@@ -287,7 +338,7 @@ def epochs_for_min_steps(samples_per_epoch: int, args) -> float:
 
 
 def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir, texts,
-             eval_ctx, metrics, started) -> DecodingResult:
+             eval_ctx, metrics, started, adapter_state=None) -> DecodingResult:
     tok = loaded.tokenizer
     if zero3_partitioned(model.parameters()):  # rebuild unpartitioned from the saved trainable state
         from safetensors.torch import load_file
@@ -295,7 +346,8 @@ def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, q
         from recall.text_memory_train import DECODER_STATE
 
         model = build_decoder_model(spare, token_ids, dataclasses.replace(args, recall_temperature=temperature),
-                                    bank.shape[1], memory_bank=bank_t if query_projector is None else None)
+                                    bank.shape[1], memory_bank=bank_t if query_projector is None else None,
+                                    adapter_state=adapter_state)
         model.load_trainable_state(load_file(str(out_dir / DECODER_STATE)))
         model.to(loaded.runtime.device)
     model.eval()

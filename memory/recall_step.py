@@ -199,5 +199,5 @@ def _write_config(out: Path, loaded, records, trained, token_ids, train_args, en
         "memory_ids": [r.id for r in trained], "bank_ids": [r.id for r in records], "activation_phrase": ACTIVATION_PHRASE,
         "lora_r": train_args.lora_r, "lora_alpha": train_args.lora_alpha,
         "lora_target_modules": train_args.lora_target_modules, "max_length": train_args.max_length,
-        "query_projector": train_args.query_projector,
+        "query_projector": train_args.query_projector, "adapter_scope": train_args.adapter_scope,
     })

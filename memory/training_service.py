@@ -300,7 +300,8 @@ class MemoryTrainingService:
                         "base_gguf_file": lm.source.gguf_file, "run_dir": str(run.path.absolute()),
                         "memories": len(cfg["memory_ids"]), "encoder_id": self.db.encoder_id,
                         "mode": plan.get("mode", "full"), "new": len(plan.get("new_ids", [])),
-                        "replayed": len(plan.get("replay_ids", [])), "base_version": plan.get("base_version")}
+                        "replayed": len(plan.get("replay_ids", [])), "base_version": plan.get("base_version"),
+                        "adapter_scope": cfg.get("adapter_scope", "all")}
 
             def write(tmp: Path) -> List[str]:
                 files = [str(p.relative_to(source)) for p in sorted(source.rglob("*")) if p.is_file()]
@@ -482,6 +483,10 @@ class MemoryTrainingService:
             reason = f"base model changed ({manifest.get('base_model')} -> {self.loaded.source.identity})"
         elif manifest.get("encoder_id") != self.db.encoder_id:
             reason = "memory encoder changed"
+        elif manifest.get("adapter_scope", "all") != self.train_args.adapter_scope:
+            reason = f"adapter scope changed ({manifest.get('adapter_scope', 'all')} -> {self.train_args.adapter_scope})"
+        elif self.train_args.adapter_scope == "recall":
+            reason = "an activated adapter (--adapter_scope recall) is retrained in full"
         else:
             forgotten = self.forgotten_since(manifest)
             if forgotten:

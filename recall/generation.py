@@ -13,9 +13,14 @@ the KV cache:
 4. a row may recall several times (up to ``max_recalls``) and stops at end-of-turn.
 
 ``force_recall`` starts every answer with the activation phrase and ``<recall>``.
+
+With an activated adapter (``recall.activation``: a PEFT model whose LoRA acts from
+``<recall>`` on), each row's adapter switches on at the step that feeds its ``<recall>``
+and stays on; before that the row runs the base model, and so does its KV cache.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -69,6 +74,7 @@ class _Row:
         self.in_memory = False  # between <|memory_pad|> and </recall>
         self.done = False
         self.forced = False  # the prompt ended in <recall> (--force-recall): generation starts inside a recall
+        self.active = False  # an activated adapter acts on this row (it has fed <recall>)
 
 
 class RecallEngine:
@@ -84,6 +90,11 @@ class RecallEngine:
         self.activation_phrase = activation_phrase
         self.autocast_dtype = autocast_dtype
         self.device = next(lm.parameters()).device
+        from recall.activation import is_activated, use_fast_forward
+
+        self.activated = is_activated(lm)
+        if self.activated:
+            use_fast_forward(lm)  # inference only: in training mode its layers keep PEFT's forward
         stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
         self.stop_ids = {s for s in stops if isinstance(s, int) and s >= 0}
         self.filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -105,9 +116,16 @@ class RecallEngine:
             emb[row, -1] = self.projector(vec.to(self.device)[None])[0].to(emb.dtype)
         return emb
 
-    def _forward(self, emb, attention_mask, past):
+    def _forward(self, emb, attention_mask, past, active: Optional[Sequence[int]] = None):
+        """One step; ``active[b]``: how many of row ``b``'s last fed positions an activated
+        adapter acts on (ignored for a plain model)."""
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -emb.shape[1]:]
-        with autocast(self.device, self.autocast_dtype):
+        gate = contextlib.nullcontext()
+        if self.activated:
+            from recall.activation import adapter_active
+
+            gate = adapter_active(self.lm, active if active is not None else [0] * emb.shape[0])
+        with gate, autocast(self.device, self.autocast_dtype):
             out = backbone(self.lm)(inputs_embeds=emb, attention_mask=attention_mask, position_ids=positions,
                                     cache=past, use_cache=True)
         hidden = out.last_hidden_state
@@ -130,8 +148,8 @@ class RecallEngine:
             texts = [format_query(self.tokenizer, c, self.activation_phrase) for c in contexts[start:start + batch_size]]
             enc = self.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left",
                                  return_tensors="pt").to(self.device)
-            with autocast(self.device, self.autocast_dtype):
-                hidden = backbone(self.lm)(**enc).last_hidden_state[:, -1]
+            hidden = self._forward(self.lm.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"], None,
+                                   [1] * len(texts))[0][:, -1]
             out.append(self._query(hidden).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -166,10 +184,10 @@ class RecallEngine:
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         rows = [_Row() for _ in prompts]
         not_found = tok(NOT_FOUND, add_special_tokens=False)["input_ids"] + [self.end_id]
-        hidden, logits, past = self._forward(self._embed(ids, {}), mask, None)
         fed = ids[:, -1].tolist()
         for row, last in zip(rows, fed):
-            row.forced = last == self.recall_id
+            row.forced = row.active = last == self.recall_id
+        hidden, logits, past = self._forward(self._embed(ids, {}), mask, None, [int(r.active) for r in rows])
         for _ in range(max_new_tokens + 1):
             self._handle_queries(rows, fed, hidden[:, -1], search, threshold, not_found, mask.shape[1] - 1)
             next_ids, vectors = [], {}
@@ -183,7 +201,9 @@ class RecallEngine:
                 break
             step = torch.tensor(next_ids, device=self.device)[:, None]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            hidden, logits, past = self._forward(self._embed(step, vectors), mask, past)
+            for row, token in zip(rows, next_ids):
+                row.active = row.active or token == self.recall_id
+            hidden, logits, past = self._forward(self._embed(step, vectors), mask, past, [int(r.active) for r in rows])
             fed = next_ids
         return [self._answer(p, r) for p, r in zip(prompts, rows)]
 

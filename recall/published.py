@@ -1,9 +1,11 @@
 """Save and load the model side of a published version (see ``memory.publish`` for the
 versioning): a plain HF checkpoint + ``recall_state.safetensors`` (memory projector and,
 when the memory vectors have another width, step 1's query projector) +
-``recall_config.json``."""
+``recall_config.json``; with an activated adapter (``recall.activation``) the checkpoint is
+the base model with the memory tokens and the adapter is in ``memory_adapter/``."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -31,8 +33,16 @@ class RecallModel:
 def save_recall_model(directory: Path, lm, tokenizer, projector: MemoryProjector,
                       query_projector: Optional[torch.nn.Module], config: dict) -> List[str]:
     """Write the model files into ``directory``; returns the relative paths written."""
+    from recall.activation import ADAPTER_DIR, is_activated
+
     directory = Path(directory)
-    lm.save_pretrained(directory)
+    activated = is_activated(lm)
+    if activated:  # the base checkpoint (memory tokens included) + the activated adapter beside it
+        # the embeddings (memory tokens included) are in the base checkpoint, not repeated here
+        lm.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False)
+        copy.deepcopy(lm).unload().save_pretrained(directory)
+    else:
+        lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     state = {f"projector.{k}": v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
     if query_projector is not None:
@@ -41,7 +51,7 @@ def save_recall_model(directory: Path, lm, tokenizer, projector: MemoryProjector
     save_file(state, str(directory / RECALL_STATE))
     body = {**config, "memory_dim": projector.memory_dim, "hidden_size": projector.hidden_size,
             "projector_hidden": 0 if projector.mlp is None else projector.mlp[0].out_features,
-            "query_projector": query_projector is not None}
+            "query_projector": query_projector is not None, "adapter_scope": "recall" if activated else "all"}
     atomic_write_json(directory / RECALL_CONFIG, body)
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
@@ -67,6 +77,12 @@ def load_recall_model(directory, *, device: str = "auto", precision: str = "auto
         query_projector.load_state_dict({k.removeprefix("query_projector."): v for k, v in state.items()
                                          if k.startswith("query_projector.")})
     device_ = loaded.runtime.device
+    if cfg.get("adapter_scope", "all") == "recall":  # the activated adapter (recall.activation)
+        from peft import PeftModel
+
+        from recall.activation import ADAPTER_DIR
+
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(directory / ADAPTER_DIR)).eval()
     projector.to(device_).eval()
     if query_projector is not None:
         query_projector.to(device_).eval()

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from memory.token_manager import RECALL_TOKEN, safe_chat_template
+from recall.activation import ADAPTER_SCOPES, adapter_active, lora_config
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, last_token_positions
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 ACTIVATION_PHRASE = "Let me check my memory."
 TRAINABLE_STATE = "recall_state.safetensors"
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def format_query(tokenizer, context: str, activation: str = ACTIVATION_PHRASE) -> str:
@@ -65,7 +67,16 @@ class RecallTrainingArguments(TrainingArguments):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: str = "q_proj,v_proj"  # 1.5x faster than all seven, measured
+    lora_target_modules: str = dataclasses.field(
+        default="auto", metadata={"help": "comma-separated module names; 'auto': all seven projections with "
+                                          "adapter_scope 'recall' (they act at one position: nearly free), "
+                                          "q_proj,v_proj with 'all' (1.5x faster than all seven there, measured)"})
+    adapter_scope: str = dataclasses.field(
+        default="recall", metadata={"help": "where the LoRA acts: 'recall' (default) from <recall> on only, an "
+                                            "activated adapter (recall/activation.py): the conversation runs on the "
+                                            "base model, ordinary chat is unchanged, the context needs no gradient; "
+                                            "or 'all' positions, merged into the published weights (allows "
+                                            "incremental cycles)"})
     max_length: int = dataclasses.field(default=96, metadata={"help": "query tokens, truncated from the left"})
     query_projector: bool = dataclasses.field(default=False, metadata={"help": "force a linear projector"})
     distill_weight: float = dataclasses.field(
@@ -75,11 +86,21 @@ class RecallTrainingArguments(TrainingArguments):
                                        "(1 - cos + in-batch InfoNCE, on every text, labelled or not); needs memory "
                                        "vectors from the teacher's encoder (--embedding_model = --recall_teacher)"})
     vector_distill_temperature: float = 0.05
+    context_cache_mb: float = dataclasses.field(
+        default=2048.0, metadata={"help": "with adapter_scope 'recall': keep each context's KV cache (base model, "
+                                          "fixed during training) for later epochs, up to this many MB; 0 = off"})
     compile_layers: bool = dataclasses.field(
         default=False, metadata={"help": "torch.compile each transformer block (GPU: fewer launches, fused "
                                          "elementwise work; see recall/compilation.py). Also applies to step 2"})
     remove_unused_columns: bool = False  # the collator needs the raw "text" column
     report_to: Optional[str] = "none"
+
+    def __post_init__(self):
+        if self.adapter_scope not in ADAPTER_SCOPES:
+            raise ValueError(f"adapter_scope: expected one of {', '.join(ADAPTER_SCOPES)}, got {self.adapter_scope!r}")
+        if self.lora_target_modules == "auto":
+            self.lora_target_modules = ALL_PROJECTIONS if self.adapter_scope == "recall" else "q_proj,v_proj"
+        super().__post_init__()
 
 
 class MemoryBankInfoNCE(nn.Module):
@@ -118,9 +139,11 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
     """LoRA-adapted LM + fp32 token rows + optional projector -> unit query vectors."""
 
     def __init__(self, lm, token_ids: Sequence[int], memory_dim: int, temperature: float = 0.05,
-                 learn_temperature: bool = True, projector: bool = False):
+                 learn_temperature: bool = True, projector: bool = False, adapter_scope: str = "all"):
         super().__init__()
         self.lm = lm
+        self.adapter_scope = adapter_scope
+        self.context_cache: Optional[ContextKVCache] = None  # set by build_recall_model for scope "recall"
         self.config = lm.config
         self.token_rows = install_token_rows(lm.get_base_model() if hasattr(lm, "get_base_model") else lm,
                                              token_ids)
@@ -132,15 +155,113 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
                                       requires_grad=learn_temperature)
 
     def forward(self, input_ids, attention_mask, with_log_scale: bool = False):
-        hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        query = hidden[rows, last_token_positions(attention_mask)].float()
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        last = last_token_positions(attention_mask)
+        if self.adapter_scope == "recall":
+            query = self._recall_position_state(input_ids, attention_mask, rows, last).float()
+        else:
+            hidden = backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            query = hidden[rows, last].float()
         if self.projector is not None:  # its weight is bf16 when DeepSpeed runs in bf16
             query = self.projector(query.to(self.projector.weight.dtype)).float()
         query = F.normalize(query, dim=-1)
         # the temperature is read here, inside forward: under ZeRO-3 a parameter holds its full
         # value only while its module runs
         return (query, self.log_scale.float() * 1.0) if with_log_scale else query
+
+    def _recall_position_state(self, input_ids, attention_mask, rows, last):
+        """Final hidden state at the last token with the adapter acting there only.
+
+        The context (every token before the last) runs through the base model without
+        gradient and leaves its KV cache; the last token (``<recall>``) then runs alone with
+        the adapter on, attending to that cache at its true position. Rows may be
+        right-padded: the last token's own column is masked out of the context pass and it
+        is re-fed after the padded width, with its real position id for RoPE. With a
+        ``context_cache`` the context pass runs once per distinct context."""
+        last_ids, position = input_ids[rows, last][:, None], last
+        if self.context_cache is not None and self.context_cache.usable(input_ids, last):
+            cache, context_mask, position = self.context_cache.batch(input_ids, attention_mask, last,
+                                                                     self._context_pass)
+        else:
+            context_mask = attention_mask.clone()
+            context_mask[rows, last] = 0
+            cache = self._context_pass(input_ids, context_mask)
+        mask = torch.cat([context_mask, context_mask.new_ones(len(rows), 1)], dim=1)
+        with adapter_active(self.lm, [1] * len(rows)):
+            out = backbone(self.lm)(input_ids=last_ids, attention_mask=mask, position_ids=position[:, None],
+                                    cache=cache, use_cache=True)
+        return out.last_hidden_state[:, 0]
+
+    def _context_pass(self, input_ids, attention_mask):
+        """The base model's KV cache over the context (no adapter, no gradient)."""
+        with torch.no_grad(), self.lm.disable_adapter():
+            return backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
+
+
+class ContextKVCache:
+    """Per-context KV caches of the base model, reused across epochs (``adapter_scope``
+    "recall": the context never sees the adapter, so its keys and values are fixed while
+    training). Entries are keyed by the context's token ids and hold each layer's keys and
+    values for the real tokens only; a batch is assembled right-padded with a matching
+    mask. Contexts holding a token whose embedding trains (the memory tokens) are never
+    cached. New entries stop once ``budget_mb`` (on the model's device) is used; those
+    contexts are recomputed."""
+
+    def __init__(self, config, budget_mb: float, trainable_token_ids: Sequence[int]):
+        self.config, self.budget = config, int(budget_mb * 2 ** 20)
+        self.trainable = torch.tensor(sorted(trainable_token_ids), dtype=torch.long)
+        self.entries: Dict[tuple, list] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def usable(self, input_ids, last) -> bool:
+        for row, end in enumerate(last.tolist()):
+            if end == 0 or torch.isin(input_ids[row, :end], self.trainable.to(input_ids.device)).any():
+                return False
+        return True
+
+    def batch(self, input_ids, attention_mask, last, context_pass):
+        """(cache, context mask, position of the last token) for the batch: each row's real
+        context tokens (attended, before ``last``) from left to right, then padding."""
+        keys = [tuple(input_ids[row, :end][attention_mask[row, :end].bool()].tolist())
+                for row, end in enumerate(last.tolist())]
+        missing = [i for i, k in enumerate(keys) if k not in self.entries]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh = {}
+        if missing:
+            width = max(len(keys[i]) for i in missing)
+            ids = input_ids.new_zeros(len(missing), width)
+            mask = input_ids.new_zeros(len(missing), width)
+            for j, i in enumerate(missing):
+                ids[j, :len(keys[i])] = torch.tensor(keys[i], dtype=ids.dtype)
+                mask[j, :len(keys[i])] = 1
+            cache = context_pass(ids, mask)
+            for j, i in enumerate(missing):
+                n = len(keys[i])
+                entry = [(layer.keys[j, :, :n].clone(), layer.values[j, :, :n].clone()) for layer in cache.layers]
+                fresh[keys[i]] = entry
+                size = sum(k.numel() * k.element_size() * 2 for k, _ in entry)
+                if keys[i] not in self.entries and self.bytes + size <= self.budget:
+                    self.entries[keys[i]] = entry
+                    self.bytes += size
+        rows = [fresh.get(k) or self.entries[k] for k in keys]
+        width = max(len(k) for k in keys)
+        mask = input_ids.new_zeros(len(keys), width)
+        layers = []
+        for layer in range(len(rows[0])):
+            k0 = rows[0][layer][0]
+            k = k0.new_zeros(len(keys), k0.shape[0], width, k0.shape[-1])
+            v = torch.zeros_like(k)
+            for b, entry in enumerate(rows):
+                n = entry[layer][0].shape[1]
+                k[b, :, :n], v[b, :, :n] = entry[layer]
+                mask[b, :n] = 1
+            layers.append((k, v))
+        from transformers import DynamicCache
+
+        lengths = torch.tensor([len(k) for k in keys], device=input_ids.device)
+        return DynamicCache(ddp_cache_data=layers, config=self.config), mask, lengths
 
 
 class RecallCollator:
@@ -234,19 +355,27 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
 
 def build_recall_model(lm, tokenizer, args: RecallTrainingArguments, memory_dim: int,
                        token_ids: Sequence[int]) -> RecallQueryModel:
-    """Wrap ``lm`` with LoRA (``args.lora_*``) and fp32 token rows for ``token_ids``."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap ``lm`` with LoRA (``args.lora_*``; an activated LoRA for ``adapter_scope``
+    "recall", see ``recall.activation``) and fp32 token rows for ``token_ids``."""
+    from peft import get_peft_model
 
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=targets, bias="none")
+    lora = lora_config(targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.adapter_scope,
+                       tokenizer.convert_tokens_to_ids(RECALL_TOKEN))
     peft_lm = get_peft_model(lm, lora)
     if args.compile_layers:
         from recall.compilation import compile_layers
 
         compile_layers(peft_lm, args.deepspeed)
-    return RecallQueryModel(peft_lm, token_ids, memory_dim, args.temperature, args.learn_temperature,
-                            args.query_projector)
+    model = RecallQueryModel(peft_lm, token_ids, memory_dim, args.temperature, args.learn_temperature,
+                             args.query_projector, args.adapter_scope)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # under ZeRO-3 every rank must run the same modules in step (parameter gathers are
+    # collective): a cache hit on one rank and a miss on another would hang, so no cache there
+    if args.adapter_scope == "recall" and args.context_cache_mb > 0 and not is_deepspeed_zero3_enabled():
+        model.context_cache = ContextKVCache(lm.config, args.context_cache_mb, token_ids)
+    return model
 
 
 def load_recall_model(run_dir, *, device: str = "auto", precision: str = "auto"):
@@ -275,7 +404,8 @@ def load_recall_model(run_dir, *, device: str = "auto", precision: str = "auto")
         loaded.model.resize_token_embeddings(max(ids.values()) + 1, pad_to_multiple_of=64, mean_resizing=False)
     args = RecallTrainingArguments(output_dir=str(run_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                                    lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
-                                   query_projector=cfg["query_projector"])
+                                   query_projector=cfg["query_projector"],
+                                   adapter_scope=cfg.get("adapter_scope", "all"))
     state = load_file(str(run_dir / TRAINABLE_STATE))
     memory_dim = next((v.shape[0] for k, v in state.items() if k.endswith("projector.weight")),
                       loaded.model.config.hidden_size)

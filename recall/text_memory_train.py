@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from recall.activation import adapter_active, lora_config
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
@@ -58,9 +59,12 @@ class MemoryDecodingArguments(TrainingArguments):
 
     output_dir: str = "output"
     learning_rate: float = 2e-3
-    num_train_epochs: float = 6.0
+    # 5 epochs, a floor of 60 steps and length-grouped batches: measured with the activated adapter
+    # (the default; README "The activated memory adapter"). With --adapter_scope all the measured
+    # settings were 6 epochs, 120 steps, no grouping (grouping cost agreement there).
+    num_train_epochs: float = 5.0
     min_steps: int = dataclasses.field(
-        default=120, metadata={"help": "at least this many optimizer steps: a small cycle gets more epochs (0: off)"})
+        default=60, metadata={"help": "at least this many optimizer steps: a small cycle gets more epochs (0: off)"})
     per_device_train_batch_size: int = 8
     warmup_ratio: float = 0.05
     lr_scheduler_type: str = "cosine"
@@ -83,8 +87,9 @@ class MemoryDecodingArguments(TrainingArguments):
         default=3.0, metadata={"help": "weight of KL(base || model) on SFT answers (base top-k log-probs)"})
     recall_temperature: float = 0.05
     length_grouped: bool = dataclasses.field(
-        default=False, metadata={"help": "batches of similar-length samples (batch order shuffled): less padding; "
-                                         "step 2 21% faster, but more forgetting in the one pipeline run measured"})
+        default=True, metadata={"help": "batches of similar-length samples (batch order shuffled): less padding, "
+                                        "step 2 about 20% faster. With --adapter_scope all it cost forgetting in the "
+                                        "one pipeline run measured; an activated adapter cannot forget"})
     pad_to_multiple_of: int = dataclasses.field(
         default=1, metadata={"help": "round batch widths up to this (GPU: fewer shapes for cuDNN attention)"})
     head_on_all_positions: bool = dataclasses.field(
@@ -92,6 +97,10 @@ class MemoryDecodingArguments(TrainingArguments):
                                          "as a plain causal-LM loss computes it (same loss, more work)"})
     compile_layers: bool = dataclasses.field(
         default=False, metadata={"help": "torch.compile each transformer block (see recall/compilation.py)"})
+    adapter_scope: str = dataclasses.field(
+        default="all", metadata={"help": "set from step 1: 'recall' continues step 1's activated adapter, which acts "
+                                         "from <recall> on only (recall.activation); the context runs without "
+                                         "gradient and pure SFT samples are dropped (they would train nothing)"})
     stop_at_exact_match: float = dataclasses.field(
         default=0.0, metadata={"help": "stop training at the end of the first epoch where this share of the "
                                         "memories decodes exactly (EnhancedTextMemoryTrainer.decode_check); "
@@ -100,6 +109,10 @@ class MemoryDecodingArguments(TrainingArguments):
     report_to: Optional[str] = "none"
 
     def __post_init__(self):
+        from recall.activation import ADAPTER_SCOPES
+
+        if self.adapter_scope not in ADAPTER_SCOPES:
+            raise ValueError(f"adapter_scope: expected one of {', '.join(ADAPTER_SCOPES)}, got {self.adapter_scope!r}")
         if not 0.0 <= self.stop_at_exact_match <= 1.0:
             raise ValueError(f"stop_at_exact_match (--decode_stop_at_exact_match): expected a share in [0, 1], "
                              f"got {self.stop_at_exact_match}")
@@ -179,6 +192,7 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         # weights of the loss parts; forward returns their weighted sum as "loss"
         self.loss_weights = {"lm": 1.0, "recall": 0.0, "preserve": 0.0, "kd": 0.0}
         self.head_on_all_positions = False  # the naive baseline's LM head (see MemoryDecodingArguments)
+        self.adapter_scope = "all"  # "recall": an activated adapter (see hidden_states)
 
     # -------------------------------------------------------------- forward
     def embed(self, input_ids: torch.Tensor, memory_vectors: Optional[torch.Tensor]) -> torch.Tensor:
@@ -200,8 +214,49 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         return emb
 
     def hidden_states(self, input_ids, attention_mask, memory_vectors=None):
+        if self.adapter_scope == "recall":
+            return self._activated_hidden_states(input_ids, attention_mask, memory_vectors)
         emb = self.embed(input_ids, memory_vectors)
         return backbone(self.lm)(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+
+    def _activated_hidden_states(self, input_ids, attention_mask, memory_vectors=None):
+        """Final hidden states, (B, T, d), with the activated adapter acting from each row's
+        first ``<recall>`` on (rows right-padded).
+
+        Two passes: the context (everything before ``<recall>``; a row without one is all
+        context) runs through the base model without gradient and leaves its KV cache; the
+        rest (``<recall>``, the injected memory, its text, the continuation) runs with the
+        adapter, attending to that cache, at its true positions. The two are laid back into
+        one (B, T, d) tensor, so labels and losses index it as in the single-pass model; the
+        gradient reaches the adapter through the second pass only."""
+        batch, width = input_ids.shape
+        device = input_ids.device
+        is_recall = input_ids == self.recall_id
+        lengths = attention_mask.long().sum(1)
+        start = torch.where(is_recall.any(1), is_recall.int().argmax(1), lengths)  # context length per row
+        steps = torch.arange(width, device=device)
+        ctx_width = max(int(start.max()), 1)
+        ctx_mask = (steps[None, :ctx_width] < start[:, None]).long()
+        with torch.no_grad(), self.lm.disable_adapter():
+            ctx = backbone(self.lm)(inputs_embeds=self.token_rows(input_ids[:, :ctx_width]), attention_mask=ctx_mask,
+                                    use_cache=True)
+        tail_len = lengths - start
+        tail_width = max(int(tail_len.max()), 1)
+        offsets = steps[None, :tail_width]
+        tail_mask = (offsets < tail_len[:, None]).long()
+        gathered = input_ids.gather(1, (start[:, None] + offsets).clamp(max=width - 1))
+        tail_ids = torch.where(tail_mask.bool(), gathered, torch.zeros_like(gathered))
+        emb = self.embed(tail_ids, memory_vectors)  # every <|memory_pad|> follows a <recall>
+        with adapter_active(self.lm, [tail_width] * batch):
+            tail = backbone(self.lm)(inputs_embeds=emb, attention_mask=torch.cat([ctx_mask, tail_mask], dim=1),
+                                     position_ids=start[:, None] + offsets, cache=ctx.cache,
+                                     use_cache=True).last_hidden_state
+        d = tail.shape[-1]
+        head = F.pad(ctx.last_hidden_state, (0, 0, 0, width - ctx_width)) if width > ctx_width \
+            else ctx.last_hidden_state[:, :width]
+        index = (steps[None] - start[:, None]).clamp(0, tail_width - 1)
+        rest = tail.gather(1, index[..., None].expand(batch, width, d))
+        return torch.where((steps[None] < start[:, None])[..., None], head.to(rest.dtype), rest)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits with the new tokens' trained fp32 output rows."""
@@ -259,27 +314,49 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
 
     @torch.no_grad()
     def merged_lm(self):
-        """The plain causal LM with LoRA and the new-token rows merged in (for publishing).
-        The wrapper is unusable afterwards."""
+        """The plain causal LM with LoRA and the new-token rows merged in (for publishing);
+        with an activated adapter, the PEFT model with the rows merged into its base (the
+        adapter cannot be merged: it acts from ``<recall>`` on only). The wrapper is unusable
+        afterwards."""
         from recall.token_rows import uninstall_token_rows
 
-        lm = self.lm.merge_and_unload() if hasattr(self.lm, "merge_and_unload") else self.lm
+        if self.adapter_scope == "recall":
+            lm = base = self.lm.get_base_model()  # the rows go into the base; the PEFT model is returned
+        else:
+            lm = base = self.lm.merge_and_unload() if hasattr(self.lm, "merge_and_unload") else self.lm
         if self.head_delta is not None:
-            head = lm.get_output_embeddings().weight
+            head = base.get_output_embeddings().weight
             ids = self.token_rows.token_ids
             head[ids] = (head[ids].float() + self.head_delta.to(head.device)).to(head.dtype)
-        uninstall_token_rows(lm, merge=True)
-        return lm
+        uninstall_token_rows(base, merge=True)
+        return self.lm if self.adapter_scope == "recall" else lm
 
 
 def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArguments, memory_dim: int,
-                        memory_bank: Optional[torch.Tensor] = None) -> MemoryDecoderModel:
-    from peft import LoraConfig, get_peft_model
+                        memory_bank: Optional[torch.Tensor] = None,
+                        adapter_state: Optional[Dict[str, torch.Tensor]] = None) -> MemoryDecoderModel:
+    """``adapter_state``: LoRA weights to start from (step 1's activated adapter, keys as in
+    ``RecallQueryModel``'s state: ``lm.base_model.model...lora_A.default.weight``)."""
+    from memory.token_manager import RECALL_TOKEN
+    from peft import get_peft_model
 
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=targets, bias="none")
+    lora = lora_config(targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.adapter_scope,
+                       token_ids[RECALL_TOKEN])
     peft_lm = get_peft_model(lm, lora)
+    if adapter_state:
+        own = {k.removeprefix("lm."): v for k, v in adapter_state.items() if ".lora_" in k}
+        params = dict(peft_lm.named_parameters())
+        missing = sorted(k for k in own if k not in params)
+        if missing:
+            raise ValueError(f"step 2's adapter lacks step 1's LoRA weights {missing[:3]}... (targets: "
+                             f"{args.lora_target_modules})")
+        with torch.no_grad():
+            for k, v in own.items():
+                if params[k].shape != v.shape:
+                    raise ValueError(f"{k}: step 1's LoRA has shape {tuple(v.shape)}, step 2's {tuple(params[k].shape)}"
+                                     f" (the activated adapter continues step 1's: same rank)")
+                params[k].copy_(v)
     if args.compile_layers:
         from recall.compilation import compile_layers
 
@@ -289,6 +366,7 @@ def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArgum
     model.loss_weights = {"lm": 1.0, "recall": args.recall_loss_weight, "preserve": args.preserve_weight,
                           "kd": args.kd_weight}
     model.head_on_all_positions = args.head_on_all_positions
+    model.adapter_scope = args.adapter_scope
     return model
 
 

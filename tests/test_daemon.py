@@ -117,7 +117,8 @@ def reference(tiny_model_dir, tmp_path_factory):
 def test_incremental_cycle_trains_new_plus_replay_and_forget_forces_a_full_retrain(tiny_model_dir, tmp_path, capsys):
     f = _files(tmp_path)
     out = tmp_path / "out"
-    flags = _flags(tiny_model_dir, tmp_path, out)
+    # incremental cycles continue merged weights: the adapter acting at every position
+    flags = _flags(tiny_model_dir, tmp_path, out) + ["--adapter_scope", "all"]
     assert run_training.main(flags + ["--memories", str(f["first"])]) == 0
     assert "cycle: full (no published version yet); 3 memories trained" in capsys.readouterr().out
     first = resolve_current(out / "models")
@@ -151,7 +152,7 @@ def test_incremental_cycle_trains_new_plus_replay_and_forget_forces_a_full_retra
 def test_replay_is_capped_so_a_cycle_costs_new_plus_replay(tiny_model_dir, tmp_path, capsys):
     f = _files(tmp_path)
     out = tmp_path / "out"
-    flags = _flags(tiny_model_dir, tmp_path, out) + ["--replay_cap", "1"]
+    flags = _flags(tiny_model_dir, tmp_path, out) + ["--replay_cap", "1", "--adapter_scope", "all"]
     assert run_training.main(flags + ["--memories", str(f["first"])]) == 0
     assert run_training.main(flags + ["--memories", str(f["second"])]) == 0
     assert "3 memories trained (2 new, 1 replayed)" in capsys.readouterr().out

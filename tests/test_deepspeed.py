@@ -58,19 +58,34 @@ def _trained(state: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def single(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("single")
-    assert run_training.main(_flags(tiny_model_dir, tmp, tmp / "out")) == 0
-    return _published(tmp / "out")
+def singles(tiny_model_dir, tmp_path_factory):
+    """One single-process run per adapter scope, made on first use."""
+    runs = {}
+
+    def get(scope: str) -> dict:
+        if scope not in runs:
+            tmp = tmp_path_factory.mktemp(f"single-{scope}")
+            assert run_training.main(_flags(tiny_model_dir, tmp, tmp / "out") + ["--adapter_scope", scope]) == 0
+            runs[scope] = _published(tmp / "out")
+        return runs[scope]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def single(singles):
+    return singles("recall")
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
-@pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero3_offload.json"])
-def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, tiny_model_dir, tmp_path, single):
+@pytest.mark.parametrize("config,scope", [("zero2.json", "recall"), ("zero3.json", "recall"),
+                                          ("zero3_offload.json", "recall"), ("zero3.json", "all")])
+def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, scope, tiny_model_dir, tmp_path, singles):
+    single = singles(scope)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29500 + (os.getpid() % 1000)), "run_training.py",
-           "--deepspeed", f"ds_configs/{config}", *_flags(tiny_model_dir, tmp_path, out)]
+           "--deepspeed", f"ds_configs/{config}", *_flags(tiny_model_dir, tmp_path, out), "--adapter_scope", scope]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert done.stdout.count("published: ") == 1  # rank 0 alone publishes and reports
@@ -91,6 +106,8 @@ def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, tin
     saved = multi["decode"]["token_rows.base_rows"] + multi["decode"]["token_rows.delta"]
     assert torch.allclose(multi["published_rows"], saved, atol=1e-5)
     assert multi["vocab"] == single["vocab"]
+    activated = (resolve_current(out / "models") / "memory_adapter" / "adapter_model.safetensors").is_file()
+    assert activated == (scope == "recall") and multi["metrics"]["decoding"]["adapter_scope"] == scope
     assert multi["metrics"]["decoding"]["decode_exact_match"] is not None  # decoded through <|memory_pad|>
 
 

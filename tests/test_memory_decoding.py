@@ -190,8 +190,8 @@ def test_recall_loop_searches_exactly_when_recall_is_generated(tiny, monkeypatch
     step = {"n": 0}
     real_forward = engine._forward
 
-    def scripted_forward(emb, mask, past):
-        hidden, logits, past = real_forward(emb, mask, past)
+    def scripted_forward(emb, mask, past, *rest):
+        hidden, logits, past = real_forward(emb, mask, past, *rest)
         step["n"] += 1
         if step["n"] - 1 in script:
             logits = torch.full_like(logits, -1e9)
@@ -281,8 +281,8 @@ def test_a_forced_recall_span_is_not_part_of_the_final_answer(tiny, monkeypatch)
     step = {"n": 0}
     real_forward = engine._forward
 
-    def scripted_forward(emb, mask, past):
-        hidden, logits, past = real_forward(emb, mask, past)
+    def scripted_forward(emb, mask, past, *rest):
+        hidden, logits, past = real_forward(emb, mask, past, *rest)
         logits = torch.full_like(logits, -1e9)
         logits[:, script.get(step["n"], ids[RECALL_END_TOKEN])] = 0
         step["n"] += 1

@@ -1,0 +1,264 @@
+"""The activated memory adapter (``--adapter_scope recall``, ``recall.activation``) on the tiny model."""
+import copy
+import json
+
+import pytest
+import torch
+
+from memory.decoding_step import SampleBuilder, exact_match_rate
+from memory.publish import MANIFEST, resolve_current
+from memory.sft_data import SFTExample
+from memory.token_manager import RECALL_TOKEN, add_memory_tokens
+from recall.activation import adapter_active, is_activated
+from recall.generation import RecallEngine
+from recall.text_embedding_train import (RecallCollator, RecallMemoryTrainer, RecallTrainingArguments,
+                                         build_recall_model, format_query)
+from recall.text_memory_train import (EnhancedTextMemoryTrainer, MemoryDecodingArguments, ResampledDataset,
+                                      build_decoder_model)
+from tests.conftest import make_tiny_model
+
+FACTS = ["The user lives in Porto.", "The user has a dog called Max.", "The user works as a nurse."]
+ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _recall_model(tokenizer, scope, **kw):
+    tok = copy.deepcopy(tokenizer)
+    lm = make_tiny_model(tok)
+    ids = add_memory_tokens(lm, tok)
+    args = RecallTrainingArguments(output_dir="/tmp/unused", adapter_scope=scope, lora_r=4, lora_alpha=8,
+                                   lora_target_modules=ALL7, **kw)
+    return build_recall_model(lm, tok, args, 64, list(ids.values())).eval(), tok, ids
+
+
+def _randomise_lora(model, seed=3):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+
+
+def test_step1_query_is_pefts_own_alora_forward(tokenizer):
+    model, tok, ids = _recall_model(tokenizer, "recall")
+    assert is_activated(model.lm)
+    texts = [format_query(tok, t) for t in ("The user lives in Porto.", "hi", "a longer context " * 6)]
+    collate = RecallCollator(tok, ids[RECALL_TOKEN], 96)
+    batch = collate([{"text": t} for t in texts])
+    with torch.no_grad():
+        zero = model(batch["input_ids"], batch["attention_mask"])
+    full, _, _ = _recall_model(tokenizer, "all")
+    with torch.no_grad():  # same weights (seeded), zero adapter: both scopes read the same state
+        assert torch.allclose(zero, full(batch["input_ids"], batch["attention_mask"]), atol=1e-5)
+    _randomise_lora(model)
+    for text in texts:  # reference: PEFT computes the aLoRA offsets from input_ids itself
+        enc = tok(text, add_special_tokens=False, return_tensors="pt")
+        last = torch.tensor([enc["input_ids"].shape[1] - 1])
+        with torch.no_grad():
+            reference = model.lm(**enc).logits[0, -1]
+            ours = model.lm.get_output_embeddings()(
+                model._recall_position_state(enc["input_ids"], enc["attention_mask"], torch.arange(1), last))[0]
+            with model.lm.disable_adapter():
+                base = model.lm(**enc).logits[0, -1]
+        assert torch.allclose(ours, reference, atol=1e-4)
+        assert (reference - base).abs().max() > 0.1  # the adapter does act at <recall>
+
+
+def test_step1_batches_padding_and_the_context_cache_agree(tokenizer):
+    model, tok, ids = _recall_model(tokenizer, "recall")
+    _randomise_lora(model)
+    texts = [format_query(tok, t) for t in ("The user lives in Porto.", "hi", "a longer context " * 6)]
+    collate = RecallCollator(tok, ids[RECALL_TOKEN], 96)
+    batch = collate([{"text": t} for t in texts])
+    with torch.no_grad():
+        first = model(batch["input_ids"], batch["attention_mask"])  # fills the cache
+        second = model(batch["input_ids"], batch["attention_mask"])  # reads it
+        alone = torch.cat([model(**collate([{"text": t}])) for t in texts])
+        left = tok(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        left_q = model(left["input_ids"], left["attention_mask"])
+    assert model.context_cache.hits >= 3 and len(model.context_cache.entries) == 3
+    cache, model.context_cache = model.context_cache, None
+    with torch.no_grad():
+        uncached = model(batch["input_ids"], batch["attention_mask"])
+    for q in (first, second, alone, left_q):
+        assert torch.allclose(q, uncached, atol=1e-5)
+    model.context_cache = type(cache)(cache.config, 64, list(ids.values()))  # empty, filled from left padding
+    with torch.no_grad():
+        assert torch.allclose(model(left["input_ids"], left["attention_mask"]), uncached, atol=1e-5)
+        assert torch.allclose(model(batch["input_ids"], batch["attention_mask"]), uncached, atol=1e-5)
+    assert model.context_cache.hits == 3
+    cache.budget = 0  # over budget: computed, not stored
+    cache.entries.clear()
+    with torch.no_grad():
+        model.context_cache = cache
+        assert torch.allclose(model(batch["input_ids"], batch["attention_mask"]), uncached, atol=1e-5)
+    assert not cache.entries
+
+
+def test_step1_training_leaves_text_without_recall_to_the_base_model(tokenizer, tmp_path):
+    tok = copy.deepcopy(tokenizer)
+    lm = make_tiny_model(tok)
+    ids = add_memory_tokens(lm, tok)
+    base = copy.deepcopy(lm)
+    torch.manual_seed(1)
+    bank = torch.nn.functional.normalize(torch.randn(len(FACTS), 64), dim=-1)
+    data = [{"text": format_query(tok, f), "target": i} for i, f in enumerate(FACTS)] * 4
+    args = RecallTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4,
+                                   num_train_epochs=6, learning_rate=5e-3, logging_steps=1, save_strategy="no",
+                                   lora_r=4, lora_alpha=8, use_cpu=True, seed=0, temperature=0.05,
+                                   lora_target_modules=ALL7, adapter_scope="recall")
+    model = build_recall_model(lm, tok, args, memory_dim=64, token_ids=list(ids.values()))
+    trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=bank, tokenizer=tok,
+                                  recall_token_id=ids[RECALL_TOKEN], train_dataset=data, eval_dataset=data[:3])
+    before = trainer.evaluate()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0] * 0.7
+    assert trainer.evaluate()["eval_recall_at_1"] > before["eval_recall_at_1"]
+    assert model.context_cache.hits > 0  # later epochs reuse the contexts' KV caches
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().max() > 0 for p in lora)
+    text = tok("The weather is nice today, isn't it?", return_tensors="pt")
+    with torch.no_grad():  # no <recall>: the trained model is the base model, bit for bit
+        assert torch.equal(model.lm(**text).logits, base(**text).logits)
+
+
+def _activated_decoder(tokenizer, tmp_path, **kw):
+    tok = copy.deepcopy(tokenizer)
+    lm = make_tiny_model(tok, initializer_range=0.3)
+    ids = add_memory_tokens(lm, tok)
+    base = copy.deepcopy(lm)
+    options = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=3, learning_rate=1e-2,
+                   logging_steps=1, save_strategy="no", lora_r=8, lora_alpha=16, use_cpu=True, seed=0,
+                   projector_hidden=64, num_train_epochs=1, min_steps=0, warmup_ratio=0.0,
+                   lora_target_modules="q_proj,v_proj,o_proj,up_proj,down_proj", adapter_scope="recall")
+    args = MemoryDecodingArguments(**{**options, **kw})
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(len(FACTS), 64), dim=-1)
+    return build_decoder_model(lm, ids, args, memory_dim=64, memory_bank=bank), tok, ids, bank, args, base
+
+
+def test_step2_two_passes_equal_one_activated_pass(tokenizer, tmp_path):
+    model, tok, ids, bank, args, _ = _activated_decoder(tokenizer, tmp_path)
+    model.eval()
+    _randomise_lora(model)
+    builder = SampleBuilder(tok, FACTS, [["Tell me.", "Where?"]] * 3,
+                            [SFTExample("Say hi.", "Hi there!"), SFTExample("Name a colour.", "Blue.")],
+                            max_length=128, mix="2:1:1")
+    samples = [builder.memory_sample(0, 0), builder.sandwich_sample(1, 1), builder.memory_sample(2, 1),
+               builder.sft_sample(0)]
+    batch = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank, tokenizer=tok,
+                                      train_dataset=samples).data_collator(samples)
+    with torch.no_grad():
+        two_pass = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["memory_vectors"])
+        vectors = iter(batch["memory_vectors"])
+        for b, sample in enumerate(samples):  # one row at a time, adapter from <recall> on, as PEFT's aLoRA
+            n = len(sample["input_ids"])
+            row = torch.tensor([sample["input_ids"]])
+            start = sample["input_ids"].index(ids[RECALL_TOKEN]) if ids[RECALL_TOKEN] in sample["input_ids"] else n
+            pads = sample["input_ids"].count(model.pad_id)
+            vec = torch.stack([next(vectors) for _ in range(pads)]) if pads else None
+            with adapter_active(model.lm, [n - start]):
+                one = model.lm.get_base_model().model(inputs_embeds=model.embed(row, vec)).last_hidden_state[0]
+            assert torch.allclose(two_pass[b, :n], one, atol=1e-4), b
+
+
+def test_step2_memories_decode_and_chat_without_recall_is_the_base_model(tokenizer, tmp_path):
+    model, tok, ids, bank, args, base = _activated_decoder(tokenizer, tmp_path, num_train_epochs=100,
+                                                           stop_at_exact_match=1.0)
+    sft = [SFTExample("Say hi.", "Hi there!"), SFTExample("Name a colour.", "Blue.")]
+    builder = SampleBuilder(tok, FACTS, [["Tell me."]] * 3, sft, max_length=128, mix="2:1:0")
+    checks = [builder.memory_sample(row, 0) for row in range(len(FACTS))]
+    trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank, tokenizer=tok,
+                                        train_dataset=ResampledDataset(builder.epoch, seed=0), check_samples=checks)
+    trainer.train()
+    assert trainer.state.epoch < 100  # the teacher-forced check reached 1.0
+    model.eval()
+    lm = model.merged_lm()
+    assert is_activated(lm)
+    engine = RecallEngine(lm, tok, ids, model.projector)
+    # the recall loop switches the adapter on at <recall> on the KV cache: it must decode what
+    # the two-pass training taught
+    assert exact_match_rate(engine.decode_memories(bank.numpy(), context="Tell me."), FACTS) == 1.0
+    text = tok("Name a colour.", return_tensors="pt")
+    vocab = min(ids.values())  # the original vocabulary; the memory tokens' own rows were trained
+    with torch.no_grad():
+        assert torch.allclose(lm(**text).logits[..., :vocab], base(**text).logits[..., :vocab], atol=1e-5)
+
+
+def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, capsys):
+    import chat
+    import evaluate
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_publish import _run
+
+    assert _run(tiny_model_dir, tmp_path, "--adapter_scope", "recall", "--lora_target_modules",
+                "q_proj,v_proj,o_proj,up_proj,down_proj") == 0
+    current = resolve_current(tmp_path / "out" / "models")
+    manifest = json.loads((current / MANIFEST).read_text())
+    assert manifest["adapter_scope"] == "recall" and "memory_adapter/adapter_model.safetensors" in manifest["files"]
+    from safetensors import safe_open
+
+    with safe_open(str(current / "memory_adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert all(".lora_" in k for k in f.keys())  # LoRA only: the embeddings live in the base checkpoint
+    metrics = json.loads((current / "metrics.json").read_text())["decoding"]
+    assert metrics["adapter_scope"] == "recall" and metrics["sft_examples"] > 0
+    plain = AutoModelForCausalLM.from_pretrained(current)  # ordinary chat: the base model plus the memory tokens
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits[..., :original.config.vocab_size], original(x).logits)
+    models = str(tmp_path / "out" / "models")
+    assert chat.main(["--model_dir", models, "--ask", "Where do I live?", "--force-recall", "--user", "alex",
+                      "--threshold", "-1", "--max_new_tokens", "8", "--precision", "fp32"]) == 0
+    assert "[recall] score" in capsys.readouterr().out
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"question": "Where do I live?", "expected": "porto", "user_id": "alex"}]))
+    report = tmp_path / "r.json"
+    assert evaluate.main(["--output_dir", str(tmp_path / "out"), "--questions", str(questions),
+                          "--report", str(report), "--precision", "fp32"]) == 0
+    forgetting = json.loads(report.read_text())["forgetting"]
+    assert forgetting["greedy_agreement"] == 1.0 and forgetting["mean_kl"] < 1e-6
+    # a new memory later: an activated version is retrained in full, not incrementally
+    from memory.config import MemoryArguments, ModelArguments
+    from memory.training_service import MemoryTrainingService
+
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"text": "The user drinks green tea.", "user_id": "alex"}) + "\n")
+    service = MemoryTrainingService(ModelArguments(model_name_or_path=str(tiny_model_dir), precision="fp32"),
+                                    MemoryArguments(chats_dir=""),
+                                    RecallTrainingArguments(output_dir=str(tmp_path / "out"), adapter_scope="recall"))
+    try:
+        service.import_memories(str(new))
+        plan = service.plan_cycle([], "all")
+    finally:
+        service.close()
+    assert plan["mode"] == "full" and "activated" in plan["reason"]
+
+
+def test_an_unknown_scope_is_refused():
+    with pytest.raises(ValueError, match="adapter_scope"):
+        RecallTrainingArguments(output_dir="/tmp/x", adapter_scope="context")
+    with pytest.raises(ValueError, match="adapter_scope"):
+        MemoryDecodingArguments(output_dir="/tmp/x", adapter_scope="everywhere")
+
+
+def test_lean_inference_forward_equals_pefts(tokenizer):
+    from recall.activation import use_fast_forward
+
+    model, tok, ids = _recall_model(tokenizer, "recall")
+    _randomise_lora(model)
+    lm = model.lm.eval()
+    x = torch.randint(100, 40000, (3, 7))
+    runs = {}
+    for lean in (False, True):
+        if lean:
+            use_fast_forward(lm)
+        with torch.no_grad():
+            runs[lean] = [lm(input_ids=x).logits]  # no <recall> in the input: PEFT leaves the adapter off
+            for offsets in ([0, 0, 0], [1, 3, 7], [7, 7, 7], [0, 2, 9]):
+                with adapter_active(lm, offsets):
+                    runs[lean].append(lm.get_base_model()(input_ids=x).logits)
+    for plain, lean in zip(runs[False], runs[True]):
+        assert torch.allclose(plain, lean, atol=1e-5)
+    assert not torch.allclose(runs[True][0], runs[True][2])  # the offsets do switch the adapter on
