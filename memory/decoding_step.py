@@ -52,26 +52,34 @@ class DecodingResult:
     metrics: dict
 
 
-def merge_recall_state(base_lm, tokenizer, recall_dir: Path):
-    """A copy of ``base_lm`` with the step-1 LoRA and token rows merged in; also returns
-    step 1's query projector (None when keys have the model's width) and temperature."""
+def _step1_model(base_lm, tokenizer, recall_dir: Path, scope: str):
+    """Step 1's trained query model on a copy of ``base_lm``, rebuilt from ``recall_dir``,
+    with its config and saved state."""
     from safetensors.torch import load_file
 
     from recall.text_embedding_train import RecallTrainingArguments, TRAINABLE_STATE, build_recall_model
-    from recall.token_rows import uninstall_token_rows
 
     cfg = json.loads((recall_dir / "recall_config.json").read_text())
-    if cfg.get("adapter_scope", "all") != "all":
-        raise ValueError(f"{recall_dir}: this step-1 adapter acts at <recall> only (adapter_scope "
-                         f"{cfg['adapter_scope']!r}); merging it would apply it to every position")
+    if cfg.get("adapter_scope", "all") != scope:
+        raise ValueError(f"{recall_dir}: step 1 trained adapter_scope {cfg.get('adapter_scope', 'all')!r}, "
+                         f"not {scope!r} (an activated adapter cannot be merged into every position)")
     state = load_file(str(recall_dir / TRAINABLE_STATE))
     memory_dim = next((v.shape[0] for k, v in state.items() if k.endswith("projector.weight")),
                       base_lm.config.hidden_size)
     args = RecallTrainingArguments(output_dir=str(recall_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                                    lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
-                                   query_projector=cfg["query_projector"], adapter_scope="all")
+                                   query_projector=cfg["query_projector"], adapter_scope=scope)
     model = build_recall_model(copy.deepcopy(base_lm), tokenizer, args, memory_dim, list(cfg["token_ids"].values()))
     model.load_trainable_state(state)
+    return model, cfg, state
+
+
+def merge_recall_state(base_lm, tokenizer, recall_dir: Path):
+    """A copy of ``base_lm`` with the step-1 LoRA and token rows merged in; also returns
+    step 1's query projector (None when keys have the model's width) and temperature."""
+    from recall.token_rows import uninstall_token_rows
+
+    model, _, _ = _step1_model(base_lm, tokenizer, recall_dir, "all")
     lm = model.lm.merge_and_unload()
     uninstall_token_rows(lm, merge=True)
     temperature = float(torch.exp(-model.log_scale.detach()))
@@ -82,25 +90,34 @@ def activated_recall_state(base_lm, tokenizer, recall_dir: Path):
     """For a step-1 adapter with ``adapter_scope`` "recall": a copy of ``base_lm`` with step
     1's token rows merged in but not its LoRA (step 2 continues it as an activated adapter),
     the LoRA weights, step 1's config, its query projector and its temperature."""
-    from safetensors.torch import load_file
-
-    from recall.text_embedding_train import RecallTrainingArguments, TRAINABLE_STATE, build_recall_model
     from recall.token_rows import uninstall_token_rows
 
-    cfg = json.loads((recall_dir / "recall_config.json").read_text())
-    state = load_file(str(recall_dir / TRAINABLE_STATE))
-    memory_dim = next((v.shape[0] for k, v in state.items() if k.endswith("projector.weight")),
-                      base_lm.config.hidden_size)
-    args = RecallTrainingArguments(output_dir=str(recall_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
-                                   lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
-                                   query_projector=cfg["query_projector"], adapter_scope=cfg["adapter_scope"])
-    model = build_recall_model(copy.deepcopy(base_lm), tokenizer, args, memory_dim, list(cfg["token_ids"].values()))
-    model.load_trainable_state(state)
+    model, cfg, state = _step1_model(base_lm, tokenizer, recall_dir, "recall")
     uninstall_token_rows(model.lm.get_base_model(), merge=True)
     lm = model.lm.unload()  # the LoRA layers out, their weights not merged
     lora = {k: v for k, v in state.items() if ".lora_" in k}
     temperature = float(torch.exp(-model.log_scale.detach()))
     return lm.eval(), lora, cfg, model.projector, temperature
+
+
+def _continue_activated(loaded, recall_dir: Path, args, start_lm):
+    """Step 2's start for an activated step 1: the model with step 1's rows, step 1's adapter
+    weights to continue, its query projector and temperature, and ``args`` set to continue
+    that adapter (step 1's rank, its targets added) with no pure SFT samples and no KL on them
+    (a turn without ``<recall>`` never reaches an activated adapter)."""
+    if start_lm is not None:
+        raise ValueError("an activated adapter (adapter_scope 'recall') is retrained in full, not incrementally")
+    lm, adapter_state, step1, query_projector, temperature = activated_recall_state(loaded.model, loaded.tokenizer,
+                                                                                    recall_dir)
+    targets = [t for t in args.lora_target_modules.split(",") if t]
+    targets += [t for t in step1["lora_target_modules"].split(",") if t and t not in targets]
+    n_mem, n_sand, n_sft = (args.mix.split(":") + ["0", "0", "0"])[:3]
+    if n_sft != "0":
+        logger.info("step 3.2: activated adapter: no pure SFT samples (mix %s -> %s:%s:0): they never reach it",
+                    args.mix, n_mem, n_sand)
+    args = dataclasses.replace(args, adapter_scope="recall", lora_r=step1["lora_r"], lora_alpha=step1["lora_alpha"],
+                               lora_target_modules=",".join(targets), mix=f"{n_mem}:{n_sand}:0", kd_weight=0.0)
+    return lm, adapter_state, query_projector, temperature, args
 
 
 class SampleBuilder:
@@ -236,17 +253,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     scope = json.loads((recall_dir / "recall_config.json").read_text()).get("adapter_scope", "all")
     adapter_state = None
     if scope == "recall":  # continue step 1's activated adapter (recall.activation)
-        if start_lm is not None:
-            raise ValueError("an activated adapter (adapter_scope 'recall') is retrained in full, not incrementally")
-        lm, adapter_state, step1, query_projector, temperature = activated_recall_state(loaded.model, tok, recall_dir)
-        targets = [t for t in args.lora_target_modules.split(",") if t]
-        targets += [t for t in step1["lora_target_modules"].split(",") if t and t not in targets]
-        n_mem, n_sand, n_sft = (args.mix.split(":") + ["0", "0", "0"])[:3]
-        if n_sft != "0":
-            logger.info("step 3.2: activated adapter: no pure SFT samples (mix %s -> %s:%s:0): they never reach it",
-                        args.mix, n_mem, n_sand)
-        args = dataclasses.replace(args, adapter_scope="recall", lora_r=step1["lora_r"], lora_alpha=step1["lora_alpha"],
-                                   lora_target_modules=",".join(targets), mix=f"{n_mem}:{n_sand}:0", kd_weight=0.0)
+        lm, adapter_state, query_projector, temperature, args = _continue_activated(loaded, recall_dir, args, start_lm)
     else:
         lm, query_projector, temperature = merge_recall_state(loaded.model if start_lm is None else start_lm, tok,
                                                               recall_dir)
