@@ -30,12 +30,17 @@ ADAPTER_SCOPES = ("all", "recall")
 ADAPTER_DIR = "memory_adapter"
 
 
+def check_scope(scope: str) -> str:
+    if scope not in ADAPTER_SCOPES:
+        raise ValueError(f"adapter_scope: expected one of {', '.join(ADAPTER_SCOPES)}, got {scope!r}")
+    return scope
+
+
 def lora_config(targets: Sequence[str], r: int, alpha: int, dropout: float, scope: str, recall_token_id: int):
     """A ``LoraConfig`` for ``scope``: plain LoRA ("all") or aLoRA invoked by ``<recall>``."""
     from peft import LoraConfig
 
-    if scope not in ADAPTER_SCOPES:
-        raise ValueError(f"adapter_scope: expected one of {', '.join(ADAPTER_SCOPES)}, got {scope!r}")
+    check_scope(scope)
     extra = {"alora_invocation_tokens": [int(recall_token_id)], "task_type": "CAUSAL_LM"} if scope == "recall" else {}
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                       **extra)
@@ -79,6 +84,19 @@ def adapter_active(model, offsets: Sequence[int]):
         yield
     finally:
         gate.offsets = previous
+
+
+def base_context_pass(model, **inputs):
+    """The backbone over a context with the activated adapter acting nowhere and no gradient:
+    the base model's states and KV cache (``inputs``: ``input_ids`` or ``inputs_embeds``, and
+    ``attention_mask``). Used by both trainers for everything before ``<recall>``."""
+    import torch
+
+    from recall.get_text_embedding import backbone
+
+    rows = (inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[0]
+    with torch.no_grad(), adapter_active(model, [0] * rows):
+        return backbone(model)(**inputs, use_cache=True)
 
 
 def is_activated(model) -> bool:

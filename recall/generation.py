@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from memory.token_manager import safe_chat_template
+from recall.activation import adapter_active, is_activated, use_fast_forward
 from recall.get_text_embedding import autocast, backbone
 
 NOT_FOUND = " (nothing found in memory)"
@@ -90,8 +91,6 @@ class RecallEngine:
         self.activation_phrase = activation_phrase
         self.autocast_dtype = autocast_dtype
         self.device = next(lm.parameters()).device
-        from recall.activation import is_activated, use_fast_forward
-
         self.activated = is_activated(lm)
         if self.activated:
             use_fast_forward(lm)  # inference only: in training mode its layers keep PEFT's forward
@@ -122,8 +121,6 @@ class RecallEngine:
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -emb.shape[1]:]
         gate = contextlib.nullcontext()
         if self.activated:
-            from recall.activation import adapter_active
-
             gate = adapter_active(self.lm, active if active is not None else [0] * emb.shape[0])
         with gate, autocast(self.device, self.autocast_dtype):
             out = backbone(self.lm)(inputs_embeds=emb, attention_mask=attention_mask, position_ids=positions,

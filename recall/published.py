@@ -37,8 +37,8 @@ def save_recall_model(directory: Path, lm, tokenizer, projector: MemoryProjector
 
     directory = Path(directory)
     activated = is_activated(lm)
-    if activated:  # the base checkpoint (memory tokens included) + the activated adapter beside it
-        # the embeddings (memory tokens included) are in the base checkpoint, not repeated here
+    if activated:  # the base checkpoint (memory tokens included) + the activated adapter beside it,
+        # without the embeddings, which the base checkpoint holds
         lm.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False)
         copy.deepcopy(lm).unload().save_pretrained(directory)
     else:

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from memory.token_manager import RECALL_TOKEN, safe_chat_template
-from recall.activation import ADAPTER_SCOPES, adapter_active, lora_config
+from recall.activation import adapter_active, base_context_pass, check_scope, lora_config
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, last_token_positions
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
@@ -96,8 +96,7 @@ class RecallTrainingArguments(TrainingArguments):
     report_to: Optional[str] = "none"
 
     def __post_init__(self):
-        if self.adapter_scope not in ADAPTER_SCOPES:
-            raise ValueError(f"adapter_scope: expected one of {', '.join(ADAPTER_SCOPES)}, got {self.adapter_scope!r}")
+        check_scope(self.adapter_scope)
         if self.lora_target_modules == "auto":
             self.lora_target_modules = ALL_PROJECTIONS if self.adapter_scope == "recall" else "q_proj,v_proj"
         super().__post_init__()
@@ -194,8 +193,7 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
 
     def _context_pass(self, input_ids, attention_mask):
         """The base model's KV cache over the context (no adapter, no gradient)."""
-        with torch.no_grad(), self.lm.disable_adapter():
-            return backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
+        return base_context_pass(self.lm, input_ids=input_ids, attention_mask=attention_mask).cache
 
 
 class ContextKVCache:

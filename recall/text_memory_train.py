@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from recall.activation import adapter_active, lora_config
+from recall.activation import adapter_active, base_context_pass, check_scope, lora_config
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
@@ -109,10 +109,7 @@ class MemoryDecodingArguments(TrainingArguments):
     report_to: Optional[str] = "none"
 
     def __post_init__(self):
-        from recall.activation import ADAPTER_SCOPES
-
-        if self.adapter_scope not in ADAPTER_SCOPES:
-            raise ValueError(f"adapter_scope: expected one of {', '.join(ADAPTER_SCOPES)}, got {self.adapter_scope!r}")
+        check_scope(self.adapter_scope)
         if not 0.0 <= self.stop_at_exact_match <= 1.0:
             raise ValueError(f"stop_at_exact_match (--decode_stop_at_exact_match): expected a share in [0, 1], "
                              f"got {self.stop_at_exact_match}")
@@ -237,9 +234,9 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         steps = torch.arange(width, device=device)
         ctx_width = max(int(start.max()), 1)
         ctx_mask = (steps[None, :ctx_width] < start[:, None]).long()
-        with torch.no_grad(), self.lm.disable_adapter():
-            ctx = backbone(self.lm)(inputs_embeds=self.token_rows(input_ids[:, :ctx_width]), attention_mask=ctx_mask,
-                                    use_cache=True)
+        with torch.no_grad():
+            ctx = base_context_pass(self.lm, inputs_embeds=self.token_rows(input_ids[:, :ctx_width]),
+                                    attention_mask=ctx_mask)
         tail_len = lengths - start
         tail_width = max(int(tail_len.max()), 1)
         offsets = steps[None, :tail_width]
