@@ -4,7 +4,9 @@
     python -m bench.incremental --part forgetting     # or: --part cost
     python -m bench.incremental -- --decode_epochs 3  # extra run_training.py flags after --
 
-Runs with ``--adapter_scope all``: only the adapter at every position has incremental cycles.
+Runs the default adapter (activated, ``--adapter_scope recall``: a cycle continues the version's
+memory adapter); ``-- --adapter_scope all`` measures the merged adapter at every position. Cycles
+run with ``--incremental always``: ``auto`` would retrain in full wherever that is no dearer.
 
 **Forgetting across cycles.** ``examples/memories.jsonl`` (42 hand-written facts) is split in
 time order into an initial batch and three more disjoint batches. Cycle 1 trains the initial
@@ -12,7 +14,8 @@ batch from the base model and publishes; cycles 2-4 each import the next batch a
 incremental cycle (current version + new memories + replay). After every cycle the published
 version decodes the *first* batch's memories from their DB vectors (``decode_exact_match``).
 Arm A uses the configured replay (default ``replay_ratio 2.0``); arm B, in the same run and from the same
-cycle-1 version, trains without replay (``replay_ratio 0``).
+cycle-1 version, trains without replay (``replay_ratio 0``). The baseline, in the same run, is what
+an incremental cycle saves: a full retrain (``--full``) on every memory after the last cycle.
 
 **Cycle cost.** From one published version, the DB is filled up to 50 and to 500 active
 memories (synthetic facts, embedded by the same encoder), then one incremental cycle with
@@ -37,10 +40,8 @@ def _service(work: Path, extra, *flags):
     from memory.config import parse_args
     from memory.training_service import MemoryTrainingService
 
-    # incremental cycles continue merged weights: the adapter at every position (an activated
-    # adapter, the pipeline's default, is retrained in full every cycle)
     model_args, args, train_args = parse_args(["--output_dir", str(work), "--chats_dir", "", "--disable_tqdm", "true",
-                                               "--k_folds", "0", "--adapter_scope", "all", *extra, *flags])
+                                               "--k_folds", "0", "--incremental", "always", *extra, *flags])
     return MemoryTrainingService(model_args, args, train_args)
 
 
@@ -98,8 +99,17 @@ def forgetting(tmp: Path, extra, sizes) -> dict:
             row = run_cycle(arm_work, extra, "--memories", str(path), *flags)
             row.update(cycle=n, first_batch=decode_rate(arm_work, first_texts))
             rows.append(row)
+        rows[-1]["every_batch"] = decode_rate(arm_work, [t for _, texts in batches for t in texts])
         arms[arm] = rows
-    return {"batch_sizes": sizes, "arms": arms}
+    # the baseline an incremental cycle replaces: a full retrain from the base model on every
+    # memory, from the replay arm's last state (same DB)
+    full_work = tmp / "full"
+    shutil.copytree(tmp / "replay", full_work, symlinks=True)
+    logging.warning("forgetting: full retrain on all %d memories (baseline)", sum(sizes))
+    full = run_cycle(full_work, extra, "--full")
+    full.update(first_batch=decode_rate(full_work, first_texts),
+                every_batch=decode_rate(full_work, [t for _, texts in batches for t in texts]))
+    return {"batch_sizes": sizes, "arms": arms, "full_retrain": full}
 
 
 def _synthetic_facts(n: int) -> list:
@@ -168,6 +178,10 @@ def main():
         for a, b in zip(*(out["forgetting"]["arms"][k] for k in ("replay", "no_replay"))):
             print(f"| {a['cycle']} | {a['first_batch']['exact_match']:.3f} (n={a['first_batch']['n']}) | "
                   f"{a['seconds']:.0f} | {b['first_batch']['exact_match']:.3f} | {b['seconds']:.0f} |")
+        full, last = out["forgetting"]["full_retrain"], out["forgetting"]["arms"]["replay"][-1]
+        print(f"\nfull retrain on all {sum(out['forgetting']['batch_sizes'])} memories: {full['seconds']:.0f} s, "
+              f"every batch decodes {full['every_batch']['exact_match']:.3f}; the last incremental cycle: "
+              f"{last['seconds']:.0f} s, every batch {last['every_batch']['exact_match']:.3f}")
     if args.part in ("cost", "all"):
         part_started = time.perf_counter()
         out["cost"] = cost(tmp, args.extra)

@@ -116,6 +116,11 @@ class MemoryArguments:
     full: bool = dataclasses.field(
         default=False, metadata={"help": "retrain from the base model on every live memory instead of continuing "
                                          "the current version on the new memories + a replay sample"})
+    incremental: str = dataclasses.field(
+        default="auto", metadata={"help": "when a cycle continues the current version: 'auto' only where it is "
+                                          "cheaper than a full retrain (fewer step-2 optimizer steps) and was measured "
+                                          "to keep old memories (the adapter at every position; an activated adapter "
+                                          "is retrained in full); 'always' whenever a version can be continued"})
     replay_ratio: float = dataclasses.field(
         default=2.0, metadata={"help": "replayed older memories per new memory in an incremental cycle"})
     replay_cap: int = dataclasses.field(default=200, metadata={"help": "at most this many replayed memories per cycle"})
@@ -141,6 +146,8 @@ class MemoryArguments:
         parse_every(self.schedule_every)
         if not SCHEDULE_AT.fullmatch(self.schedule_at):
             raise ValueError(f"schedule_at: expected HH:MM, got {self.schedule_at!r}")
+        if self.incremental not in ("auto", "always"):
+            raise ValueError(f"incremental: expected auto or always, got {self.incremental!r}")
         if self.replay_ratio < 0 or self.replay_cap < 0:
             raise ValueError(f"replay_ratio and replay_cap must be >= 0, got {self.replay_ratio}, {self.replay_cap}")
         if self.check_interval_minutes <= 0:

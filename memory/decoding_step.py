@@ -104,11 +104,11 @@ def _continue_activated(loaded, recall_dir: Path, args, start_lm):
     """Step 2's start for an activated step 1: the model with step 1's rows, step 1's adapter
     weights to continue, its query projector and temperature, and ``args`` set to continue
     that adapter (step 1's rank, its targets added) with no pure SFT samples and no KL on them
-    (a turn without ``<recall>`` never reaches an activated adapter)."""
-    if start_lm is not None:
-        raise ValueError("an activated adapter (adapter_scope 'recall') is retrained in full, not incrementally")
-    lm, adapter_state, step1, query_projector, temperature = activated_recall_state(loaded.model, loaded.tokenizer,
-                                                                                    recall_dir)
+    (a turn without ``<recall>`` never reaches an activated adapter). ``start_lm``: an
+    incremental cycle's start, the current version's base checkpoint (step 1 continued that
+    version's adapter, so its saved state carries it on)."""
+    lm, adapter_state, step1, query_projector, temperature = activated_recall_state(
+        loaded.model if start_lm is None else start_lm, loaded.tokenizer, recall_dir)
     targets = [t for t in args.lora_target_modules.split(",") if t]
     targets += [t for t in step1["lora_target_modules"].split(",") if t and t not in targets]
     n_mem, n_sand, n_sft = (args.mix.split(":") + ["0", "0", "0"])[:3]
@@ -332,12 +332,24 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
                         texts, eval_ctx, metrics, started, adapter_state)
 
 
+def _schedule(samples_per_epoch: int, args):
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
+    steps_per_epoch = max(1, math.ceil(samples_per_epoch / per_step))
+    return max(args.num_train_epochs, math.ceil(args.min_steps / steps_per_epoch)), steps_per_epoch
+
+
+def planned_steps(memories: int, args, activated: bool) -> int:
+    """Step 2's optimizer steps for ``memories`` memories under ``args`` (its ``mix`` per memory;
+    no pure SFT samples for an activated adapter): what a cycle's plan weighs."""
+    n_mem, n_sand, n_sft = [int(x) for x in (args.mix.split(":") + ["0", "0", "0"])[:3]]
+    epochs, steps_per_epoch = _schedule(memories * (n_mem + n_sand + (0 if activated else n_sft)), args)
+    return math.ceil(epochs * steps_per_epoch)
+
+
 def epochs_for_min_steps(samples_per_epoch: int, args) -> float:
     """Epochs that give at least ``args.min_steps`` optimizer steps (a cycle of a few memories
     otherwise gets a few dozen steps, too few to learn decoding); never fewer than configured."""
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
-    steps_per_epoch = max(1, math.ceil(samples_per_epoch / per_step))
-    epochs = max(args.num_train_epochs, math.ceil(args.min_steps / steps_per_epoch))
+    epochs, _ = _schedule(samples_per_epoch, args)
     if epochs > args.num_train_epochs:
         logger.info("step 3.2: %d samples per epoch; %d epochs instead of %g to reach min_steps %d",
                     samples_per_epoch, epochs, args.num_train_epochs, args.min_steps)

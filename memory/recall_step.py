@@ -85,12 +85,13 @@ def _filter_questions(cues, records, teacher: Teacher, max_rank: int) -> int:
 
 
 class _Fitter:
-    """Trains a fresh adapter on ``start_lm`` (the base model, or the current version in an
-    incremental cycle) for a given cue subset."""
+    """Trains an adapter on ``start_lm`` (the base model, or the current version in an
+    incremental cycle) for a given cue subset: a fresh one, or ``start_adapter`` continued (an
+    activated version's)."""
 
     def __init__(self, start_lm, tokenizer, token_ids, bank, train_args: RecallTrainingArguments,
-                 callbacks: Sequence = (), query_projector=None):
-        self.base, self.tokenizer = start_lm, tokenizer
+                 callbacks: Sequence = (), query_projector=None, start_adapter=None):
+        self.base, self.tokenizer, self.start_adapter = start_lm, tokenizer, start_adapter
         self.token_ids, self.bank, self.train_args = token_ids, bank, train_args
         self.callbacks, self.query_projector = list(callbacks), query_projector
 
@@ -98,7 +99,7 @@ class _Fitter:
         args = dataclasses.replace(self.train_args, output_dir=str(out_dir),
                                    save_strategy=self.train_args.save_strategy if save else "no")
         model = build_recall_model(copy.deepcopy(self.base), self.tokenizer, args, self.bank.shape[1],
-                                   list(self.token_ids.values()))
+                                   list(self.token_ids.values()), adapter_state=self.start_adapter)
         if self.query_projector is not None and model.projector is not None:  # continue the current version's
             model.projector.load_state_dict(self.query_projector.state_dict())
         trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=self.bank, tokenizer=self.tokenizer,
@@ -116,13 +117,14 @@ class _Fitter:
 def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,
                        run_dir: Path, extra_texts: Sequence[str] = (), *, bank_ids: Optional[Sequence[int]] = None,
                        train_ids: Optional[Sequence[int]] = None, start_lm=None, query_projector=None,
-                       callbacks: Sequence = ()) -> Optional[dict]:
+                       start_adapter: Optional[dict] = None, callbacks: Sequence = ()) -> Optional[dict]:
     """Run step 3.1; returns the metrics written to ``run_dir/recall/metrics.json``.
 
     ``bank_ids``: the memories whose vectors form the bank (default: every live memory);
     ``train_ids``: those whose cues are trained (default: the whole bank). An incremental
     cycle trains new + replayed memories against the whole bank, starting from
-    ``start_lm`` (the current version's model) instead of the base model."""
+    ``start_lm`` (the current version's model) instead of the base model; for an activated
+    version, ``start_lm`` is its base checkpoint and ``start_adapter`` the LoRA it continues."""
     records = db.records(statuses=("pending", "active")) if bank_ids is None else [db.get(i) for i in bank_ids]
     if not records:
         logger.warning("step 3.1: no memories in the store, skipping <recall> training")
@@ -165,8 +167,12 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     metrics["unlabelled_texts"] = len(data) - metrics["cues"]
     logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts", len(records), metrics["cues"],
                 metrics["unlabelled_texts"])
+    if start_adapter:  # continue every layer of the version's adapter (step 2 may have added targets)
+        targets = [t for t in train_args.lora_target_modules.split(",") if t]
+        targets += sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in start_adapter} - set(targets))
+        train_args = dataclasses.replace(train_args, lora_target_modules=",".join(targets))
     fit = _Fitter(loaded.model if start_lm is None else start_lm, loaded.tokenizer, token_ids, bank, train_args,
-                  callbacks, query_projector)
+                  callbacks, query_projector, start_adapter)
     if args.k_folds >= 2 and not any(d["kind"] not in ("text", "context") for d in data):
         logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
     elif args.k_folds >= 2:

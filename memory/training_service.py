@@ -35,6 +35,7 @@ from memory.ingest import IngestReport, ingest_candidates
 from memory.runs import (PLAN, MarkCompleteCheckpoints, ProgressCallback, RunDir, Status, StopAtStepEnd, check_stop, crash_point,
                          find_unfinished)
 from memory.schema import ChatSession
+from recall.activation import is_activated
 from recall.distributed import barrier, broadcast, is_main, main_first, without_zero3_init, world_size
 from memory.vector_db import MemoryVectorDB
 
@@ -185,7 +186,7 @@ class MemoryTrainingService:
         return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns,
                                   bank_ids=plan.get("bank_ids"), train_ids=plan.get("memory_ids"),
                                   start_lm=start[0] if start else None, query_projector=start[2] if start else None,
-                                  callbacks=self._callbacks("recall"))
+                                  start_adapter=start[3] if start else None, callbacks=self._callbacks("recall"))
 
     def _callbacks(self, stage: str) -> list:
         return [StopAtStepEnd(), MarkCompleteCheckpoints(), ProgressCallback(self.status, stage)]
@@ -464,9 +465,13 @@ class MemoryTrainingService:
         trained further on the new (pending) memories plus a replay sample of older active
         ones (``replay_ratio`` per new memory, at most ``replay_cap``), against a bank of
         every live memory, so a cycle costs new + replay, not everything.
-        *Full* (``--full``, no published version, another base model or encoder, or a
-        memory of the current version was forgotten): from the base model on every live
-        memory; a forgotten memory must not survive in the weights."""
+        *Full* (``--full``, no published version, another base model, encoder or adapter
+        scope, or a memory of the current version was forgotten): from the base model on every
+        live memory; a forgotten memory must not survive in the weights. With ``--incremental
+        auto`` (the default) also when a full retrain costs no more step-2 optimizer steps than
+        the incremental cycle would (step 2's step floor makes small stores cost the same either
+        way), and for an activated adapter, whose continued cycles measured worse at keeping
+        old memories (README, "Incremental cycles and replay")."""
         live = self.db.records(statuses=("pending", "active"))
         if not live:
             logger.warning("no memories in the store: nothing to train")
@@ -485,8 +490,6 @@ class MemoryTrainingService:
             reason = "memory encoder changed"
         elif manifest.get("adapter_scope", "all") != self.train_args.adapter_scope:
             reason = f"adapter scope changed ({manifest.get('adapter_scope', 'all')} -> {self.train_args.adapter_scope})"
-        elif self.train_args.adapter_scope == "recall":
-            reason = "an activated adapter (--adapter_scope recall) is retrained in full"
         else:
             forgotten = self.forgotten_since(manifest)
             if forgotten:
@@ -494,22 +497,45 @@ class MemoryTrainingService:
         new_sessions = getattr(self, "_new_session_ids", [])
         base = {"stage": stage, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                 "bank_ids": [r.id for r in live]}
-        if reason is not None:
-            logger.info("planning a full retrain from the base model on %d memories: %s", len(live), reason)
-            return {**base, "mode": "full", "reason": reason, "base_version": None,
+
+        def full(why):
+            logger.info("planning a full retrain from the base model on %d memories: %s", len(live), why)
+            return {**base, "mode": "full", "reason": why, "base_version": None,
                     "memory_ids": [r.id for r in live], "new_ids": pending, "replay_ids": [],
                     "session_ids": [s.session_id for s in sessions]}
+
+        if reason is not None:
+            return full(reason)
         if not pending:
             logger.info("no new memories since %s: nothing to train", current.name)
             return None
+        if self.args.incremental == "auto" and self.train_args.adapter_scope == "recall":
+            return full("an activated adapter is retrained in full (--incremental auto: continuing it lost old "
+                        "memories in bench.incremental; --incremental always continues it)")
         rng = random.Random(f"{self.train_args.seed}:{','.join(map(str, pending))}")
         n_replay = min(len(active), self.args.replay_cap, math.ceil(self.args.replay_ratio * len(pending)))
+        if self.args.incremental == "auto":  # a full retrain is better (no drift, every memory): take it when no dearer
+            steps_full, steps_cycle = (self._decode_steps(n) for n in (len(live), len(pending) + n_replay))
+            if steps_full <= steps_cycle:
+                return full(f"a full retrain costs no more ({steps_full} step-2 steps for {len(live)} memories; an "
+                            f"incremental cycle {steps_cycle})")
         replay = sorted(rng.sample(active, n_replay))
         logger.info("planning an incremental cycle on %s: %d new memories + %d replayed (of %d active)",
                     current.name, len(pending), len(replay), len(active))
         return {**base, "mode": "incremental", "reason": f"{len(pending)} new memories",
                 "base_version": str(current), "memory_ids": sorted(pending + replay), "new_ids": pending,
                 "replay_ids": replay, "session_ids": list(new_sessions)}
+
+    def _decode_steps(self, memories: int) -> int:
+        """Step 2's optimizer steps for a cycle of ``memories`` memories (see decoding_step.planned_steps)."""
+        from types import SimpleNamespace
+
+        from memory.decoding_step import planned_steps
+
+        a = self.args
+        schedule = SimpleNamespace(per_device_train_batch_size=a.decode_batch_size, gradient_accumulation_steps=1,
+                                   num_train_epochs=a.decode_epochs, min_steps=a.decode_min_steps, mix=a.decode_mix)
+        return planned_steps(memories, schedule, self.train_args.adapter_scope == "recall")
 
     def forgotten_since(self, manifest: dict) -> List[int]:
         """Memories the version was trained on (its ``memory_ids``) that are deleted now."""
@@ -576,7 +602,9 @@ class MemoryTrainingService:
         barrier()
 
     def _start_point(self, plan: dict):
-        """None (the base model) or the current version's (lm, projector, query projector)."""
+        """None (the base model) or the current version's (lm, projector, query projector,
+        adapter): for an activated version, lm is its base checkpoint and adapter its memory
+        adapter's LoRA tensors, which the cycle continues; for a merged one adapter is None."""
         if plan["mode"] != "incremental":
             return None
         from recall.published import load_recall_model
@@ -593,7 +621,10 @@ class MemoryTrainingService:
             raise ValueError(f"{version}: memory token ids {model.config['token_ids']} differ from the base "
                              f"model's {ids}; rerun with --full")
         engine = model.engine
-        return engine.lm, engine.projector, engine.query_projector
+        if is_activated(engine.lm):  # the base checkpoint (memory-token rows in it) and the adapter to continue
+            adapter = {k: v.detach().clone() for k, v in engine.lm.named_parameters() if ".lora_" in k}
+            return engine.lm.unload(), engine.projector, engine.query_projector, adapter
+        return engine.lm, engine.projector, engine.query_projector, None
 
     def _write_report(self, summary, loaded, extraction, ingest) -> Path:
         reports = self.output_dir / "reports"

@@ -46,6 +46,27 @@ def lora_config(targets: Sequence[str], r: int, alpha: int, dropout: float, scop
                       **extra)
 
 
+def load_lora_state(peft_lm, state: dict, source: str) -> None:
+    """Copy LoRA tensors (``base_model.model....lora_A.default.weight`` keys; other keys are
+    ignored) into ``peft_lm`` to continue training them: step 2 continuing step 1's activated
+    adapter, or an incremental cycle continuing the current version's. Missing layers or another
+    rank are refused with an error naming ``source``."""
+    import torch
+
+    own = {k: v for k, v in state.items() if ".lora_" in k}
+    params = dict(peft_lm.named_parameters())
+    missing = sorted(k for k in own if k not in params)
+    if missing:
+        raise ValueError(f"{source}: its LoRA has layers this adapter lacks ({missing[:3]}...): the adapter "
+                         f"continuing it needs the same (or more) target modules")
+    with torch.no_grad():
+        for k, v in own.items():
+            if params[k].shape != v.shape:
+                raise ValueError(f"{source}: LoRA {k} has shape {tuple(v.shape)}, the adapter continuing it "
+                                 f"{tuple(params[k].shape)} (the same rank is needed)")
+            params[k].copy_(v)
+
+
 class _Gate:
     """Forward pre-hooks on every LoRA layer, installed once per model, that pass the current
     ``alora_offsets`` (None: leave the call alone). Re-registering hooks on every forward
@@ -106,14 +127,17 @@ def is_activated(model) -> bool:
 
 
 def use_fast_forward(model) -> None:
-    """Give ``model``'s aLoRA layers a lean forward for inference: the base layer, plus the
-    low-rank update on the activated positions only, with no per-call bookkeeping.
+    """Give ``model``'s aLoRA layers a lean forward: the base layer, plus the low-rank update
+    on the activated positions only, with no per-call bookkeeping.
 
     PEFT's generic ``lora.Linear.forward`` (argument checks, adapter loops, the variant's mask
-    built per layer) costs more than the matmuls of a small model at batch 1: measured here,
-    plain decoding steps of the 135M model went from about 80 ms to 130 ms. The math is the
-    same (``ALoraLinearVariant``: the last ``alora_offsets[b]`` positions of row ``b``); in
-    training mode, or with dropout, the layer falls back to PEFT's own forward. Idempotent."""
+    built per layer and a boolean-mask scatter) costs more than the matmuls of a small model:
+    measured here, plain decoding steps of the 135M model went from about 80 ms to 130 ms,
+    and a step-2 training step over tails activated at every position ran 1.5x slower. The
+    math is the same as ``ALoraLinearVariant`` (the last ``alora_offsets[b]`` positions of
+    row ``b``). In training mode, or with dropout, a *partly* activated input falls back to
+    PEFT's own forward; an input activated everywhere (the tail passes of both trainers) or
+    nowhere (their context passes) takes the lean path with gradient. Idempotent."""
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
@@ -122,31 +146,41 @@ def use_fast_forward(model) -> None:
         names = [n for n in module.active_adapters if n in module.lora_A]
         if len(names) != 1:
             continue
-        module.forward = _lean_forward(module, names[0])
+        module.forward = _LeanForward(module, names[0])
 
 
-def _lean_forward(module, name: str):
-    import torch
+class _LeanForward:
+    """A module's lean forward (an instance attribute). It holds the module, not its
+    sub-layers, so a ``copy.deepcopy`` of the model gets a forward bound to the copy."""
 
-    original = type(module).forward.__get__(module)
-    lora_a, lora_b, scaling, dropout = module.lora_A[name], module.lora_B[name], module.scaling[name], \
-        module.lora_dropout[name]
+    def __init__(self, module, name: str):
+        self.module, self.name = module, name
 
-    def forward(x, *args, **kwargs):
-        if module.training or not isinstance(dropout, torch.nn.Identity) or kwargs.get("adapter_names") is not None:
-            return original(x, *args, **kwargs)
-        offsets = kwargs.pop("alora_offsets", None)
-        result = module.base_layer(x, *args, **kwargs)
-        if module.disable_adapters or module.merged or not offsets or not any(offsets):
-            return result
+    def __call__(self, x, *args, **kwargs):
+        import torch
+
+        module, name = self.module, self.name
+        if kwargs.get("adapter_names") is not None or list(module.active_adapters) != [name]:
+            return type(module).forward(module, x, *args, **kwargs)
+        dropout = module.lora_dropout[name]
+        offsets = kwargs.get("alora_offsets")
+        if offsets is not None:  # PEFT's own offsets say None for a row without <recall>
+            offsets = [0 if o is None else int(o) for o in offsets]
         width = x.shape[-2] if x.dim() == 3 else 1
-        if min(offsets) >= width:  # every position of every row is activated
-            return result + (lora_b(lora_a(x.to(lora_a.weight.dtype))) * scaling).to(result.dtype)
-        limit = torch.tensor([min(int(o), width) for o in offsets], device=x.device)
+        everywhere = bool(offsets) and min(offsets) >= width
+        nowhere = offsets is not None and not any(offsets)
+        if (module.training or not isinstance(dropout, torch.nn.Identity)) and not (everywhere or nowhere):
+            return type(module).forward(module, x, *args, **kwargs)  # PEFT's masked path (with its dropout)
+        kwargs.pop("alora_offsets", None)
+        result = module.base_layer(x, *args, **kwargs)
+        if module.disable_adapters or module.merged or not offsets or nowhere:
+            return result
+        lora_a, lora_b, scaling = module.lora_A[name], module.lora_B[name], module.scaling[name]
+        if everywhere:  # plain LoRA: no mask to build or scatter through
+            return result + (lora_b(lora_a(dropout(x.to(lora_a.weight.dtype)))) * scaling).to(result.dtype)
+        limit = torch.tensor([min(o, width) for o in offsets], device=x.device)
         mask = (torch.arange(width, device=x.device)[None] >= (width - limit)[:, None]).reshape(-1)
         flat = result.reshape(-1, result.shape[-1]).clone()
         picked = x.reshape(-1, x.shape[-1])[mask].to(lora_a.weight.dtype)
         flat[mask] += (lora_b(lora_a(picked)) * scaling).to(flat.dtype)
         return flat.view(result.shape)
-
-    return forward

@@ -93,7 +93,7 @@ class RecallEngine:
         self.device = next(lm.parameters()).device
         self.activated = is_activated(lm)
         if self.activated:
-            use_fast_forward(lm)  # inference only: in training mode its layers keep PEFT's forward
+            use_fast_forward(lm)  # idempotent: a model fresh from training has it already
         stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
         self.stop_ids = {s for s in stops if isinstance(s, int) and s >= 0}
         self.filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -29,7 +29,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from memory.token_manager import RECALL_TOKEN, safe_chat_template
-from recall.activation import adapter_active, base_context_pass, check_scope, lora_config
+from recall.activation import (adapter_active, base_context_pass, check_scope, load_lora_state, lora_config,
+                               use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, last_token_positions
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
@@ -75,8 +76,7 @@ class RecallTrainingArguments(TrainingArguments):
         default="recall", metadata={"help": "where the LoRA acts: 'recall' (default) from <recall> on only, an "
                                             "activated adapter (recall/activation.py): the conversation runs on the "
                                             "base model, ordinary chat is unchanged, the context needs no gradient; "
-                                            "or 'all' positions, merged into the published weights (allows "
-                                            "incremental cycles)"})
+                                            "or 'all' positions, merged into the published weights"})
     max_length: int = dataclasses.field(default=96, metadata={"help": "query tokens, truncated from the left"})
     query_projector: bool = dataclasses.field(default=False, metadata={"help": "force a linear projector"})
     distill_weight: float = dataclasses.field(
@@ -352,15 +352,20 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
         return metrics
 
 def build_recall_model(lm, tokenizer, args: RecallTrainingArguments, memory_dim: int,
-                       token_ids: Sequence[int]) -> RecallQueryModel:
+                       token_ids: Sequence[int], adapter_state: Optional[dict] = None) -> RecallQueryModel:
     """Wrap ``lm`` with LoRA (``args.lora_*``; an activated LoRA for ``adapter_scope``
-    "recall", see ``recall.activation``) and fp32 token rows for ``token_ids``."""
+    "recall", see ``recall.activation``) and fp32 token rows for ``token_ids``.
+    ``adapter_state``: LoRA weights to continue (an incremental cycle on an activated version)."""
     from peft import get_peft_model
 
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
     lora = lora_config(targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.adapter_scope,
                        tokenizer.convert_tokens_to_ids(RECALL_TOKEN))
     peft_lm = get_peft_model(lm, lora)
+    if adapter_state:
+        load_lora_state(peft_lm, adapter_state, "the current version's memory adapter (--full starts afresh)")
+    if args.adapter_scope == "recall":
+        use_fast_forward(peft_lm)  # the lean aLoRA forward: plain LoRA on the tail passes
     if args.compile_layers:
         from recall.compilation import compile_layers
 

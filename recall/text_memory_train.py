@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from recall.activation import adapter_active, base_context_pass, check_scope, lora_config
+from recall.activation import (adapter_active, base_context_pass, check_scope, load_lora_state, lora_config,
+                               use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
@@ -342,18 +343,9 @@ def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArgum
                        token_ids[RECALL_TOKEN])
     peft_lm = get_peft_model(lm, lora)
     if adapter_state:
-        own = {k.removeprefix("lm."): v for k, v in adapter_state.items() if ".lora_" in k}
-        params = dict(peft_lm.named_parameters())
-        missing = sorted(k for k in own if k not in params)
-        if missing:
-            raise ValueError(f"step 2's adapter lacks step 1's LoRA weights {missing[:3]}... (targets: "
-                             f"{args.lora_target_modules})")
-        with torch.no_grad():
-            for k, v in own.items():
-                if params[k].shape != v.shape:
-                    raise ValueError(f"{k}: step 1's LoRA has shape {tuple(v.shape)}, step 2's {tuple(params[k].shape)}"
-                                     f" (the activated adapter continues step 1's: same rank)")
-                params[k].copy_(v)
+        load_lora_state(peft_lm, {k.removeprefix("lm."): v for k, v in adapter_state.items()}, "step 1's adapter")
+    if args.adapter_scope == "recall":
+        use_fast_forward(peft_lm)  # the lean aLoRA forward: plain LoRA on the tail passes
     if args.compile_layers:
         from recall.compilation import compile_layers
 

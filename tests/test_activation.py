@@ -219,21 +219,27 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
                           "--report", str(report), "--precision", "fp32"]) == 0
     forgetting = json.loads(report.read_text())["forgetting"]
     assert forgetting["greedy_agreement"] == 1.0 and forgetting["mean_kl"] < 1e-6
-    # a new memory later: an activated version is retrained in full, not incrementally
+    # a new memory later: retrained in full by default; --incremental always continues this version's adapter
     from memory.config import MemoryArguments, ModelArguments
     from memory.training_service import MemoryTrainingService
 
     new = tmp_path / "new.jsonl"
     new.write_text(json.dumps({"text": "The user drinks green tea.", "user_id": "alex"}) + "\n")
-    service = MemoryTrainingService(ModelArguments(model_name_or_path=str(tiny_model_dir), precision="fp32"),
-                                    MemoryArguments(chats_dir=""),
-                                    RecallTrainingArguments(output_dir=str(tmp_path / "out"), adapter_scope="recall"))
-    try:
-        service.import_memories(str(new))
-        plan = service.plan_cycle([], "all")
-    finally:
-        service.close()
-    assert plan["mode"] == "full" and "activated" in plan["reason"]
+    plans = {}
+    for incremental in ("auto", "always"):
+        service = MemoryTrainingService(ModelArguments(model_name_or_path=str(tiny_model_dir), precision="fp32"),
+                                        MemoryArguments(chats_dir="", incremental=incremental),
+                                        RecallTrainingArguments(output_dir=str(tmp_path / "out"), adapter_scope="recall"))
+        try:
+            if incremental == "auto":
+                assert service.plan_cycle([], "all") is None  # nothing new: nothing to retrain
+                service.import_memories(str(new))
+            plans[incremental] = service.plan_cycle([], "all")
+        finally:
+            service.close()
+    assert plans["auto"]["mode"] == "full" and "activated adapter is retrained in full" in plans["auto"]["reason"]
+    plan = plans["always"]
+    assert plan["mode"] == "incremental" and plan["base_version"] == str(current) and len(plan["new_ids"]) == 1
 
 
 def test_an_unknown_scope_is_refused():
@@ -243,12 +249,19 @@ def test_an_unknown_scope_is_refused():
         MemoryDecodingArguments(output_dir="/tmp/x", adapter_scope="everywhere")
 
 
+def _pefts_forward(lm):
+    """Take the lean forward off ``lm``'s LoRA layers (the trainers install it), back to PEFT's."""
+    for m in lm.modules():
+        m.__dict__.pop("forward", None)
+
+
 def test_lean_inference_forward_equals_pefts(tokenizer):
     from recall.activation import use_fast_forward
 
     model, tok, ids = _recall_model(tokenizer, "recall")
     _randomise_lora(model)
     lm = model.lm.eval()
+    _pefts_forward(lm)
     x = torch.randint(100, 40000, (3, 7))
     runs = {}
     for lean in (False, True):
@@ -262,3 +275,46 @@ def test_lean_inference_forward_equals_pefts(tokenizer):
     for plain, lean in zip(runs[False], runs[True]):
         assert torch.allclose(plain, lean, atol=1e-5)
     assert not torch.allclose(runs[True][0], runs[True][2])  # the offsets do switch the adapter on
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lean_training_forward_has_pefts_loss_and_gradients(tokenizer, dropout):
+    """In training the lean path takes inputs activated everywhere or nowhere (the trainers'
+    tail and context passes); the loss and every LoRA gradient equal PEFT's masked path, with
+    dropout drawn from the same seed. A deep copy of the model runs on its own weights."""
+    from recall.activation import use_fast_forward
+
+    model, tok, ids = _recall_model(tokenizer, "recall", lora_dropout=dropout)
+    _randomise_lora(model)
+    lm = model.lm.train()
+    x = torch.randint(100, 40000, (2, 6))
+    grads = {}
+    for lean in (False, True):
+        _pefts_forward(lm)
+        if lean:
+            use_fast_forward(lm)
+        lm.zero_grad()
+        torch.manual_seed(11)
+        with adapter_active(lm, [0, 0]):
+            nowhere = lm.get_base_model()(input_ids=x).logits
+        with adapter_active(lm, [6, 9]):
+            everywhere = lm.get_base_model()(input_ids=x).logits
+        (nowhere.square().mean() + everywhere.square().mean()).backward()
+        grads[lean] = {n: p.grad.clone() for n, p in lm.named_parameters() if "lora_" in n}
+        grads[lean]["_logits"] = everywhere.detach()
+    assert grads[False].keys() == grads[True].keys() and len(grads[True]) > 1
+    for name in grads[False]:
+        assert torch.allclose(grads[False][name], grads[True][name], atol=1e-5), name
+    assert any(g.abs().sum() > 0 for n, g in grads[True].items() if "lora_A" in n)
+    twin = copy.deepcopy(lm)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    twin.eval(), lm.eval()
+    with torch.no_grad():
+        def logits(m, offsets):
+            with adapter_active(m, offsets):
+                return m.get_base_model()(input_ids=x).logits
+        assert torch.allclose(logits(twin, [6, 6]), logits(twin, [0, 0]), atol=1e-6)  # the copy's zero LoRA
+        assert not torch.allclose(logits(lm, [6, 6]), logits(lm, [0, 0]), atol=1e-3)

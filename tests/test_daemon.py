@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import run_training
 from memory.publish import MANIFEST, resolve_current
@@ -114,11 +115,14 @@ def reference(tiny_model_dir, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ incremental cycles
-def test_incremental_cycle_trains_new_plus_replay_and_forget_forces_a_full_retrain(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("scope", ["all", "recall"])
+def test_incremental_cycle_trains_new_plus_replay_and_forget_forces_a_full_retrain(tiny_model_dir, tmp_path, capsys,
+                                                                                   scope):
     f = _files(tmp_path)
     out = tmp_path / "out"
-    # incremental cycles continue merged weights: the adapter acting at every position
-    flags = _flags(tiny_model_dir, tmp_path, out) + ["--adapter_scope", "all"]
+    # "all": the cycle continues the merged weights; "recall": the activated adapter beside the base.
+    # --incremental always: with auto, these five memories would be retrained in full (no dearer)
+    flags = _flags(tiny_model_dir, tmp_path, out) + ["--adapter_scope", scope, "--incremental", "always"]
     assert run_training.main(flags + ["--memories", str(f["first"])]) == 0
     assert "cycle: full (no published version yet); 3 memories trained" in capsys.readouterr().out
     first = resolve_current(out / "models")
@@ -129,6 +133,14 @@ def test_incremental_cycle_trains_new_plus_replay_and_forget_forces_a_full_retra
     second = resolve_current(out / "models")
     manifest = json.loads((second / MANIFEST).read_text())
     assert second != first and manifest["mode"] == "incremental" and manifest["base_version"] == str(first)
+    if scope == "recall":  # the cycle continued the first version's adapter: trained further, not afresh
+        from safetensors.torch import load_file
+
+        a, b = (load_file(str(v / "memory_adapter" / "adapter_model.safetensors")) for v in (first, second))
+        assert a.keys() == b.keys()
+        lora_b = [k for k in a if "lora_B" in k]
+        both = torch.cat([a[k].flatten() for k in lora_b]), torch.cat([b[k].flatten() for k in lora_b])
+        assert not torch.equal(*both) and torch.cosine_similarity(*both, dim=0) > 0.5
     assert _state(out)["snapshot"] == sorted(FIRST + SECOND)
 
     assert run_training.main(flags) == 0  # nothing new: no training, no new version
@@ -155,7 +167,38 @@ def test_replay_is_capped_so_a_cycle_costs_new_plus_replay(tiny_model_dir, tmp_p
     flags = _flags(tiny_model_dir, tmp_path, out) + ["--replay_cap", "1", "--adapter_scope", "all"]
     assert run_training.main(flags + ["--memories", str(f["first"])]) == 0
     assert run_training.main(flags + ["--memories", str(f["second"])]) == 0
-    assert "3 memories trained (2 new, 1 replayed)" in capsys.readouterr().out
+    assert "3 memories trained (2 new, 1 replayed)" in capsys.readouterr().out  # --incremental auto: cheaper
+
+
+def _plan(flags, memories=None):
+    from memory.config import parse_args
+    from memory.training_service import MemoryTrainingService
+
+    service = MemoryTrainingService(*parse_args(flags))
+    try:
+        if memories:
+            service.import_memories(str(memories))
+        return service.plan_cycle([], "all")
+    finally:
+        service.close()
+
+
+def test_auto_plans_a_full_retrain_where_it_costs_no_more_or_the_adapter_is_activated(tiny_model_dir, tmp_path):
+    f = _files(tmp_path)
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir, tmp_path, out) + ["--adapter_scope", "all"]
+    assert run_training.main(flags + ["--memories", str(f["first"])]) == 0
+    new = tmp_path / "third.jsonl"
+    new.write_text(json.dumps({"text": "The user plays the cello.", "user_id": "alex"}) + "\n")
+    # step 2 (1 epoch, batch 8, mix 2:1:2, no floor): 5 samples per memory; 4 live memories: 3 steps
+    plan = _plan(flags + ["--replay_cap", "1"], new)
+    assert plan["mode"] == "incremental" and len(plan["memory_ids"]) == 2  # 1 new + 1 replayed: 2 steps
+    plan = _plan(flags + ["--replay_ratio", "3"])  # 1 new + 3 replayed: every memory, 3 steps
+    assert plan["mode"] == "full" and "costs no more (3 step-2 steps for 4 memories; an incremental cycle 3)" \
+        in plan["reason"]
+    plan = _plan(flags + ["--replay_cap", "1", "--decode_min_steps", "60"])  # the step floor binds both ways
+    assert plan["mode"] == "full" and "costs no more (60 step-2 steps" in plan["reason"]
+    assert _plan(flags + ["--replay_ratio", "3", "--incremental", "always"])["mode"] == "incremental"
 
 
 # ------------------------------------------------------------------ crashes and resume
