@@ -110,8 +110,10 @@ class MemoryArguments:
     # step 4 and the recall loop
     models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
-    recall_threshold: float = dataclasses.field(
-        default=0.5, metadata={"help": "cosine below which a recall injects nothing (stored in the version)"})
+    recall_threshold: str = dataclasses.field(
+        default="auto", metadata={"help": "cosine below which a recall injects nothing (stored in the version): a "
+                                          "number, or 'auto': calibrated after step 2 so that only 5% of the bundled "
+                                          "general prompts reach it"})
     # incremental retraining (see memory.training_service.plan_cycle)
     full: bool = dataclasses.field(
         default=False, metadata={"help": "retrain from the base model on every live memory instead of continuing "
@@ -146,6 +148,11 @@ class MemoryArguments:
         parse_every(self.schedule_every)
         if not SCHEDULE_AT.fullmatch(self.schedule_at):
             raise ValueError(f"schedule_at: expected HH:MM, got {self.schedule_at!r}")
+        if str(self.recall_threshold) != "auto":
+            try:
+                self.recall_threshold = float(self.recall_threshold)
+            except ValueError:
+                raise ValueError(f"recall_threshold: expected 'auto' or a number, got {self.recall_threshold!r}") from None
         if self.incremental not in ("auto", "always"):
             raise ValueError(f"incremental: expected auto or always, got {self.incremental!r}")
         if self.replay_ratio < 0 or self.replay_cap < 0:

@@ -356,6 +356,37 @@ def epochs_for_min_steps(samples_per_epoch: int, args) -> float:
     return epochs
 
 
+def calibrate_threshold(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int],
+                        unrelated: Sequence[str], bank: np.ndarray, false_positive_rate: float = 0.05,
+                        miss_rate: float = 0.05) -> dict:
+    """The recall threshold for ``recall_threshold auto``, from two score samples: the best
+    memory cosine of each ``unrelated`` prompt (general questions no memory answers) and that
+    of each training ``context`` whose best memory is the right one.
+
+    The threshold is the lower of two bounds, so a real memory is not blocked for the sake of
+    rejecting unrelated prompts: the cosine only ``false_positive_rate`` of the unrelated
+    prompts reach, and the one all but ``miss_rate`` of the correct contexts reach. The report
+    says which bound decided and how often each sample passes. Cosines depend on the encoder
+    (chat-model vectors and MiniLM's sit at very different levels), which is why a fixed
+    default fits neither. No evaluation question is used."""
+    unit = bank / np.linalg.norm(bank, axis=1, keepdims=True).clip(1e-12)
+    neg = (engine.query_vectors(list(unrelated)) @ unit.T).max(1)
+    scores = engine.query_vectors(list(contexts)) @ unit.T
+    pos = scores.max(1)[scores.argmax(1) == np.asarray(targets)]
+    # observed scores ("lower"), so at least 1 - miss_rate of the correct contexts pass, also when few
+    reject = float(np.quantile(neg, 1.0 - false_positive_rate, method="lower"))
+    keep = float(np.quantile(pos, miss_rate, method="lower")) if len(pos) else reject
+    value = min(reject, keep)
+    return {"value": value,
+            "decided_by": "correct contexts" if keep < reject else "unrelated prompts",
+            "rule": f"min({1 - false_positive_rate:.0%} quantile of unrelated prompts' best score, "
+                    f"{miss_rate:.0%} quantile of correct contexts' score)",
+            "unrelated": len(neg), "unrelated_pass": float((neg >= value).mean()),
+            "correct_contexts": len(pos), "correct_pass": float((pos >= value).mean()) if len(pos) else None,
+            "unrelated_best_median": float(np.median(neg)),
+            "correct_best_median": float(np.median(pos)) if len(pos) else None}
+
+
 def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir, texts,
              eval_ctx, metrics, started, adapter_state=None) -> DecodingResult:
     tok = loaded.tokenizer
@@ -374,12 +405,18 @@ def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, q
     merged = model.merged_lm().eval()
     engine = RecallEngine(merged, tok, token_ids, projector, query_projector, autocast_dtype=loaded.runtime.autocast_dtype)
     metrics["recall_after"] = retrieval_at_1(engine, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
+    from memory.sft_data import read_prompts
+
+    metrics["threshold"] = calibrate_threshold(engine, [c for c, _ in eval_ctx], [t for _, t in eval_ctx],
+                                               read_prompts(), bank)
     decoded = engine.decode_memories(bank)
     metrics["decode_exact_match"] = exact_match_rate(decoded, texts)
     metrics["decode_failures"] = [{"text": t, "decoded": d} for t, d in zip(texts, decoded)
                                   if normalize_ws(d) != normalize_ws(t)][:20]
     metrics["seconds"] = time.perf_counter() - started
-    logger.info("step 3.2: decode_exact_match %.3f, <recall> recall@1 on cues %.3f -> %.3f",
-                metrics["decode_exact_match"], metrics["recall_before"]["recall_at_1"],
-                metrics["recall_after"]["recall_at_1"])
+    logger.info("step 3.2: decode_exact_match %.3f, <recall> recall@1 on cues %.3f -> %.3f; calibrated threshold "
+                "%.3f (passes %.2f of correct cues, %.2f of unrelated prompts)", metrics["decode_exact_match"],
+                metrics["recall_before"]["recall_at_1"], metrics["recall_after"]["recall_at_1"],
+                metrics["threshold"]["value"], metrics["threshold"]["correct_pass"] or 0.0,
+                metrics["threshold"]["unrelated_pass"])
     return DecodingResult(merged, projector, query_projector, metrics)

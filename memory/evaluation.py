@@ -227,7 +227,7 @@ def answer_hit_rate(engine, db: MemoryVectorDB, questions, threshold: float, for
         for q, a in zip(qs, answers):
             decoded = " ".join(r.decoded for r in a.recalls)
             rows.append({"question": q["question"], "expected": q["expected"], "decoded": decoded,
-                         "retrieved": [r.stored_text for r in a.recalls],
+                         "retrieved": [r.stored_text for r in a.recalls], "scores": [r.score for r in a.recalls],
                          "hit": q["expected"].lower() in decoded.lower()})
     return {"answer_hit_rate": sum(r["hit"] for r in rows) / max(len(rows), 1), "n": len(rows),
             "per_question": rows}

@@ -266,11 +266,21 @@ class MemoryTrainingService:
         tmp.mkdir(parents=True, mode=0o700)
         save_recall_model(tmp, result.lm, lm.tokenizer, result.projector, result.query_projector, {
             "token_ids": memory_token_ids(lm.tokenizer), "activation_phrase": ACTIVATION_PHRASE,
-            "recall_threshold": self.args.recall_threshold, "encoder_id": self.db.encoder_id,
+            "recall_threshold": self.recall_threshold(result.metrics), "encoder_id": self.db.encoder_id,
             "default_user_id": self.args.default_user_id})
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         atomic_write_json(run.path / "decode" / "metrics.json", result.metrics)
+
+    def recall_threshold(self, decoding_metrics: dict) -> float:
+        """The version's recall threshold: ``--recall_threshold``, or step 2's calibration for 'auto'."""
+        if self.args.recall_threshold != "auto":
+            return float(self.args.recall_threshold)
+        calibrated = (decoding_metrics.get("threshold") or {}).get("value")
+        if calibrated is None:
+            logger.warning("recall_threshold auto: step 2 measured no calibration; using 0.5")
+            return 0.5
+        return float(calibrated)
 
     def publish(self, result, run_dir: Path, recall_metrics: Optional[dict]) -> Path:
         """Step 4 for a decoding result held in memory (used by benchmarks): save, then publish."""

@@ -203,6 +203,12 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
         assert all(".lora_" in k for k in f.keys())  # LoRA only: the embeddings live in the base checkpoint
     metrics = json.loads((current / "metrics.json").read_text())["decoding"]
     assert metrics["adapter_scope"] == "recall" and metrics["sft_examples"] > 0
+    # recall_threshold auto: the version keeps the calibrated cosine, the lower of two bounds: at least
+    # 95% of the correct training cues and at least 5% of the 134 unrelated prompts reach it
+    calibrated = metrics["threshold"]
+    assert json.loads((current / "recall_config.json").read_text())["recall_threshold"] == calibrated["value"]
+    assert calibrated["unrelated"] == 134 and calibrated["correct_contexts"] > 0
+    assert calibrated["correct_pass"] >= 0.95 and calibrated["unrelated_pass"] >= 0.05
     plain = AutoModelForCausalLM.from_pretrained(current)  # ordinary chat: the base model plus the memory tokens
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     x = torch.tensor([[1, 2, 3, 4]])
@@ -217,6 +223,11 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
     report = tmp_path / "r.json"
     assert evaluate.main(["--output_dir", str(tmp_path / "out"), "--questions", str(questions),
                           "--report", str(report), "--precision", "fp32"]) == 0
+    from bench.threshold import measure  # the calibration, recomputed on the published version, is the version's
+
+    thresholds = measure(str(current), str(questions))["thresholds"]
+    assert thresholds["calibrated"]["threshold"] == pytest.approx(thresholds["the version's"]["threshold"], abs=1e-5)
+    assert thresholds["none (0)"]["injected"] == 1.0
     forgetting = json.loads(report.read_text())["forgetting"]
     assert forgetting["greedy_agreement"] == 1.0 and forgetting["mean_kl"] < 1e-6
     # a new memory later: retrained in full by default; --incremental always continues this version's adapter

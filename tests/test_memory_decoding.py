@@ -172,6 +172,15 @@ def test_a_stop_share_outside_0_1_is_refused(tmp_path):
         parse_args(["--output_dir", str(tmp_path), "--decode_stop_at_exact_match", "-0.1"])
 
 
+def test_recall_threshold_is_auto_or_a_number(tmp_path):
+    from memory.config import parse_args
+
+    assert parse_args(["--output_dir", str(tmp_path)])[1].recall_threshold == "auto"
+    assert parse_args(["--output_dir", str(tmp_path), "--recall_threshold", "0.35"])[1].recall_threshold == 0.35
+    with pytest.raises(ValueError, match="recall_threshold.*'high'"):
+        parse_args(["--output_dir", str(tmp_path), "--recall_threshold", "high"])
+
+
 class _CountingSearch:
     def __init__(self, bank):
         self.bank, self.calls = bank, []
