@@ -8,7 +8,8 @@ recall and precision of the raw model output (every parsed line) and after the
 filters (grounding, polarity, tautology, length), the hallucination rate (raw facts
 with a content word the user never wrote), and throughput in sessions/min.
 `session-free` is the original design's approach (whole session, free generation)
-and is the baseline measured in the same run.
+and is the baseline measured in the same run; `model` is ``--extraction_method model``
+(per sentence, constrained) and `rewrite` the default (memory.rewrite, no generation).
 """
 import argparse
 import json
@@ -26,7 +27,8 @@ CONFIGS = {
     "session-free": ExtractionConfig(unit="session", constrained=False, max_new_tokens=160, batch_size=4),
     "sentence-free": ExtractionConfig(unit="sentence", constrained=False),
     "message": ExtractionConfig(unit="message", constrained=True, max_new_tokens=80),
-    "default": ExtractionConfig(),
+    "model": ExtractionConfig(),  # per sentence, constrained: --extraction_method model
+    "rewrite": ExtractionConfig(method="rewrite"),  # the default: --extraction_method rewrite
 }
 
 

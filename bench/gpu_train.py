@@ -189,7 +189,9 @@ def build_trainer(opts, device, timer):
                   disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda",
                   compile_layers=opts.compile_layers)
     if opts.step == "recall":
-        args = RecallTrainingArguments(**common, adapter_scope=scope, lora_target_modules=opts.lora_targets or "auto")
+        cache = {"context_cache_mb": opts.context_cache_mb} if getattr(opts, "context_cache_mb", None) is not None else {}
+        args = RecallTrainingArguments(**common, adapter_scope=scope, lora_target_modules=opts.lora_targets or "auto",
+                                       **cache)
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
         data = [{"text": format_query(tok, c), "target": row} for row, ctxs in enumerate(contexts) for c in ctxs]
         collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length))

@@ -139,6 +139,10 @@ OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
                             "position)",
      f'python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_minilm_distill '
      f'--pipeline "{_DISTILL}"'),
+    ("full_model_extraction", "Extraction with the model (`--extraction_method model`, the default until "
+                              "2026-11-27), conversation 0",
+     'python -m bench.locomo --conversations 0 --parts extraction --results '
+     'bench/results/locomo/full_model_extraction --pipeline "--extraction_method model"'),
     ("quick_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, quick mode (adapter at every "
                              "position)",
      f'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_minilm_distill '

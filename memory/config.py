@@ -62,7 +62,11 @@ class MemoryArguments:
     embedding_model: str = dataclasses.field(
         default="chat", metadata={"help": "'chat' (the chat model's last-token state), 'minilm', or an encoder directory"})
     embedding_template: str = dataclasses.field(default="prompteol", metadata={"help": "raw | prompteol"})
-    extraction_unit: str = dataclasses.field(default="sentence", metadata={"help": "sentence | message | session"})
+    extraction_method: str = dataclasses.field(
+        default="rewrite", metadata={"help": "rewrite (each first-person user sentence in the third person; no "
+                                             "generation) | model (the chat model restates each unit)"})
+    extraction_unit: str = dataclasses.field(default="sentence", metadata={"help": "sentence | message | session "
+                                                                                   "(extraction_method model)"})
     extraction_constrained: bool = True
     extraction_few_shot: bool = True
     extraction_grounding: bool = True
@@ -163,6 +167,8 @@ class MemoryArguments:
 
         if self.secret_filter not in DETECTORS:
             raise ValueError(f"secret_filter: expected one of {', '.join(DETECTORS)}, got {self.secret_filter!r}")
+        if self.extraction_method not in ("rewrite", "model"):
+            raise ValueError(f"extraction_method: expected rewrite or model, got {self.extraction_method!r}")
         if self.extraction_unit not in ("sentence", "message", "session"):
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
 

@@ -228,8 +228,11 @@ def exact_match_rate(decoded: Sequence[str], texts: Sequence[str]) -> float:
     return sum(normalize_ws(d) == normalize_ws(t) for d, t in zip(decoded, texts)) / max(len(texts), 1)
 
 
-def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int], bank: np.ndarray) -> dict:
-    q = engine.query_vectors(list(contexts))
+def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int], bank: np.ndarray,
+                   queries: Optional[np.ndarray] = None) -> dict:
+    """recall@1 and MRR of ``contexts`` against ``bank``; ``queries``: their query vectors when
+    already computed."""
+    q = engine.query_vectors(list(contexts)) if queries is None else queries
     scores = q @ bank.T
     target_scores = scores[np.arange(len(targets)), targets]
     ranks = (scores > target_scores[:, None]).sum(1) + 1
@@ -358,7 +361,7 @@ def epochs_for_min_steps(samples_per_epoch: int, args) -> float:
 
 def calibrate_threshold(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int],
                         unrelated: Sequence[str], bank: np.ndarray, false_positive_rate: float = 0.05,
-                        miss_rate: float = 0.05) -> dict:
+                        miss_rate: float = 0.05, context_queries: Optional[np.ndarray] = None) -> dict:
     """The recall threshold for ``recall_threshold auto``, from two score samples: the best
     memory cosine of each ``unrelated`` prompt (general questions no memory answers) and that
     of each training ``context`` whose best memory is the right one.
@@ -371,7 +374,7 @@ def calibrate_threshold(engine: RecallEngine, contexts: Sequence[str], targets: 
     default fits neither. No evaluation question is used."""
     unit = bank / np.linalg.norm(bank, axis=1, keepdims=True).clip(1e-12)
     neg = (engine.query_vectors(list(unrelated)) @ unit.T).max(1)
-    scores = engine.query_vectors(list(contexts)) @ unit.T
+    scores = (engine.query_vectors(list(contexts)) if context_queries is None else context_queries) @ unit.T
     pos = scores.max(1)[scores.argmax(1) == np.asarray(targets)]
     # observed scores ("lower"), so at least 1 - miss_rate of the correct contexts pass, also when few
     reject = float(np.quantile(neg, 1.0 - false_positive_rate, method="lower"))
@@ -404,11 +407,13 @@ def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, q
     projector = model.projector
     merged = model.merged_lm().eval()
     engine = RecallEngine(merged, tok, token_ids, projector, query_projector, autocast_dtype=loaded.runtime.autocast_dtype)
-    metrics["recall_after"] = retrieval_at_1(engine, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
+    contexts, targets = [c for c, _ in eval_ctx], [t for _, t in eval_ctx]
+    queries = engine.query_vectors(contexts)  # once, for both figures
+    metrics["recall_after"] = retrieval_at_1(engine, contexts, targets, bank, queries)
     from memory.sft_data import read_prompts
 
-    metrics["threshold"] = calibrate_threshold(engine, [c for c, _ in eval_ctx], [t for _, t in eval_ctx],
-                                               read_prompts(), bank)
+    metrics["threshold"] = calibrate_threshold(engine, contexts, targets, read_prompts(), bank,
+                                               context_queries=queries)
     decoded = engine.decode_memories(bank)
     metrics["decode_exact_match"] = exact_match_rate(decoded, texts)
     metrics["decode_failures"] = [{"text": t, "decoded": d} for t, d in zip(texts, decoded)

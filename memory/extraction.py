@@ -1,4 +1,9 @@
-"""Step 2: extract memory entries (facts about the user) with the base chat model.
+"""Step 2: extract memory entries (facts about the user).
+
+Two methods (``ExtractionConfig.method``, ``--extraction_method``): ``rewrite`` (the pipeline's
+default; memory.rewrite) shifts each first-person user sentence to the third person without
+generating anything; ``model``, described here, has the base chat model restate it. Both run
+the same filters (``_rejection_reason``).
 
 A 135M model cannot be trusted to read a whole conversation and list facts: earlier
 measurements found about half of its lines invented. So the task is made small and
@@ -27,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch
 
 from memory.grounding import content_words, grounding_report
+from memory.rewrite import introductions, rewrite_message
 from recall.get_text_embedding import autocast
 from memory.schema import ChatSession, MemoryCandidate
 from memory.token_manager import safe_chat_template
@@ -65,9 +71,13 @@ _INJECTION = re.compile(
 _LINE_PREFIX = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|entry\s*\d+\s*[:.)-]|fact\s*\d*\s*[:.)-])\s*", re.I)
 
 
+METHODS = ("rewrite", "model")
+
+
 @dataclasses.dataclass
 class ExtractionConfig:
-    unit: str = "sentence"  # "sentence" | "message" | "session"
+    method: str = "model"  # "model": the chat model restates each unit | "rewrite": memory.rewrite
+    unit: str = "sentence"  # "sentence" | "message" | "session" (method "model")
     constrained: bool = True
     few_shot: bool = True
     grounding: bool = True
@@ -268,6 +278,8 @@ def extract_memory_entries(model, tokenizer, sessions: Sequence[ChatSession],
                            autocast_dtype: Optional[torch.dtype] = None) -> ExtractionResult:
     """Extract grounded user facts from ``sessions`` (design document step 2)."""
     cfg = config or ExtractionConfig()
+    if cfg.method == "rewrite":
+        return rewrite_memory_entries(sessions, cfg)
     units = [u for s in sessions for u in split_units(s, cfg.unit)]
     result = ExtractionResult([], [], [], len(units))
     for start in range(0, len(units), cfg.batch_size):
@@ -282,10 +294,35 @@ def extract_memory_entries(model, tokenizer, sessions: Sequence[ChatSession],
     return result
 
 
-def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: ExtractionResult) -> None:
+def rewrite_memory_entries(sessions: Sequence[ChatSession], config: Optional[ExtractionConfig] = None) -> ExtractionResult:
+    """Extraction without generation (``--extraction_method rewrite``): each user sentence that
+    states a fact, shifted to the third person (memory.rewrite). Names the user introduced
+    ("my sister Marta") are known across all of that user's sessions given; the same filters
+    as model extraction run on every fact, with the user's words in these sessions as evidence."""
+    cfg = config or ExtractionConfig(method="rewrite")
+    said: Dict[str, List[str]] = {}
+    for s in sessions:
+        said.setdefault(s.user_id, []).extend(m.content for m in s.messages
+                                              if m.role == "user" and not is_injection(m.content))
+    known = {user: introductions(texts) for user, texts in said.items()}
+    result = ExtractionResult([], [], [], 0)
+    for s in sessions:
+        evidence = "\n".join(said[s.user_id])
+        for unit in split_units(s, "message"):
+            result.units += 1
+            for sentence, fact in rewrite_message(_SENTENCE_SPLIT.split(unit.text), known[s.user_id]):
+                _collect(ExtractionUnit(s, unit.message_index, sentence, evidence), fact, cfg, result, rewrite=True)
+    return result
+
+
+def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: ExtractionResult,
+             rewrite: bool = False) -> None:
     session = unit.session
-    for fact in parse_facts(output):
-        fact = fix_grammar(_normalise_subject(fact), unit.text)
+    for fact in (output.split("\n") if rewrite else parse_facts(output)):
+        if not fact:
+            continue
+        if not rewrite:
+            fact = fix_grammar(_normalise_subject(fact), unit.text)
         idx = unit.message_index if unit.message_index is not None else _best_source(session, fact)
         cand = MemoryCandidate(text=fact, user_id=session.user_id, session_id=session.session_id,
                                message_index=idx, timestamp=_timestamp(session, idx))
@@ -326,7 +363,7 @@ def _rejection_reason(fact: str, unit: ExtractionUnit, cfg: ExtractionConfig) ->
     """Why ``fact`` must not be stored, or None. Every rule guards a failure seen in
     the 135M model's output (see module docstring and README)."""
     low = fact.lower()
-    if not low.startswith("the user"):
+    if not low.startswith("the user") and (cfg.method != "rewrite" or "the user" not in low):
         return "not about the user"
     if len(fact.split()) < cfg.min_fact_words or not content_words(fact):
         return "too short"

@@ -19,7 +19,7 @@ user users not no nor so too very just also now still yet again ever really quit
 each every both either neither such own same other another more most much many few lot lots
 s t don doesn didn isn aren wasn weren hasn haven hadn won wouldn named called one
 dont doesnt didnt isnt arent wasnt werent hasnt havent hadnt wont wouldnt cant couldnt im ive id ill
-longer anymore usually currently recently actually
+longer anymore usually currently recently actually themselves themself
 """.split())
 # Relation words a fact may use although the user did not: they restate the sentence's
 # form ("I'm 29" -> "is 29 years old"), never add an entity.
@@ -36,6 +36,8 @@ def variants(word: str) -> Set[str]:
         word = word[:-2]
     word = word.replace("'", "")
     out = {word}
+    if word.endswith("oes"):
+        out.add(word[:-2])  # goes -> go
     for suffix in _SUFFIXES:
         if len(word) > len(suffix) + 2 and word.endswith(suffix):
             base = word[: -len(suffix)]

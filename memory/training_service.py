@@ -353,8 +353,8 @@ class MemoryTrainingService:
         return [s for s in sessions if self.db.session_state(s.session_id) != s.content_hash()]
 
     def extract_memory_entries(self, sessions: List[ChatSession]) -> ExtractionResult:
-        """Step 2a: candidate facts from the base model (see memory.extraction)."""
-        cfg = ExtractionConfig(unit=self.args.extraction_unit, constrained=self.args.extraction_constrained,
+        """Step 2a: candidate facts (see memory.extraction and memory.rewrite)."""
+        cfg = ExtractionConfig(method=self.args.extraction_method, unit=self.args.extraction_unit, constrained=self.args.extraction_constrained,
                                few_shot=self.args.extraction_few_shot, grounding=self.args.extraction_grounding,
                                batch_size=self.args.extraction_batch_size)
         lm = self.loaded

@@ -80,6 +80,15 @@ def test_real_extraction_over_hostile_sessions_gives_no_payload_fact():
 
     loaded = load_model_and_tokenizer(precision="fp32")
     result = extract_memory_entries(loaded.model, loaded.tokenizer, sessions(), ExtractionConfig())
-    facts = [c.text.lower() for c in result.candidates] + [r.fact.lower() for r in result.rejected]
+    facts = [c.text.lower() for c in result.candidates] + [r.text.lower() for r in result.rejected]
+    assert not [f for f in facts if any(p in f for p in PAYLOAD)], facts
+    assert result.candidates  # the honest sentences still give facts
+
+
+@pytest.mark.reliability(fault="30 hostile sessions (injection in user turns, facts in assistant/system turns)",
+                         outcome="no rewritten fact carries the payload (--extraction_method rewrite, the default)")
+def test_rewrite_extraction_over_hostile_sessions_gives_no_payload_fact():
+    result = extract_memory_entries(None, None, sessions(), ExtractionConfig(method="rewrite"))
+    facts = [c.text.lower() for c in result.candidates] + [r.text.lower() for r in result.rejected]
     assert not [f for f in facts if any(p in f for p in PAYLOAD)], facts
     assert result.candidates  # the honest sentences still give facts
