@@ -105,8 +105,8 @@ class CountingCollator:
     """Wraps a collator; records real tokens, padded tokens, labelled tokens and the
     attention work (sum of squared lengths) of every batch it makes."""
 
-    def __init__(self, inner, recall_id: Optional[int] = None):
-        self.inner, self.batches, self.recall_id = inner, [], recall_id
+    def __init__(self, inner, recall_id: Optional[int] = None, query: bool = False):
+        self.inner, self.batches, self.recall_id, self.query = inner, [], recall_id, query
 
     def __call__(self, features):
         batch = self.inner(features)
@@ -115,7 +115,9 @@ class CountingCollator:
         record = {"tokens": int(lengths.sum()), "padded": int(batch["attention_mask"].numel()),
                   "labelled": int((labels != -100).sum()) if labels is not None else 0,
                   "sq": int((lengths.double() ** 2).sum())}
-        if self.recall_id is not None:  # tokens from the first <recall> on: what an activated adapter trains
+        if self.query:  # step 1, activated: the adapter and the backward pass cover the <recall> token alone
+            record["tail_tokens"] = int((batch["input_ids"] == self.recall_id).sum())
+        elif self.recall_id is not None:  # tokens from the first <recall> on: what an activated adapter trains
             ids = batch["input_ids"]
             has = (ids == self.recall_id).any(1)
             start = torch.where(has, (ids == self.recall_id).int().argmax(1), lengths)
@@ -194,7 +196,8 @@ def build_trainer(opts, device, timer):
                                        **cache)
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
         data = [{"text": format_query(tok, c), "target": row} for row, ctxs in enumerate(contexts) for c in ctxs]
-        collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length))
+        collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length),
+                                   token_ids[RECALL_TOKEN] if scope == "recall" else None, query=scope == "recall")
         return RecallMemoryTrainer(model, args, bank, tok, token_ids[RECALL_TOKEN], train_dataset=data,
                                    data_collator=collate, callbacks=[timer]), collate, lm
     naive = getattr(opts, "naive", False)

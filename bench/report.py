@@ -310,9 +310,11 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
             lines.append(f"| {n} | {v['seconds']:.0f} | {stages} |")
         lines.append("")
     if ex:
-        lines += ["| LoCoMo sessions | chat sessions | user turns | facts | extraction (s) |", "|---|---|---|---|---|"]
+        lines += ["| LoCoMo sessions | chat sessions | user turns | facts | extraction method | extraction (s) |",
+                  "|---|---|---|---|---|---|"]
         for n, v in sorted(scale["extraction"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {n} | {v['chat_sessions']} | {v['user_turns']} | {v['facts']} | {v['seconds']:.1f} |")
+            lines.append(f"| {n} | {v['chat_sessions']} | {v['user_turns']} | {v['facts']} | {v.get('method', 'model')} "
+                         f"| {v['seconds']:.2f} |")
         lines.append("")
     g = scale.get("growth", {})
     lines += ["Growth order (log-log slope; 1 = linear): training vs memories "
@@ -321,6 +323,9 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     if len(tr) < 2:
         lines += ["The training-cycle curve needs `python -m bench.scale --memories 10,100,1000` "
                   "(hours on this CPU); it has not been run yet.", ""]
+    elif max(n for n, _ in tr) < 1000:
+        lines += [f"Not yet measured: {', '.join(str(n) for n in (100, 1000) if n > max(m for m, _ in tr))} "
+                  "memories (`python -m bench.scale --memories 1000 --sessions ''`; hours on this CPU).", ""]
     curves = {"training cycle vs memories": tr, "extraction vs user turns": ex}
     png = _line(out_dir / "benchmarks_scale.png", "Wall time vs size", curves, "memories / user turns", "seconds")
     return lines + [f"![scale]({png})", ""]

@@ -40,7 +40,8 @@ def training_cycle(n: int, locomo: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-scale-{n}-"))
     memories = work / "memories.jsonl"
     memories.write_text("".join(json.dumps({"text": f.text, "user_id": sid}) + "\n" for sid, f in facts))
-    run = run_pipeline(work / "out", ["--memories", str(memories)])  # the default pipeline, timed per stage
+    (work / "no_chats").mkdir()  # N memories and nothing else (the default chats_dir holds the example chats)
+    run = run_pipeline(work / "out", ["--memories", str(memories), "--chats_dir", str(work / "no_chats")])
     return {"memories": n, "imported": run["memories_imported"], "seconds": run["seconds"],
             "stage_seconds": run["stage_seconds"], "version": run["version"]}
 
@@ -64,7 +65,7 @@ def extraction(n_sessions: int, locomo: str) -> dict:
         seconds = time.perf_counter() - started
     finally:
         service.close()
-    return {"sessions": n_sessions, "chat_sessions": len(sessions),
+    return {"sessions": n_sessions, "chat_sessions": len(sessions), "method": service.args.extraction_method,
             "user_turns": sum(m.role == "user" for s in sessions for m in s.messages),
             "facts": len(result.candidates), "seconds": seconds}
 

@@ -57,8 +57,9 @@ VARIANTS = [  # (name, step, options)
     ("step 2 default + pad to multiple of 8", "decode", dict(pad_multiple=8)),
     ("step 2 default + bf16 autocast", "decode", dict(precision="bf16", batch=2, steps=1, warmup=1)),
     ("step 1 default: fp32, no LM head", "recall", dict(batch=16)),
-    # the context cache off: the timed steps repeat batches, and a cached context would be work
-    # counted in the FLOPs but not done (MFU 1.14 was reported that way)
+    # the context cache off, so every context's forward pass (counted in the FLOPs) is really run;
+    # the backward pass is counted at <recall> alone (bench.gpu_train.CountingCollator, query=True):
+    # counting it over the whole context reported MFU 1.14-1.23 for this row
     ("step 1 activated adapter (pipeline default): context without gradient, context cache off", "recall",
      dict(batch=16, adapter_scope="recall", context_cache_mb=0)),
     ("step 1 + bf16 autocast", "recall", dict(batch=4, precision="bf16", steps=1, warmup=1)),
@@ -71,13 +72,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 timed steps, no bf16 variants")
     ap.add_argument("--json", default=str(RESULTS))
+    ap.add_argument("--only", default=None, help="comma-separated name substrings: re-measure these rows and "
+                                                  "replace them in --json, keeping the others (each row records "
+                                                  "the peak and time of its own run)")
     args = ap.parse_args(argv)
     device = torch.device("cpu")
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     print(f"measured matmul peak: fp32 {peaks['fp32']:.3f} TFLOP/s, bf16 {peaks['bf16']:.3f} TFLOP/s", flush=True)
     rows = []
+    wanted = [w.strip() for w in args.only.split(",")] if args.only else None
     for name, step, kw in VARIANTS:
         if args.quick and kw.get("precision") == "bf16":
+            continue
+        if wanted and not any(w in name for w in wanted):
             continue
         if args.quick:
             kw = {**kw, "steps": min(kw.get("steps", 6), 3), "warmup": 1}
@@ -85,16 +92,26 @@ def main(argv=None) -> int:
         out = run(_opts(step=step, **kw))
         tflops = out["tflops_per_second"]
         out.update(name=name, mfu=tflops / peaks[out["precision"]], mfu_vs_bf16_peak=tflops / peaks["bf16"],
-                   wall=time.perf_counter() - started)
+                   wall=time.perf_counter() - started, measured_at=time.strftime("%Y-%m-%d %H:%M"),
+                   peak_tflops_of_run=peaks)
         rows.append(out)
         print(f"{name}: {out['tokens_per_second']:.0f} tokens/s, MFU {out['mfu']:.3f} of the {out['precision']} "
               f"peak ({out['wall']:.0f}s)", flush=True)
-    naive = next(r for r in rows if r["name"].startswith("step 2 naive"))
+    command = "python -m bench.speed" + (" --quick" if args.quick else "")
+    if wanted:  # merge into the earlier run's rows, in VARIANTS order
+        earlier = json.loads(Path(args.json).read_text())
+        fresh = {r["name"]: r for r in rows}
+        order = [name for name, _, _ in VARIANTS]
+        kept = [r for r in earlier["rows"] if r["name"] not in fresh]
+        rows = sorted(kept + list(fresh.values()), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+        peaks = earlier["peak_tflops"]
+        command = earlier.get("command", command) + f"; rows re-measured with --only {args.only}"
+    naive = next((r for r in rows if r["name"].startswith("step 2 naive")), None)
     for r in rows:
-        r["vs_naive"] = r["tokens_per_second"] / naive["tokens_per_second"] if r["step"] == "decode" else None
+        r["vs_naive"] = r["tokens_per_second"] / naive["tokens_per_second"] if r["step"] == "decode" and naive else None
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or 'cpu'}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "peak_tflops": peaks, "rows": rows,
-              "command": "python -m bench.speed" + (" --quick" if args.quick else "")}
+              "command": command}
     print("\n| configuration | tokens/s | vs naive | TFLOP/s | MFU (own precision's peak) | MFU vs bf16 peak |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -108,6 +108,7 @@ class ExtractionResult:
     rejected: List[RejectedFact]
     raw_facts: List[MemoryCandidate]  # every parsed line before filtering (for measuring)
     units: int
+    seen: Set[tuple] = dataclasses.field(default_factory=set, repr=False)  # (session id, lower-cased fact) kept
 
 
 # --------------------------------------------------------------------- units
@@ -331,8 +332,8 @@ def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: E
         if reason:
             result.rejected.append(RejectedFact(fact, reason, session.session_id, idx))
             logger.info("rejected fact (%s) from %s[%s]: %r", reason, session.session_id, idx, fact)
-        elif all(c.text.lower() != fact.lower() or c.session_id != session.session_id
-                 for c in result.candidates):
+        elif (session.session_id, fact.lower()) not in result.seen:  # one copy per session
+            result.seen.add((session.session_id, fact.lower()))
             result.candidates.append(cand)
 
 

@@ -7,6 +7,7 @@ match exactly. The check is deliberately lexical: it cannot be talked round.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Set
 
@@ -63,15 +64,23 @@ def content_words(text: str) -> Set[str]:
     return {stem(w) for w in words(text) if w not in STOP_WORDS and stem(w) not in STOP_WORDS}
 
 
-def _supported(word: str, evidence_words: Set[str]) -> bool:
+@functools.lru_cache(maxsize=32)
+def _evidence(evidence: str):
+    """The evidence's words and every variant of them (computed once per evidence text: a
+    user's whole history is the evidence of each of their rewritten facts)."""
+    support = frozenset(words(evidence))
+    return support, frozenset(v for w in support for v in variants(w))
+
+
+def _supported(word: str, evidence_words, evidence_forms) -> bool:
     forms = variants(word)
     if forms & RELATION_WORDS or any(w.isdigit() for w in forms) and word in evidence_words:
         return True
-    return any(forms & variants(e) for e in evidence_words)
+    return bool(forms & evidence_forms)
 
 
 def grounding_report(fact: str, evidence: str) -> Set[str]:
     """Content words of ``fact`` that ``evidence`` does not support (empty set = grounded)."""
-    support = set(words(evidence))
+    support, forms = _evidence(evidence)
     return {w for w in words(fact)
-            if w not in STOP_WORDS and stem(w) not in STOP_WORDS and not _supported(w, support)}
+            if w not in STOP_WORDS and stem(w) not in STOP_WORDS and not _supported(w, support, forms)}
