@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch
 
 from memory.grounding import content_words, grounding_report
-from memory.rewrite import introductions, rewrite_message
+from memory.rewrite import introductions, rewrite_message, third_person
 from recall.get_text_embedding import autocast
 from memory.schema import ChatSession, MemoryCandidate
 from memory.token_manager import safe_chat_template
@@ -245,14 +245,6 @@ def _normalise_subject(fact: str) -> str:
     return fact[0].upper() + fact[1:] if fact else fact
 
 
-def _third_person(verb: str) -> str:
-    if verb.endswith(("s", "sh", "ch", "x", "o")):
-        return verb + "es"
-    if verb.endswith("y") and len(verb) > 2 and verb[-2] not in "aeiou":
-        return verb[:-1] + "ies"
-    return verb + "s"
-
-
 def fix_grammar(fact: str, sentence: str) -> str:
     """Mend the model's commonest slips, using only the sentence's own words:
     "The user's work as a nurse" (from "I work as a nurse") -> "The user works as a nurse";
@@ -264,7 +256,7 @@ def fix_grammar(fact: str, sentence: str) -> str:
         if word.endswith("ed"):
             fact = f"The user has {fact[m.start(1):]}"
         elif word.lower() in first_person_verbs and word.lower() not in ("am", "was", "have", "had"):
-            fact = f"The user {_third_person(word.lower())}{fact[m.end():]}"
+            fact = f"The user {third_person(word.lower())}{fact[m.end():]}"
         elif word.lower() in ("a", "an", "not", "from", "in", "at", "on") or word.endswith("ing"):
             fact = f"The user is {fact[m.start(1):]}"
     fact = re.sub(r"\ba (?=[aeiouAEIOU])", "an ", fact)

@@ -65,7 +65,6 @@ _SUBJECT_FORM = {"i": "the user", "me": "the user", "my": "the user's", "mine": 
                  "myself": "the user", "we": "they", "us": "them", "our": "the user's", "ours": "the user's"}
 _PRONOUN_FORM = {"i": "they", "me": "them", "my": "their", "mine": "theirs", "myself": "themselves",
                  "we": "they", "us": "them", "our": "their", "ours": "theirs"}
-_TOKEN = re.compile(r"[A-Za-z]+(?:['\u2019][A-Za-z]+)?|\d+(?:[.,:]\d+)*|\S")
 _NAME = re.compile(r"\b([A-Z][a-z]+(?:\s+(?:[A-Z][a-z]+|of|the|de|da|van|von)){0,3}(?<!\bof)(?<!\bthe))")
 # "my sister Marta", "my beagle Max", "a dog called Max", "a cat named Pixel"
 _INTRO = (re.compile(r"\b[Mm]y\s+(?:[a-z]+\s+)?([a-z]+)\s+([A-Z][a-z]+)\b"),
@@ -78,7 +77,8 @@ _NOT_NAMES = frozenset("I The A An My Our This That These Those It He She They W
                        "June July August September October November December".split())
 
 
-def _third_person(verb: str) -> str:
+def third_person(verb: str) -> str:
+    """'work' -> 'works', 'go' -> 'goes', 'study' -> 'studies'; past forms and modals unchanged."""
     low = verb.lower()
     if low in _THIRD:
         return _THIRD[low]
@@ -153,7 +153,7 @@ def _shift(clause: str) -> Optional[str]:
         if low == "i" and first:  # "I usually work" -> "the user usually works"
             v = _VERB_AFTER.match(clause, pos)
             if v:
-                out.append(v.group(1) + v.group(2) + _third_person(v.group(3)))
+                out.append(v.group(1) + v.group(2) + third_person(v.group(3)))
                 pos = v.end()
         first = False
     if first:
