@@ -71,9 +71,6 @@ _INJECTION = re.compile(
 _LINE_PREFIX = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|entry\s*\d+\s*[:.)-]|fact\s*\d*\s*[:.)-])\s*", re.I)
 
 
-METHODS = ("rewrite", "model")
-
-
 @dataclasses.dataclass
 class ExtractionConfig:
     method: str = "model"  # "model": the chat model restates each unit | "rewrite": memory.rewrite
