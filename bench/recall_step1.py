@@ -61,7 +61,10 @@ def main():
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--embedding_model", default="chat", help="memory vectors: chat | minilm")
     ap.add_argument("--no_throughput", action="store_true")
-    ap.add_argument("--cue_questions", type=int, default=3)
+    ap.add_argument("--cue_questions", type=int, default=MemoryArguments.cue_questions)
+    ap.add_argument("--cue_templates", default="true", choices=("true", "false"), help="questions made by rule")
+    ap.add_argument("--abstention", default=str(RecallTrainingArguments.abstention).lower(), choices=("true", "false"),
+                    help="general prompts train step 1's 'no memory' level")
     ap.add_argument("--vector_distill_weight", type=float, default=0.0,
                     help="distil the teacher's vectors into <recall> (needs --embedding_model minilm)")
     ap.add_argument("--general_prompts", action="store_true", help="bundled prompts as extra unlabelled texts")
@@ -73,9 +76,11 @@ def main():
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
     margs = MemoryArguments(chats_dir="examples/chats", memories="examples/memories.jsonl", stage="recall",
                             k_folds=args.k_folds, embedding_model=args.embedding_model,
-                            cue_questions=args.cue_questions, recall_general_prompts=args.general_prompts)
+                            cue_questions=args.cue_questions, cue_templates=args.cue_templates == "true",
+                            recall_general_prompts=args.general_prompts)
     targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs,
                                     vector_distill_weight=args.vector_distill_weight,
+                                    abstention=args.abstention == "true",
                                     adapter_scope=args.adapter_scope, lora_target_modules=args.lora_target_modules)
     service = MemoryTrainingService(ModelArguments(), margs, targs)
     start = time.perf_counter()

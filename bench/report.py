@@ -126,8 +126,13 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
 
 _DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
 OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
-    ("quick_activated", "Activated adapter (the default since 2026-11-27), quick mode",
-     "python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_activated"),
+    ("quick_rules_abstention", "Activated adapter with rule-made questions and \"no memory\" (the defaults since "
+                               "2026-11-27 evening), quick mode",
+     "python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_rules_abstention"),
+    ("quick_activated", "Activated adapter without them (3 model questions per memory, no rule-made questions, no "
+                        "\"no memory\"), quick mode; reproduced the same day: the same figures",
+     'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_activated --pipeline '
+     '"--cue_questions 3 --cue_templates false --abstention false"'),
     ("full_activated_distill", "Activated adapter + opt-in MiniLM memory vectors and vector distillation, "
                                "conversation 0",
      f'python -m bench.locomo --conversations 0 --parts retrieval --results '

@@ -6,12 +6,14 @@ computes, and what each threshold lets through on held-out questions.
 
 On the version and its own memory DB, in one process:
 - the calibration of ``memory.decoding_step.calibrate_threshold`` on the version's trained
-  cues (each active memory's text and stored cues) and the 134 bundled general prompts, which
-  no memory answers: the value, the bound that decided it, and how often each sample passes;
+  cues (each active memory's text and stored cues) and half (67) of the bundled general prompts,
+  which no memory answers (the other half may train step 1's "no memory" class): the value,
+  the bound that decided it, and how often each sample passes;
 - for each threshold (0, the old default 0.5, the version's own and the calibrated one), on the
   held-out questions: the share whose top memory (the question's user's, as the recall loop
   searches) is at or above the threshold and contains ``expected`` ("right, injected"), and the
-  share at or above it at all ("injected").
+  share at or above it at all ("injected"), and the share of the 40 held-out general prompts
+  (``memory/data/heldout_prompts.json``, never trained on) that would inject a memory.
 The questions only measure; nothing is fitted to them. Retrieval only: decoding is
 ``evaluate.py``'s job.
 """
@@ -28,10 +30,10 @@ RESULTS = Path("bench/results/threshold.json")
 
 
 def measure(version: str, questions_path: str) -> dict:
-    from memory.cues import Cue
+    from memory.cues import memory_cues
     from memory.decoding_step import calibrate_threshold
     from memory.evaluation import by_user
-    from memory.sft_data import read_prompts
+    from memory.sft_data import HELDOUT_PROMPTS, calibration_prompts, read_prompts
     from recall.published import db_search, open_version
 
     model, db = open_version(version, precision="fp32")
@@ -39,9 +41,9 @@ def measure(version: str, questions_path: str) -> dict:
         engine = model.engine
         records = db.records(statuses=("active",))
         bank = db.vectors([r.id for r in records])
-        contexts = [(c.text, row) for row, r in enumerate(records)
-                    for c in [Cue("text", r.text)] + [c for c in map(Cue.decode, r.cues) if c.kind != "text"]]
-        calibration = calibrate_threshold(engine, [c for c, _ in contexts], [t for _, t in contexts], read_prompts(),
+        cues = memory_cues(records)
+        contexts = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
+        calibration = calibrate_threshold(engine, [c for c, _ in contexts], [t for _, t in contexts], calibration_prompts(),
                                           bank)
         questions = json.loads(Path(questions_path).read_text())
         best = []  # (score of the top memory, whether it holds the answer)
@@ -51,11 +53,15 @@ def measure(version: str, questions_path: str) -> dict:
                 top = h[0] if h else None
                 best.append((top.score if top else -1.0, bool(top and q["expected"].lower() in top.text.lower())))
         own = float(model.config.get("recall_threshold", 0.5))
+        # general prompts no memory answers and nothing trained on: how often each threshold injects one
+        unit = bank / np.linalg.norm(bank, axis=1, keepdims=True).clip(1e-12)
+        heldout = (engine.query_vectors(read_prompts(HELDOUT_PROMPTS)) @ unit.T).max(1)
         rows = {}
         for name, t in (("none (0)", 0.0), ("old default (0.5)", 0.5), ("the version's", own),
                         ("calibrated", calibration["value"])):
             rows[name] = {"threshold": t, "right_injected": float(np.mean([ok and s >= t for s, ok in best])),
-                          "injected": float(np.mean([s >= t for s, _ in best]))}
+                          "injected": float(np.mean([s >= t for s, _ in best])),
+                          "heldout_prompts_injected": float(np.mean(heldout >= t))}
         return {"version": str(version), "date": time.strftime("%Y-%m-%d %H:%M"), "questions": len(best),
                 "calibration": calibration, "thresholds": rows}
     finally:
@@ -73,10 +79,12 @@ def main(argv=None) -> int:
     print(f"calibrated {c['value']:.3f} (decided by {c['decided_by']}): passes {c['correct_pass']:.2f} of correct "
           f"training cues (median {c['correct_best_median']:.3f}) and {c['unrelated_pass']:.2f} of unrelated prompts "
           f"(median {c['unrelated_best_median']:.3f})")
-    print(f"\n| threshold ({result['questions']} questions) | value | right memory injected | any injected |")
-    print("|---|---|---|---|")
+    print(f"\n| threshold ({result['questions']} questions) | value | right memory injected | any injected | "
+          f"held-out general prompts injected |")
+    print("|---|---|---|---|---|")
     for name, row in result["thresholds"].items():
-        print(f"| {name} | {row['threshold']:.3f} | {row['right_injected']:.3f} | {row['injected']:.3f} |")
+        print(f"| {name} | {row['threshold']:.3f} | {row['right_injected']:.3f} | {row['injected']:.3f} | "
+              f"{row['heldout_prompts_injected']:.3f} |")
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -79,6 +79,11 @@ def _provenance(r) -> List[str]:
         from memory.cues import Cue
 
         lines += ["cues:"] + [f"  - {c.kind}: {c.text}" for c in map(Cue.decode, r.cues)]
+    from memory.questions import template_questions
+
+    questions = template_questions(r.text)
+    if questions:  # step 1 drops one that another memory of the user also gets
+        lines += ["rule-made questions:"] + [f"  - {q}" for q in questions]
     return lines
 
 

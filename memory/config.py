@@ -75,7 +75,11 @@ class MemoryArguments:
     secret_filter: str = dataclasses.field(
         default="library", metadata={"help": "keep secrets (passwords, keys, card numbers, IBANs, private keys) out "
                                              "of memories, cues and chat SFT data: library | regex | off"})
-    cue_questions: int = dataclasses.field(default=3, metadata={"help": "questions generated per memory (step 1 cues)"})
+    cue_questions: int = dataclasses.field(
+        default=0, metadata={"help": "questions the chat model writes per memory (step 1 cues); 0 since the "
+                                     "questions made by rule (cue_templates) do better without them"})
+    cue_templates: bool = dataclasses.field(
+        default=True, metadata={"help": "add questions made by rule from each memory (memory.questions) to its cues"})
     recall_teacher: str = dataclasses.field(
         default="minilm", metadata={"help": "sentence encoder that filters generated questions and gives soft "
                                             "targets over the bank in step 1: minilm | an encoder directory | none"})

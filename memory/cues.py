@@ -4,7 +4,8 @@ Per memory:
 - ``text``: the memory's own text;
 - ``source``: the user message it was extracted from;
 - ``question``: N questions the base model writes about the fact, kept only when they
-  pass a sanity filter (a question, 3-25 words, not a copy of the fact, no "the user").
+  pass a sanity filter (a question, 3-25 words, not a copy of the fact, no "the user");
+- ``template``: questions made by rule from the fact (``memory.questions``), not stored.
 
 Generated cues are stored with the memory in the DB (``kind<TAB>text`` strings), so a
 rerun does not generate them again.
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from memory.chat_store import ChatStore
+from memory.questions import template_cues
 from memory.secrets import log_filtered
 from memory.token_manager import safe_chat_template
 from memory.vector_db import MemoryRecord, MemoryVectorDB
@@ -107,15 +109,32 @@ def source_text(store: ChatStore, record: MemoryRecord, cache: Dict[str, object]
     return clean(session.messages[record.message_index].content)
 
 
+def memory_cues(records: Sequence[MemoryRecord], templates: bool = True) -> Dict[int, List[Cue]]:
+    """Every cue of each record: its text, its stored cues (source turn, generated questions)
+    and, with ``templates``, the rule-made questions of ``memory.questions`` (computed, not
+    stored: they cost nothing and follow the rules of the installed version)."""
+    made = template_cues(records) if templates else {}
+    out = {}
+    for rec in records:
+        stored = [c for c in map(Cue.decode, rec.cues) if c.kind != "text"]
+        seen = {c.text.lower() for c in stored}
+        extra = [Cue("template", q) for q in made.get(rec.id, ()) if q.lower() not in seen]
+        out[rec.id] = [Cue("text", rec.text)] + stored + extra
+    return out
+
+
 def ensure_cues(db: MemoryVectorDB, records: Sequence[MemoryRecord], model, tokenizer, store: ChatStore,
-                n_questions: int = 3, seed: int = 0, secret_filter=None) -> Dict[int, List[Cue]]:
-    """Cues for every record; generates and stores them for records that have none yet. With a
+                n_questions: int = 3, seed: int = 0, secret_filter=None,
+                templates: bool = True) -> Dict[int, List[Cue]]:
+    """Cues for every record (``memory_cues``); generates and stores the source turn and
+    ``n_questions`` model questions for records that have no stored cues yet. With a
     ``secret_filter``, a source message or question holding a secret is not kept as a cue (the
     memory itself passed the filter, its source turn may not)."""
     todo = [r for r in records if not r.cues]
     if todo:
         logger.info("generating cues for %d memories", len(todo))
-        questions = generate_questions(model, tokenizer, [r.text for r in todo], n=n_questions, seed=seed)
+        questions = generate_questions(model, tokenizer, [r.text for r in todo], n=n_questions, seed=seed) \
+            if n_questions > 0 else [[] for _ in todo]
         sessions: Dict[str, object] = {}
         counts: collections.Counter = collections.Counter()
         keep = (lambda t: secret_filter.keep(t, counts)) if secret_filter is not None else (lambda t: True)
@@ -126,9 +145,4 @@ def ensure_cues(db: MemoryVectorDB, records: Sequence[MemoryRecord], model, toke
                 cues.insert(0, Cue("source", src))
             db.set_cues(rec.id, [c.encode() for c in cues] or [Cue("text", rec.text).encode()])
         log_filtered(counts, "cues")
-    out = {}
-    for rec in records:
-        stored = db.get(rec.id).cues
-        cues = [Cue.decode(c) for c in stored if Cue.decode(c).kind != "text"]
-        out[rec.id] = [Cue("text", rec.text)] + cues
-    return out
+    return memory_cues([db.get(r.id) for r in records], templates=templates)

@@ -68,7 +68,8 @@ def _step1_model(base_lm, tokenizer, recall_dir: Path, scope: str):
                       base_lm.config.hidden_size)
     args = RecallTrainingArguments(output_dir=str(recall_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                                    lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
-                                   query_projector=cfg["query_projector"], adapter_scope=scope)
+                                   query_projector=cfg["query_projector"], adapter_scope=scope,
+                                   abstention=False)  # the "no memory" level is a training target only
     model = build_recall_model(copy.deepcopy(base_lm), tokenizer, args, memory_dim, list(cfg["token_ids"].values()))
     model.load_trainable_state(state)
     return model, cfg, state
@@ -219,7 +220,9 @@ class SampleBuilder:
 def decode_contexts(cues: Sequence) -> List[str]:
     """Contexts for ``memory`` samples: questions and source turns, and the neutral ask used
     by ``decode_exact_match``. The memory's own text is left out: with it in the context the
-    model could copy instead of reading the vector."""
+    model could copy instead of reading the vector. Rule-made questions are left out for the
+    same reason: "Do I live in Porto now?" holds the whole fact (with them, 0.08 of the memories
+    decoded after 4 epochs, against 0.90 without)."""
     out = [c.text for c in cues if c.kind in ("question", "source")]
     return out + [NEUTRAL_CONTEXT]
 
@@ -410,9 +413,9 @@ def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, q
     contexts, targets = [c for c, _ in eval_ctx], [t for _, t in eval_ctx]
     queries = engine.query_vectors(contexts)  # once, for both figures
     metrics["recall_after"] = retrieval_at_1(engine, contexts, targets, bank, queries)
-    from memory.sft_data import read_prompts
+    from memory.sft_data import calibration_prompts
 
-    metrics["threshold"] = calibrate_threshold(engine, contexts, targets, read_prompts(), bank,
+    metrics["threshold"] = calibrate_threshold(engine, contexts, targets, calibration_prompts(), bank,
                                                context_queries=queries)
     decoded = engine.decode_memories(bank)
     metrics["decode_exact_match"] = exact_match_rate(decoded, texts)

@@ -19,12 +19,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from memory.cues import ensure_cues
+from memory.cues import ensure_cues, memory_cues
 from memory.fileio import atomic_write_json
 from memory.runs import last_complete_checkpoint, raise_if_stopped
-from recall.distributed import barrier, is_main, without_zero3_init, world_size
+from memory.sft_data import abstention_prompts
+from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
-from recall.kfold import cross_validate, holdout_memories
+from recall.kfold import ALWAYS_TRAIN_KINDS, cross_validate, holdout_memories
 from recall.text_embedding_train import (ACTIVATION_PHRASE, RecallMemoryTrainer, RecallTrainingArguments,
                                          build_recall_model, format_query)
 
@@ -148,8 +149,7 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
             ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed,
                         secret_filter=secret_filter_for(args.secret_filter))
     barrier()
-    trained = [db.get(r.id) for r in trained]
-    cues = ensure_cues(db, trained, loaded.model, loaded.tokenizer, store, args.cue_questions, train_args.seed)
+    cues = memory_cues([db.get(r.id) for r in trained], templates=args.cue_templates)
     bank = torch.from_numpy(db.vectors([r.id for r in records]))
     metrics: Dict[str, object] = {"memories": len(trained), "bank": len(records)}
     if teacher is not None:
@@ -157,37 +157,48 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     else:
         extra_texts = ()  # unlabelled texts only teach through a teacher
     data = build_dataset(loaded.tokenizer, records, cues, extra_texts)
+    if train_args.abstention:  # general prompts no memory answers: the "no memory" class (row len(records)),
+        n_cues = sum(0 <= d["target"] < len(records) for d in data)  # at most one per labelled cue
+        data += [{"text": format_query(loaded.tokenizer, t), "raw": t, "target": len(records), "kind": "abstain",
+                  "memory_id": None} for t in abstention_prompts()[:n_cues]]
     if teacher is not None:
         vectors = teacher.vectors([d["raw"] for d in data])  # each text encoded once, for both terms
         for item, probs, vec in zip(data, teacher.probabilities(vectors), vectors):
-            item["teacher"] = probs.tolist()
+            probs = probs.tolist()
+            if train_args.abstention:  # a class more: no mass on it, or all of it for a general prompt
+                probs = [0.0] * len(probs) + [1.0] if item["kind"] == "abstain" else probs + [0.0]
+            item["teacher"] = probs
             if train_args.vector_distill_weight > 0:
                 item["teacher_vector"] = vec.tolist()
-    metrics["cues"] = sum(d["target"] >= 0 for d in data)
-    metrics["unlabelled_texts"] = len(data) - metrics["cues"]
-    logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts", len(records), metrics["cues"],
-                metrics["unlabelled_texts"])
+    metrics["cues"] = sum(0 <= d["target"] < len(records) for d in data)
+    metrics["abstain_texts"] = sum(d["kind"] == "abstain" for d in data)
+    metrics["unlabelled_texts"] = len(data) - metrics["cues"] - metrics["abstain_texts"]
+    logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts, %d general prompts for 'no memory'",
+                len(records), metrics["cues"], metrics["unlabelled_texts"], metrics["abstain_texts"])
     if start_adapter:  # continue every layer of the version's adapter (step 2 may have added targets)
         targets = [t for t in train_args.lora_target_modules.split(",") if t]
         targets += sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in start_adapter} - set(targets))
         train_args = dataclasses.replace(train_args, lora_target_modules=",".join(targets))
     fit = _Fitter(loaded.model if start_lm is None else start_lm, loaded.tokenizer, token_ids, bank, train_args,
                   callbacks, query_projector, start_adapter)
-    if args.k_folds >= 2 and not any(d["kind"] not in ("text", "context") for d in data):
+    if args.k_folds >= 2 and not any(d["kind"] not in ALWAYS_TRAIN_KINDS for d in data):
         logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
     elif args.k_folds >= 2:
         metrics["kfold"] = cross_validate(
             data, args.k_folds, lambda tr, ev, f: fit(tr, ev, run_dir / "kfold" / f"fold{f}")[1],
             seed=train_args.seed)
     if args.eval_unseen_fraction > 0:
-        held = holdout_memories([d["target"] for d in data if d["target"] >= 0], args.eval_unseen_fraction,
-                                train_args.seed)
+        held = holdout_memories([d["target"] for d in data if 0 <= d["target"] < len(records)],
+                                args.eval_unseen_fraction, train_args.seed)
         metrics["unseen"] = fit([d for d in data if d["target"] not in held],
                                 [d for d in data if d["target"] in held], run_dir / "unseen")[1]
     out = run_dir / "recall"
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     trainer, train_metrics = fit(data, data, out, save=True)
     metrics["final_train_set"] = train_metrics  # the kept adapter, measured on its own training cues
+    abstain = getattr(trainer.accelerator.unwrap_model(trainer.model), "abstain", None)
+    if abstain is not None and not zero3_partitioned([abstain]):
+        metrics["abstain_level"] = float(abstain.detach().float().reshape(-1)[0])
     trainer.save_model(str(out))  # collective under DeepSpeed; only rank 0 writes
     metrics["seconds"] = time.perf_counter() - started
     metrics["world_size"] = world_size()

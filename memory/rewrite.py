@@ -51,10 +51,18 @@ _ADVERBS = frozenset("usually also still really never often just now originally 
                      "barely hardly seldom generally normally regularly".split())
 _MODALS = frozenset("can can't cannot could couldn't will won't would wouldn't should shouldn't must might may "
                     "shall did didn't was wasn't had hadn't".split())
-_IRREGULAR_PAST = frozenset("got sold went made took said bought grew met lost found left became began came saw "
-                            "ran drove flew wrote read heard felt kept thought taught brought caught spent sent "
-                            "built won paid told held stood sat ate drank gave knew swam sang slept woke fell "
-                            "broke chose forgot rode spoke stole threw wore understood".split())
+# irregular past forms and their base forms
+IRREGULAR_PAST = {"got": "get", "sold": "sell", "went": "go", "made": "make", "took": "take", "said": "say",
+                  "bought": "buy", "grew": "grow", "met": "meet", "lost": "lose", "found": "find", "left": "leave",
+                  "became": "become", "began": "begin", "came": "come", "saw": "see", "ran": "run", "drove": "drive",
+                  "flew": "fly", "wrote": "write", "read": "read", "heard": "hear", "felt": "feel", "kept": "keep",
+                  "thought": "think", "taught": "teach", "brought": "bring", "caught": "catch", "spent": "spend",
+                  "sent": "send", "built": "build", "won": "win", "paid": "pay", "told": "tell", "held": "hold",
+                  "stood": "stand", "sat": "sit", "ate": "eat", "drank": "drink", "gave": "give", "knew": "know",
+                  "swam": "swim", "sang": "sing", "slept": "sleep", "woke": "wake", "fell": "fall", "broke": "break",
+                  "chose": "choose", "forgot": "forget", "rode": "ride", "spoke": "speak", "stole": "steal",
+                  "threw": "throw", "wore": "wear", "understood": "understand"}
+_IRREGULAR_PAST = frozenset(IRREGULAR_PAST)
 _THIRD = {"am": "is", "have": "has", "do": "does", "don't": "doesn't", "haven't": "hasn't", "go": "goes",
           "'m": "is", "are": "are", "be": "be"}
 _CONTRACTIONS = {"i'm": ("the user", "is"), "i've": ("the user", "has"), "i'd": ("the user", "would"),

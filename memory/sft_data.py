@@ -53,6 +53,19 @@ def read_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
     return data
 
 
+def abstention_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
+    """Half of the general prompts (even positions): step 1's "no memory" examples
+    (``--abstention``). The other half calibrates the recall threshold, which must not see
+    texts step 1 trained on."""
+    return read_prompts(path)[0::2]
+
+
+def calibration_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
+    """The other half of the general prompts (odd positions): the unrelated sample of the
+    recall threshold's calibration."""
+    return read_prompts(path)[1::2]
+
+
 def _from_messages(messages, where: str) -> SFTExample:
     if not isinstance(messages, list) or not messages:
         raise SFTFormatError(f"{where}.messages: expected a non-empty list")

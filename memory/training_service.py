@@ -229,14 +229,13 @@ class MemoryTrainingService:
     def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path, plan: Optional[dict] = None,
                               start=None):
         """Step 3.2 on the memories step 3.1 trained (``run_dir/recall``); see memory.decoding_step."""
-        from memory.cues import Cue
+        from memory.cues import memory_cues
         from memory.decoding_step import train_memory_decoding
 
         recall_dir = run_dir / "recall"
         cfg = json.loads((recall_dir / "recall_config.json").read_text())
         records = [self.db.get(i) for i in cfg["memory_ids"]]
-        cues = {r.id: [Cue("text", r.text)] + [c for c in map(Cue.decode, r.cues) if c.kind != "text"]
-                for r in records}
+        cues = memory_cues(records, templates=self.args.cue_templates)
         bank = self.db.vectors([r.id for r in records])
         out = run_dir / "decode"
         out.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -15,16 +15,18 @@ import statistics
 from typing import Callable, Dict, List, Sequence, Set
 
 ALWAYS_TRAIN = -1
+ALWAYS_TRAIN_KINDS = ("text", "context", "abstain")  # memory texts, unlabelled texts, "no memory" examples
 
 
 def stratified_folds(targets: Sequence[int], kinds: Sequence[str], k: int, seed: int = 0) -> List[int]:
-    """Fold id per cue (0..k-1), or ``ALWAYS_TRAIN`` for memory-text cues and unlabelled texts."""
+    """Fold id per cue (0..k-1), or ``ALWAYS_TRAIN`` for memory-text cues, unlabelled texts and
+    "no memory" examples."""
     if k < 2:
         raise ValueError(f"k_folds must be >= 2 for cross-validation, got {k}")
     rng = random.Random(seed)
     by_memory: Dict[int, List[int]] = {}
     for i, (t, kind) in enumerate(zip(targets, kinds)):
-        if kind not in ("text", "context"):  # memory texts and unlabelled context always train
+        if kind not in ALWAYS_TRAIN_KINDS:
             by_memory.setdefault(t, []).append(i)
     folds = [ALWAYS_TRAIN] * len(targets)
     for memory in sorted(by_memory):

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 ACTIVATION_PHRASE = "Let me check my memory."
 TRAINABLE_STATE = "recall_state.safetensors"
+ABSTAIN_INIT = 0.5  # the "no memory" level's starting cosine
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -86,6 +87,10 @@ class RecallTrainingArguments(TrainingArguments):
                                        "(1 - cos + in-batch InfoNCE, on every text, labelled or not); needs memory "
                                        "vectors from the teacher's encoder (--embedding_model = --recall_teacher)"})
     vector_distill_temperature: float = 0.05
+    abstention: bool = dataclasses.field(
+        default=True, metadata={"help": "learn a 'no memory' level: general prompts no memory answers train "
+                                        "against an extra class whose logit is a learned cosine, so they score "
+                                        "below it and the cues of real memories above it (recall threshold)"})
     context_cache_mb: float = dataclasses.field(
         default=2048.0, metadata={"help": "with adapter_scope 'recall': keep each context's KV cache (base model, "
                                           "fixed during training) for later epochs, up to this many MB; 0 = off"})
@@ -108,11 +113,19 @@ class MemoryBankInfoNCE(nn.Module):
     teacher's distribution over the same bank (e.g. a sentence encoder's) and the
     query's. Inputs: unit queries (B, d), bank (M, d) unit rows, targets (B,) with -1 for
     texts that have no labelled memory, optional teacher probabilities (B, M), and the log
-    of the inverse temperature."""
+    of the inverse temperature. With ``abstain`` (a learned cosine level), an extra class M
+    scores that level for every query: texts no memory answers target M (teacher rows of
+    M + 1 put their mass there), so their best memory must score below it and a cue's own
+    memory above it."""
 
     def forward(self, queries, bank, targets, log_scale, teacher=None, distill_weight: float = 1.0,
-                teacher_vectors=None, vector_weight: float = 0.0, vector_temperature: float = 0.05):
-        logits = queries @ bank.T * log_scale.exp().clamp(max=1000.0)
+                teacher_vectors=None, vector_weight: float = 0.0, vector_temperature: float = 0.05, abstain=None):
+        scores = queries @ bank.T
+        if abstain is not None:  # the "no memory" class: a learned cosine level, the same for every query
+            scores = torch.cat([scores, abstain.to(scores.dtype).expand(len(scores), 1)], dim=1)
+            if teacher is not None and teacher.shape[1] == bank.shape[0]:
+                teacher = F.pad(teacher, (0, 1))
+        logits = scores * log_scale.exp().clamp(max=1000.0)
         loss = logits.new_zeros(())
         if (targets >= 0).any():
             loss = loss + F.cross_entropy(logits, targets, ignore_index=-1)
@@ -138,7 +151,8 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
     """LoRA-adapted LM + fp32 token rows + optional projector -> unit query vectors."""
 
     def __init__(self, lm, token_ids: Sequence[int], memory_dim: int, temperature: float = 0.05,
-                 learn_temperature: bool = True, projector: bool = False, adapter_scope: str = "all"):
+                 learn_temperature: bool = True, projector: bool = False, adapter_scope: str = "all",
+                 abstention: bool = False):
         super().__init__()
         self.lm = lm
         self.adapter_scope = adapter_scope
@@ -152,6 +166,8 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
         # shape (1,), not a 0-d scalar: DeepSpeed broadcasts parameters as bytes, which 0-d tensors cannot be
         self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]),
                                       requires_grad=learn_temperature)
+        # the "no memory" cosine level (``abstention``); absent otherwise, so older states load
+        self.abstain = nn.Parameter(torch.tensor([ABSTAIN_INIT])) if abstention else None
 
     def forward(self, input_ids, attention_mask, with_log_scale: bool = False):
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -166,7 +182,10 @@ class RecallQueryModel(TrainableStateMixin, nn.Module):
         query = F.normalize(query, dim=-1)
         # the temperature is read here, inside forward: under ZeRO-3 a parameter holds its full
         # value only while its module runs
-        return (query, self.log_scale.float() * 1.0) if with_log_scale else query
+        if not with_log_scale:
+            return query
+        abstain = None if self.abstain is None else self.abstain.float() * 1.0
+        return query, self.log_scale.float() * 1.0, abstain
 
     def _recall_position_state(self, input_ids, attention_mask, rows, last):
         """Final hidden state at the last token with the adapter acting there only.
@@ -311,6 +330,9 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
         self.recall_token_id = recall_token_id
         self.memory_bank = F.normalize(memory_bank.float(), dim=-1)
         self.loss_fn = MemoryBankInfoNCE()
+        # the "no memory" class enters the loss only when some text targets it (row M)
+        m = len(self.memory_bank)
+        self.abstain_trained = self.train_dataset is not None and any(d["target"] == m for d in self.train_dataset)
 
     def _bank(self, device) -> torch.Tensor:
         if self.memory_bank.device != device:
@@ -318,11 +340,44 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
         return self.memory_bank
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        queries, log_scale = model(inputs["input_ids"], inputs["attention_mask"], with_log_scale=True)
+        queries, log_scale, abstain = model(inputs["input_ids"], inputs["attention_mask"], with_log_scale=True)
         loss = self.loss_fn(queries, self._bank(queries.device), inputs["targets"], log_scale,
                             inputs.get("teacher"), self.args.distill_weight, inputs.get("teacher_vectors"),
-                            self.args.vector_distill_weight, self.args.vector_distill_temperature)
+                            self.args.vector_distill_weight, self.args.vector_distill_temperature,
+                            abstain if self.abstain_trained else None)
         return (loss, queries) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is None:
+            self.init_abstain_level()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    @torch.no_grad()
+    def init_abstain_level(self, sample: int = 128) -> Optional[float]:
+        """Start the "no memory" level between the two groups it must separate: halfway from
+        the median best-memory cosine of the "no memory" texts to that of the labelled cues'
+        own memory, for the untrained query (a fixed start would need many steps to reach
+        the encoder's cosine range)."""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        if getattr(model, "abstain", None) is None or self.train_dataset is None:
+            return None
+        from recall.distributed import zero3_partitioned
+
+        if zero3_partitioned([model.abstain]):
+            return None  # a partitioned scalar: keep the fixed start
+        m = len(self.memory_bank)
+        none = [d["text"] for d in self.train_dataset if d["target"] == m][:sample]
+        cues = [d for d in self.train_dataset if 0 <= d["target"] < m][:sample]
+        if not none or not cues:
+            return None
+        bank = self._bank(torch.device("cpu"))
+        none_best = (self.query_vectors(none) @ bank.T).max(1).values.median()
+        own = (self.query_vectors([d["text"] for d in cues]) * bank[[d["target"] for d in cues]]).sum(1).median()
+        level = float((none_best + own) / 2)
+        model.abstain.data.fill_(level)
+        logger.info("step 1: 'no memory' level starts at %.3f (median best cosine: general prompts %.3f, "
+                    "cues' own memory %.3f)", level, float(none_best), float(own))
+        return level
 
     @torch.no_grad()
     def query_vectors(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
@@ -341,7 +396,7 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
-        data = [d for d in data if d["target"] >= 0]
+        data = [d for d in data if 0 <= d["target"] < len(self.memory_bank)]  # labelled cues, not "no memory"
         queries = self.query_vectors([d["text"] for d in data])
         scores = queries @ self._bank(queries.device).T
         targets = torch.tensor([d["target"] for d in data])
@@ -371,7 +426,7 @@ def build_recall_model(lm, tokenizer, args: RecallTrainingArguments, memory_dim:
 
         compile_layers(peft_lm, args.deepspeed)
     model = RecallQueryModel(peft_lm, token_ids, memory_dim, args.temperature, args.learn_temperature,
-                             args.query_projector, args.adapter_scope)
+                             args.query_projector, args.adapter_scope, args.abstention)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     # under ZeRO-3 every rank must run the same modules in step (parameter gathers are
@@ -408,7 +463,8 @@ def load_recall_model(run_dir, *, device: str = "auto", precision: str = "auto")
     args = RecallTrainingArguments(output_dir=str(run_dir), lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                                    lora_target_modules=cfg["lora_target_modules"], max_length=cfg["max_length"],
                                    query_projector=cfg["query_projector"],
-                                   adapter_scope=cfg.get("adapter_scope", "all"))
+                                   adapter_scope=cfg.get("adapter_scope", "all"),
+                                   abstention=False)  # the "no memory" level is a training target only
     state = load_file(str(run_dir / TRAINABLE_STATE))
     memory_dim = next((v.shape[0] for k, v in state.items() if k.endswith("projector.weight")),
                       loaded.model.config.hidden_size)

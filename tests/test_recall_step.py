@@ -64,7 +64,8 @@ def test_question_filter():
 def _run(tiny_model_dir, tmp_path, *extra):
     return run_training.main(["--model_name_or_path", str(tiny_model_dir), "--chats_dir", "", "--precision", "fp32",
                               "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "2",
-                              "--per_device_train_batch_size", "4", "--lora_r", "4", "--cue_questions", "2", *extra])
+                              "--per_device_train_batch_size", "4", "--lora_r", "4", "--cue_questions", "2",
+                              "--cue_templates", "false", *extra])  # cue counts below: stored cues only
 
 
 def test_import_then_train_recall_with_kfold(tiny_model_dir, tmp_path, capsys):
@@ -175,3 +176,50 @@ def test_a_reloaded_adapter_gives_the_query_vectors_it_was_trained_to_give(tiny_
     fresh, fresh_tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
     rid = add_memory_tokens(fresh, fresh_tok)["<recall>"]
     assert torch.allclose(model.token_rows.embedding.weight[rid], fresh.get_input_embeddings().weight[rid])
+
+
+def test_rule_made_questions_join_the_step1_cues(tiny_model_dir, tmp_path, capsys):
+    from memory.questions import template_cues
+
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "0",
+                "--cue_templates", "true") == 0
+    metrics = json.loads((sorted((tmp_path / "out" / "runs").iterdir())[-1] / "recall" / "metrics.json").read_text())
+    with MemoryVectorDB(tmp_path / "out" / "memory_db") as db:
+        records = db.records()
+        stored = sum(1 + sum(Cue.decode(c).kind != "text" for c in r.cues) for r in records)
+        made = sum(len(q) for q in template_cues(records).values())
+    assert made >= 6  # "Where do I live?", "What is my dog called?", "What do I work as?", ...
+    # every stored cue and every rule-made question trains, less the generated questions the teacher dropped
+    assert metrics["cues"] == stored + made - metrics.get("questions_dropped_by_teacher", 0)
+
+
+def test_abstention_trains_general_prompts_as_no_memory(tiny_model_dir, tmp_path, caplog):
+    from memory.sft_data import abstention_prompts, calibration_prompts, read_prompts
+
+    caplog.set_level("INFO", logger="recall.text_embedding_train")
+    assert not set(abstention_prompts()) & set(calibration_prompts())  # calibration never sees a trained prompt
+    assert len(abstention_prompts()) + len(calibration_prompts()) == len(read_prompts())
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "2",
+                "--abstention", "true", "--cue_templates", "true") == 0
+    metrics = json.loads((sorted((tmp_path / "out" / "runs").iterdir())[-1] / "recall" / "metrics.json").read_text())
+    # at most one "no memory" prompt per labelled cue: a small bank is not swamped by them
+    assert metrics["abstain_texts"] == min(len(abstention_prompts()), metrics["cues"]) and metrics["cues"] > 0
+    assert isinstance(metrics["abstain_level"], float) and "'no memory' level starts at" in caplog.text
+    assert len(metrics["kfold"]["per_fold"]) == 2  # "no memory" texts always train, never held out as cues
+
+
+@pytest.mark.parametrize("abstention", ["true", "false"])
+def test_a_step1_run_loads_with_or_without_a_no_memory_level(tiny_model_dir, tmp_path, abstention):
+    """The loaders (evaluate's step-1 model, step 2's start) build without the level: a run
+    trained with it loads (its level is ignored), and so does one trained before it existed."""
+    from recall.text_embedding_train import load_recall_model
+
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
+    assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "0",
+                "--abstention", abstention) == 0
+    run = sorted((tmp_path / "out" / "runs").iterdir())[-1] / "recall"
+    assert ("abstain" in load_file(run / "recall_state.safetensors")) == (abstention == "true")
+    model, _, _, _ = load_recall_model(run, precision="fp32")
+    assert model.abstain is None

@@ -13,13 +13,18 @@ FACTS = ["The user lives in Porto.", "The user has a dog called Max.", "The user
          "The user is allergic to peanuts.", "The user plays the guitar."]
 
 
-@pytest.fixture
-def setup(tokenizer, tmp_path):
+def _tiny(tokenizer):
+    """A tiny model with the memory tokens, and a random 64-d bank for FACTS."""
     tok = copy.deepcopy(tokenizer)
     lm = make_tiny_model(tok)
     ids = add_memory_tokens(lm, tok)
     torch.manual_seed(1)
-    bank = torch.nn.functional.normalize(torch.randn(len(FACTS), 64), dim=-1)
+    return tok, lm, ids, torch.nn.functional.normalize(torch.randn(len(FACTS), 64), dim=-1)
+
+
+@pytest.fixture
+def setup(tokenizer, tmp_path):
+    tok, lm, ids, bank = _tiny(tokenizer)
     data = [{"text": format_query(tok, f), "target": i} for i, f in enumerate(FACTS)] * 4
     args = RecallTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=5,
                                    num_train_epochs=6, learning_rate=5e-3, logging_steps=1, save_strategy="no",
@@ -75,3 +80,52 @@ def test_query_vector_is_read_at_recall_under_both_paddings(setup):
 def test_retrieval_metrics():
     m = retrieval_metrics([1, 2, 6, 1])
     assert m["recall_at_1"] == 0.5 and m["recall_at_5"] == 0.75 and abs(m["mrr"] - (1 + 0.5 + 1 / 6 + 1) / 4) < 1e-9
+
+
+def test_abstain_class_in_the_loss():
+    from recall.text_embedding_train import MemoryBankInfoNCE
+
+    loss_fn = MemoryBankInfoNCE()
+    bank = torch.eye(3, 4)
+    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1, 0, 0], [0, 0, 0, 1.0]]), dim=-1)
+    scale = torch.tensor([0.0])  # T = 1
+    level = torch.tensor([0.5], requires_grad=True)
+    # the second text answers no memory: its target is the extra class (row 3), scored at the level
+    loss = loss_fn(queries, bank, torch.tensor([0, 3]), scale, abstain=level)
+    scores = torch.cat([queries @ bank.T, level.expand(2, 1)], dim=1)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(scores, torch.tensor([0, 3])))
+    loss.backward()
+    assert level.grad is not None and level.grad.item() != 0
+    # a teacher over the bank gets no mass on the extra class
+    teacher = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    kl_loss = loss_fn(queries, bank, torch.tensor([-1, -1]), scale, teacher=teacher, abstain=level.detach())
+    expected = torch.nn.functional.kl_div(torch.log_softmax(scores.detach(), -1),
+                                          torch.nn.functional.pad(teacher, (0, 1)), reduction="batchmean")
+    assert torch.allclose(kl_loss, expected)
+
+
+def test_abstention_learns_a_level_between_cues_and_general_prompts(tokenizer, tmp_path):
+    tok, lm, ids, bank = _tiny(tokenizer)
+    general = ["What is the capital of France?", "Write a haiku about rain.", "How do magnets work?",
+               "Explain photosynthesis simply.", "Give me a pasta recipe."]
+    data = ([{"text": format_query(tok, f), "target": i} for i, f in enumerate(FACTS)]
+            + [{"text": format_query(tok, g), "target": len(FACTS)} for g in general]) * 4
+    args = RecallTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=10,
+                                   num_train_epochs=8, learning_rate=5e-3, logging_steps=1, save_strategy="no",
+                                   lora_r=4, lora_alpha=8, use_cpu=True, seed=0, temperature=0.05, abstention=True)
+    model = build_recall_model(lm, tok, args, memory_dim=64, token_ids=list(ids.values()))
+    assert model.abstain is not None and "abstain" in model.trainable_keys()
+    trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=bank, tokenizer=tok,
+                                  recall_token_id=ids[RECALL_TOKEN], train_dataset=data, eval_dataset=data)
+    trainer.train()
+    level = float(model.abstain.detach())
+    cue_best = (trainer.query_vectors([format_query(tok, f) for f in FACTS]) @ bank.T).max(1).values
+    general_best = (trainer.query_vectors([format_query(tok, g) for g in general]) @ bank.T).max(1).values
+    assert (cue_best > level).float().mean() >= 0.8 and (general_best < level).float().mean() >= 0.8
+    assert trainer.evaluate()["eval_n"] == len(FACTS) * 4  # "no memory" texts are not retrieval cues
+    state = model.trainable_state()
+    assert "abstain" in state
+    # a model built without abstention (step 2, the published loader) loads that state, ignoring the level
+    plain = build_recall_model(make_tiny_model(tok), tok, RecallTrainingArguments(
+        output_dir=str(tmp_path / "p"), lora_r=4, lora_alpha=8, use_cpu=True), 64, list(ids.values()))
+    plain.load_trainable_state(state)

@@ -1,0 +1,101 @@
+"""Rule-made question cues (memory.questions) and their place among a memory's cues."""
+from types import SimpleNamespace
+
+import pytest
+
+from memory.cues import Cue, memory_cues
+from memory.decoding_step import decode_contexts
+from memory.questions import first_person, template_cues, template_questions
+
+
+@pytest.mark.parametrize("fact, spoken", [
+    ("The user lives in Porto now.", "I live in Porto now"),
+    ("The user's sister Marta lives in Madrid.", "My sister Marta lives in Madrid"),
+    ("The user doesn't have a car anymore.", "I don't have a car anymore"),
+    ("The user uses an inhaler before they run.", "I use an inhaler before I run"),
+    ("The user's boyfriend Tiago cooked dinner for them this year.", "My boyfriend Tiago cooked dinner for me this year"),
+    ("Le Guin is the user's favourite author.", "Le Guin is my favourite author"),
+    ("The flights worry the user more.", "The flights worry me more"),
+])
+def test_first_person(fact, spoken):
+    assert first_person(fact) == spoken
+
+
+def test_a_fact_about_a_named_person_is_asked_about_by_name():
+    fact = "Caroline joined a mentorship program for LGBTQ youth over the weekend."
+    assert first_person(fact) is None
+    made = template_questions(fact)
+    assert "Did Caroline join a mentorship program for LGBTQ youth over the weekend?" in made
+    assert "When did Caroline join a mentorship program for LGBTQ youth?" in made
+    assert "Who joined a mentorship program for LGBTQ youth over the weekend?" in made
+    assert template_questions("Caroline and her mentee had a great time at the pride event.") == []  # compound
+    assert template_questions("It was a great time.") == []  # no person to ask about
+
+
+@pytest.mark.parametrize("fact, expected", [
+    ("The user lives in Porto now.", ["Do I live in Porto now?", "Where do I live now?"]),
+    ("The user's name is Alex.", ["What is my name?"]),
+    ("The user is originally from Leeds.", ["Where am I originally from?"]),
+    ("The user is allergic to peanuts.", ["Am I allergic to peanuts?", "What am I allergic to?"]),
+    ("The user takes Portuguese lessons on Saturday mornings.", ["When do I take Portuguese lessons?"]),
+    ("The user goes bouldering twice a week.", ["How often do I go bouldering?"]),
+    ("The user shares the flat with their friend Bruno.", ["Who do I share the flat with?"]),
+    ("The user works for a health software company called Medilink.", ["Which company do I work for?"]),
+    ("The user has a dog called Max.", ["What is my dog called?", "Do I have a dog called Max?"]),
+    ("The user's sister Marta lives in Madrid.",
+     ["Where does my sister Marta live?", "Where does my sister live?", "Who lives in Madrid?"]),
+    ("The user sold their car before the move.", ["Did I sell my car before the move?", "When did I sell my car?",
+                                                  "What did I sell before the move?"]),
+    ("The user turned 30 yesterday.", ["When did I turn 30?"]),
+    ("The user's birthday is on April 17.", ["When is my birthday?"]),
+    ("The user's new flat is on the ground floor.", ["Where is my new flat?"]),
+    ("The user is reading Piranesi now.", ["What am I reading now?"]),
+    ("Big Thief are the user's favourite band now.", ["Who are my favourite band now?"]),
+    ("The user got a record player as a present.", ["What did I get as a present?"]),
+])
+def test_questions_made_by_rule(fact, expected):
+    made = template_questions(fact)
+    for q in expected:
+        assert q in made, (fact, made)
+
+
+def test_a_negated_fact_gets_its_yes_no_question_only():
+    assert template_questions("The user doesn't have a car anymore.") == ["Do I have a car anymore?"]
+
+
+def test_every_question_keeps_a_content_word_of_the_fact():
+    # "I am pescatarian" -> "What am I now?" would ask nothing
+    assert template_questions("The user is pescatarian now.") == ["Am I pescatarian now?"]
+    assert "What do I have?" not in template_questions("The user has mild asthma.")
+
+
+def test_long_or_clausal_sentences_get_no_wh_question():
+    made = template_questions("The user got a temp job to help cover expenses while they look for investors.")
+    assert made == ["Did I get a temp job to help cover expenses while I look for investors?"]
+
+
+def _rec(i, text, user="alex", cues=()):
+    return SimpleNamespace(id=i, text=text, user_id=user, cues=[Cue(*c).encode() for c in cues])
+
+
+def test_a_question_two_memories_of_one_user_get_is_dropped_from_both():
+    records = [_rec(1, "The user's dog Max is a beagle."), _rec(2, "The user has a dog called Max."),
+               _rec(3, "The user's name is Alex."), _rec(4, "The user's name is Sam.", user="sam")]
+    made = template_cues(records)
+    assert "What is my dog called?" in made[2]
+    # "Is my dog a beagle?" is Max's alone; "What is my name?" belongs to two users, one memory each
+    assert "What is my name?" in made[3] and "What is my name?" in made[4]
+    both = set(template_questions(records[0].text)) & set(template_questions(records[1].text))
+    for q in both:
+        assert q not in made[1] and q not in made[2]
+
+
+def test_memory_cues_add_rule_made_questions_after_the_stored_ones():
+    rec = _rec(1, "The user lives in Porto now.", cues=[("source", "I live in Porto now."),
+                                                         ("question", "Where do I live now?")])
+    cues = memory_cues([rec])[1]
+    assert cues[0] == Cue("text", rec.text) and cues[1].kind == "source"
+    assert [c.text for c in cues if c.kind == "template"] == ["Do I live in Porto now?"]  # no repeat of a stored one
+    assert [c.kind for c in memory_cues([rec], templates=False)[1]] == ["text", "source", "question"]
+    # step 2 does not read a memory back after a rule-made question: most hold the fact itself
+    assert "Do I live in Porto now?" not in decode_contexts(cues) and "Where do I live now?" in decode_contexts(cues)
