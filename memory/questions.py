@@ -262,43 +262,11 @@ def _subject(words: List[str]) -> Optional[Tuple[str, int]]:
     return _join(head, *words[start:j]), j
 
 
-def _questions_from(sentence: str) -> List[str]:
-    """Questions for one first-person sentence."""
-    out: List[str] = []
-    trail, core = "", sentence
-    m = _TRAIL.search(sentence)
-    if m:
-        trail, core = m.group(1), sentence[:m.start()]
-    # "<X> is/are my <NP>": "Le Guin is my favourite author" -> "Who is my favourite author?"
-    m = re.match(r"^(.+?) (is|are|was|were) (my .+)$", core)
-    if m and m.group(1) != "I" and not m.group(1).lower().startswith(("i ", "my ")) and " and " not in core:
-        wh = "Who" if m.group(1)[:1].isupper() and not m.group(1).startswith(("The ", "A ", "An ")) else "What"
-        return [_join(wh, m.group(2), m.group(3), trail) + "?"]
-    words = core.split()
-    found = _subject(words) if words else None
-    if found is None:
-        return out
-    subj, j = found
-    if j < len(words) and words[j].lower() in ("and", "or", "&"):
-        return out  # "Caroline and her mentee had ...": a compound subject
-    verb_at = j
-    # "my sister Marta", "my new flat": singular; "my parents": plural
-    singular = subj != "I" and (subj.split()[-1][:1].isupper() or not subj.endswith("s"))
-    adverbs: List[str] = []
-    while j < len(words) and words[j].lower() in _ADVERBS:
-        adverbs.append(words[j])
-        j += 1
-    if j >= len(words):
-        return out
-    verb, tail = words[j].lower(), words[j + 1:]
-    neg = verb in _NEG or verb.endswith("n't")
-    if neg:
-        verb = _NEG.get(verb, verb[:-3])
-    if tail[:1] and tail[0].lower() == "not":
-        neg, tail = True, tail[1:]
-    while tail and tail[0].lower() in _ADVERBS:
-        adverbs.append(tail.pop(0))
-    adv = " ".join(adverbs)
+def _verb_group(verb: str, tail: List[str], subj: str, singular: bool, neg: bool):
+    """(auxiliary, main verb, words after them) of an inverted question, for a verb already
+    stripped of its negation (``neg``): "I live" -> ("do", "live"), "my sister Marta lives" ->
+    ("does", "live"), "I am reading" -> ("am", "reading"), "I don't have" -> ("do", "have"),
+    "I want to chat" -> ("do", "want to chat")."""
     past = verb in ("was", "were", "did", "had") or _base_of_past(verb) is not None
     if verb in _BE:
         aux = ("was" if past else "am") if subj == "I" else (
@@ -323,20 +291,20 @@ def _questions_from(sentence: str) -> List[str]:
                     and tail[0].lower() == "to" and len(tail) > 1 and main.split()[-1:] != ["to"]):
         take = 2 if tail[0].lower() == "to" else 1
         main, tail = _join(main, *tail[:take]), tail[take:]
-    rest = " ".join(tail)
-    out.append(_join(aux.capitalize(), subj, adv, main, rest, trail) + "?")
-    if neg:
-        return out  # a negated fact gets its yes/no question only
-    lead = (aux, subj, adv, main)
-    chunks = _split_chunks(rest)
-    if len(chunks) > 3 or "," in rest or _CLAUSE.search(f" {rest} "):
-        chunks = []  # too long to move a part of it cleanly: the yes/no question alone
+    return aux, main, tail
+
+
+def _wh_questions(chunks: List[Tuple[str, str]], lead: Tuple[str, ...], copula: bool, trail: str) -> List[str]:
+    """A wh-question per answer chunk: ``lead`` is (auxiliary, subject, adverbs, main verb);
+    ``copula``: the verb is "be" with no main verb ("My name is Alex")."""
+    out: List[str] = []
+    subj = lead[1]
     for k, (prep, phrase) in enumerate(chunks):
         others = " ".join(_join(p if p != "~" else "", ph) for n, (p, ph) in enumerate(chunks) if n != k)
         if prep == "":
             if k != 0 or (len(phrase.split()) == 1 and phrase.lower().endswith("ing")):
                 continue
-            if verb in _BE and not main:
+            if copula:
                 if subj == "I":
                     continue  # "I am pescatarian" -> "What am I?" asks nothing
                 wh = "Who" if phrase[:1].isupper() and subj.split()[-1][:1].isupper() else "What"
@@ -362,6 +330,54 @@ def _questions_from(sentence: str) -> List[str]:
         if called and wh in ("Who", "What"):
             out.append(_join("Which", called.group(1), *lead, others, prep, trail) + "?")
         out.append(_join(wh, *lead, others, prep if stranded else "", trail) + "?")
+    return out
+
+
+def _questions_from(sentence: str) -> List[str]:
+    """Questions for one first-person sentence (or one about a named person)."""
+    trail, core = "", sentence
+    m = _TRAIL.search(sentence)
+    if m:
+        trail, core = m.group(1), sentence[:m.start()]
+    # "<X> is/are my <NP>": "Le Guin is my favourite author" -> "Who is my favourite author?"
+    m = re.match(r"^(.+?) (is|are|was|were) (my .+)$", core)
+    if m and m.group(1) != "I" and not m.group(1).lower().startswith(("i ", "my ")) and " and " not in core:
+        wh = "Who" if m.group(1)[:1].isupper() and not m.group(1).startswith(("The ", "A ", "An ")) else "What"
+        return [_join(wh, m.group(2), m.group(3), trail) + "?"]
+    words = core.split()
+    found = _subject(words) if words else None
+    if found is None:
+        return []
+    subj, j = found
+    if j < len(words) and words[j].lower() in ("and", "or", "&"):
+        return []  # "Caroline and her mentee had ...": a compound subject
+    verb_at = j
+    # "my sister Marta", "my new flat": singular; "my parents": plural
+    singular = subj != "I" and (subj.split()[-1][:1].isupper() or not subj.endswith("s"))
+    adverbs: List[str] = []
+    while j < len(words) and words[j].lower() in _ADVERBS:
+        adverbs.append(words[j])
+        j += 1
+    if j >= len(words):
+        return []
+    verb, tail = words[j].lower(), words[j + 1:]
+    neg = verb in _NEG or verb.endswith("n't")
+    if neg:
+        verb = _NEG.get(verb, verb[:-3])
+    if tail[:1] and tail[0].lower() == "not":
+        neg, tail = True, tail[1:]
+    while tail and tail[0].lower() in _ADVERBS:
+        adverbs.append(tail.pop(0))
+    aux, main, tail = _verb_group(verb, tail, subj, singular, neg)
+    adv = " ".join(adverbs)
+    rest = " ".join(tail)
+    out = [_join(aux.capitalize(), subj, adv, main, rest, trail) + "?"]
+    if neg:
+        return out  # a negated fact gets its yes/no question only
+    lead = (aux, subj, adv, main)
+    chunks = _split_chunks(rest)
+    if len(chunks) <= 3 and "," not in rest and not _CLAUSE.search(f" {rest} "):
+        out += _wh_questions(chunks, lead, verb in _BE and not main, trail)  # else the yes/no question alone
     if _ONE_TIME.match(trail):
         out.append(_join("When", *lead, rest) + "?")
     # the subject of a sentence about someone else: "Who lives in Madrid?"
