@@ -124,10 +124,9 @@ def memory_cues(records: Sequence[MemoryRecord], templates: bool = True) -> Dict
 
 
 def ensure_cues(db: MemoryVectorDB, records: Sequence[MemoryRecord], model, tokenizer, store: ChatStore,
-                n_questions: int = 3, seed: int = 0, secret_filter=None,
-                templates: bool = True) -> Dict[int, List[Cue]]:
-    """Cues for every record (``memory_cues``); generates and stores the source turn and
-    ``n_questions`` model questions for records that have no stored cues yet. With a
+                n_questions: int = 3, seed: int = 0, secret_filter=None) -> None:
+    """Generates and stores the source turn and ``n_questions`` model questions for records
+    that have no stored cues yet (``memory_cues`` reads every cue afterwards). With a
     ``secret_filter``, a source message or question holding a secret is not kept as a cue (the
     memory itself passed the filter, its source turn may not)."""
     todo = [r for r in records if not r.cues]
@@ -145,4 +144,3 @@ def ensure_cues(db: MemoryVectorDB, records: Sequence[MemoryRecord], model, toke
                 cues.insert(0, Cue("source", src))
             db.set_cues(rec.id, [c.encode() for c in cues] or [Cue("text", rec.text).encode()])
         log_filtered(counts, "cues")
-    return memory_cues([db.get(r.id) for r in records], templates=templates)
