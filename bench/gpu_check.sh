@@ -4,6 +4,9 @@
 # Meant for a GPU machine without internet; about 6 minutes on an H100.
 # SET=levers STEPS=50: eager vs compiled transformer blocks instead (about 4 minutes);
 # SET=levers2 STEPS=40: compiled at batch 192, under ZeRO-2, and an operator profile;
+# SET=levers3 STEPS=60 BASE=DIR: the code in BASE (an earlier checkout: the baseline) against this one,
+#     compiled step 2 and step 1, then narrower padding and a steady-state operator profile (about 6 minutes);
+# SET=levers4 STEPS=60: batches collated by data-loader workers, ahead of the step (about 4 minutes);
 # SET=install: only install the carried wheels (into /tmp/site), for a command of your own.
 #
 #   bash bench/gpu_check.sh                  # results as JSON lines in $OUT/gpu_check.jsonl
@@ -21,13 +24,15 @@
 # package is missing or not at the pinned version.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-case "${SET:-all}" in all|levers|levers2|install) ;; *) echo "SET: all | levers | levers2 | install, got $SET"; exit 2;; esac
+case "${SET:-all}" in all|levers|levers2|levers3|levers4|install) ;; *)
+  echo "SET: all | levers | levers2 | levers3 | levers4 | install, got $SET"; exit 2;; esac
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: SET=levers3 runs the baseline from another directory
 RESULTS="$OUT/gpu_check.jsonl"
 : > "$RESULTS"
 : > "$OUT/gpu_check.log"
-WHEELS=${WHEELS:-.whl}
+WHEELS=$(realpath -m "${WHEELS:-.whl}")
 PY=${PYTHON:-python3}
 SIZE=${SIZE:-1b}
 STEPS=${STEPS:-100}
@@ -87,6 +92,27 @@ elif [ "${SET:-all}" = levers2 ]; then  # compiled: larger batch, under ZeRO-2, 
   run "step 2, compiled blocks, batch 128, profiled (not a throughput figure)" "${single[@]}" --step decode \
       --batch 128 --steps 8 --warmup 6 --compile_layers --pad_multiple 64 --length_grouping \
       --profile "$OUT/gpu_profile_compiled_b128.txt"
+elif [ "${SET:-all}" = levers3 ]; then  # this checkout against the one in $BASE, same flags, same machine
+  [ -d "${BASE:-}/bench" ] || { echo "SET=levers3 needs BASE=<an earlier checkout of this repository>"; exit 2; }
+  d2=(--step decode --batch 128 --steps "$STEPS" --compile_layers --length_grouping)
+  (cd "$BASE" && run "BASELINE step 2, compiled, batch 128, pad to 64, length-grouped" "${single[@]}" "${d2[@]}" \
+      --pad_multiple 64 --peak --work /tmp/gpu_base)
+  run "step 2, compiled, batch 128, pad to 64, length-grouped" "${single[@]}" "${d2[@]}" --pad_multiple 64
+  run "step 2, compiled, batch 128, pad to 16, length-grouped" "${single[@]}" "${d2[@]}" --pad_multiple 16
+  (cd "$BASE" && run "BASELINE step 1, compiled, batch 128" "${single[@]}" --step recall --batch 128 \
+      --steps "$STEPS" --compile_layers --work /tmp/gpu_base)
+  run "step 1, compiled, batch 128" "${single[@]}" --step recall --batch 128 --steps "$STEPS" --compile_layers
+  run "step 2, compiled, batch 128, pad to 16, profiled (not a throughput figure)" "${single[@]}" --step decode \
+      --batch 128 --steps 8 --warmup 6 --compile_layers --pad_multiple 16 --length_grouping \
+      --profile "$OUT/gpu_profile_levers3.txt"
+elif [ "${SET:-all}" = levers4 ]; then  # collation in the training process vs in worker processes
+  d2=(--step decode --batch 128 --steps "$STEPS" --compile_layers --length_grouping --pad_multiple 16)
+  run "step 2, compiled, batch 128, pad to 16, length-grouped, collated in-process" "${single[@]}" "${d2[@]}"
+  run "step 2, same, 4 data-loader workers" "${single[@]}" "${d2[@]}" --workers 4
+  run "step 1, compiled, batch 128, 4 data-loader workers" "${single[@]}" --step recall --batch 128 \
+      --steps "$STEPS" --compile_layers --workers 4
+  run "step 2, compiled, batch 192, pad to 16, length-grouped, 4 workers" "${single[@]}" --step decode --batch 192 \
+      --steps "$STEPS" --compile_layers --length_grouping --pad_multiple 16 --workers 4
 else
   run "step 2, plain bf16, batch 32 (+ matmul peak)" "${single[@]}" --step decode --batch 32 --steps "$STEPS" --peak
   run "step 2, plain bf16, batch 64" "${single[@]}" --step decode --batch 64 --steps "$STEPS"

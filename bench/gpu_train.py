@@ -103,13 +103,44 @@ def _sync(device):
 
 class CountingCollator:
     """Wraps a collator; records real tokens, padded tokens, labelled tokens and the
-    attention work (sum of squared lengths) of every batch it makes."""
+    attention work (sum of squared lengths) of every batch it makes.
 
-    def __init__(self, inner, recall_id: Optional[int] = None, query: bool = False):
+    With ``attach`` (data-loader worker processes, whose memory the trainer's process does not
+    see) the record travels in the batch instead, as ``COUNTS_KEY``; ``count_steps`` takes it
+    out before the model sees the batch."""
+
+    COUNTS_KEY = "bench_counts"
+    FIELDS = ("tokens", "padded", "labelled", "sq", "tail_tokens")
+
+    def __init__(self, inner, recall_id: Optional[int] = None, query: bool = False, attach: bool = False):
         self.inner, self.batches, self.recall_id, self.query = inner, [], recall_id, query
+        self.attach, self.pending = attach, []
 
     def __call__(self, features):
-        batch = self.inner(features)
+        batch = self.record(self.inner(features))
+        if self.attach:
+            record = self.batches.pop()
+            batch[self.COUNTS_KEY] = torch.tensor([record.get(k, -1) for k in self.FIELDS], dtype=torch.float64)
+        return batch
+
+    def count_steps(self, trainer) -> None:
+        """Take the attached records out of each batch before ``trainer`` trains on it; they
+        stay device tensors until ``collect`` (no synchronisation per step)."""
+        inner = trainer.training_step
+
+        def training_step(model, inputs, *args, **kwargs):
+            self.pending.append(inputs.pop(self.COUNTS_KEY))
+            return inner(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
+
+    def collect(self) -> None:
+        for counts in self.pending:
+            values = [int(v) for v in counts.tolist()]
+            self.batches.append({k: v for k, v in zip(self.FIELDS, values) if v >= 0})
+        self.pending = []
+
+    def record(self, batch):
         lengths = batch["attention_mask"].sum(1)
         labels = batch.get("labels")
         record = {"tokens": int(lengths.sum()), "padded": int(batch["attention_mask"].numel()),
@@ -186,18 +217,22 @@ def build_trainer(opts, device, timer):
     bank = torch.nn.functional.normalize(torch.randn(len(memories), d, generator=torch.Generator().manual_seed(0)),
                                          dim=-1)
     scope = getattr(opts, "adapter_scope", "all")
+    workers = getattr(opts, "workers", 0)
     common = dict(output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
                   save_strategy="no", logging_steps=10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
                   disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda",
-                  compile_layers=opts.compile_layers)
+                  compile_layers=opts.compile_layers, dataloader_num_workers=workers)
     if opts.step == "recall":
+        # persistent workers for step 1 only; step 2 redraws its samples each epoch and refuses them
+        common["dataloader_persistent_workers"] = workers > 0
         cache = {"context_cache_mb": opts.context_cache_mb} if getattr(opts, "context_cache_mb", None) is not None else {}
         args = RecallTrainingArguments(**common, adapter_scope=scope, lora_target_modules=opts.lora_targets or "auto",
                                        **cache)
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
         data = [{"text": format_query(tok, c), "target": row} for row, ctxs in enumerate(contexts) for c in ctxs]
         collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length),
-                                   token_ids[RECALL_TOKEN] if scope == "recall" else None, query=scope == "recall")
+                                   token_ids[RECALL_TOKEN] if scope == "recall" else None, query=scope == "recall",
+                                   attach=workers > 0)
         return RecallMemoryTrainer(model, args, bank, tok, token_ids[RECALL_TOKEN], train_dataset=data,
                                    data_collator=collate, callbacks=[timer]), collate, lm
     naive = getattr(opts, "naive", False)
@@ -216,23 +251,34 @@ def build_trainer(opts, device, timer):
     anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
     collate = CountingCollator(DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
                                                 pad_to_multiple_of=args.pad_to_multiple_of),
-                               recall_id=token_ids[RECALL_TOKEN] if scope == "recall" else None)
+                               recall_id=token_ids[RECALL_TOKEN] if scope == "recall" else None, attach=workers > 0)
     data = ResampledDataset(builder.epoch, seed=opts.seed, group=opts.batch if args.length_grouped else 0)
     return EnhancedTextMemoryTrainer(model, args, bank, tok, data,
                                      data_collator=collate, callbacks=[timer]), collate, lm
 
 
-def train(trainer, device, profile_path: Optional[str]) -> float:
+def train(trainer, device, profile_path: Optional[str], skip: int = 0) -> float:
     """``trainer.train()``, under torch.profiler when ``profile_path`` is given (the top
-    operators by self CPU and by self device time go there); returns the wall seconds."""
+    operators by self CPU and by self device time go there); returns the wall seconds. The
+    profile records the steps after the first ``skip`` (and one more, the profiler's own
+    warm-up): compilation and autotuning in the first steps would otherwise dominate it."""
     started = time.perf_counter()
     if not profile_path:
         trainer.train()
         return time.perf_counter() - started
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    total = trainer.args.max_steps
+    window = schedule(wait=max(skip - 1, 0), warmup=1, active=max(total - skip - 1, 1), repeat=1)
+
+    class Step(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            prof.step()
+
+    with profile(activities=acts, schedule=window) as prof:
+        trainer.add_callback(Step())
         trainer.train()
     table = prof.key_averages()
     with open(profile_path, "w") as f:
@@ -250,11 +296,14 @@ def run(opts) -> dict:
         torch.backends.cuda.enable_cudnn_sdp(False)
     timer = _timer(opts.warmup)
     trainer, collate, lm = build_trainer(opts, device, timer)
+    if collate.attach:
+        collate.count_steps(trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    wall = train(trainer, device, opts.profile)
+    wall = train(trainer, device, opts.profile, skip=opts.warmup)
+    collate.collect()
     marks = timer.marks
-    timed = collate.batches[opts.warmup:opts.warmup + opts.steps]  # num_workers=0: one batch per step, in order
+    timed = collate.batches[opts.warmup:opts.warmup + opts.steps]  # one batch per step, in order
     seconds = marks[-1] - marks[opts.warmup - 1] if opts.warmup else wall
     cfg = lm.config
     body, trainable = _param_counts(trainer.model)
@@ -275,6 +324,7 @@ def run(opts) -> dict:
            "batch_per_device": opts.batch, "pad_multiple": opts.pad_multiple,
            "cudnn_attention": not opts.no_cudnn_attention,
            "compile_layers": opts.compile_layers, "length_grouping": opts.length_grouping,
+           "workers": getattr(opts, "workers", 0),
            "adapter_scope": getattr(opts, "adapter_scope", "all"), "timed_steps": len(timed), "seconds": round(seconds, 3),
            "wall_seconds": round(wall, 1), "params_body": body, "params_trainable": trainable,
            "tokens_per_second": round(tokens * n / seconds, 1),
@@ -318,6 +368,8 @@ def main(argv=None):
                     help="the LoRA at every position (default here: the full-training workload) or the "
                          "activated adapter (the pipeline's default)")
     ap.add_argument("--compile_layers", action="store_true", help="torch.compile each transformer block")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="data-loader worker processes (batches are collated ahead of the step that needs them)")
     ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")

@@ -223,7 +223,7 @@ class MemoryTrainingService:
             mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
             kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped,
             stop_at_exact_match=a.decode_stop_at_exact_match, deepspeed=t.deepspeed,
-            compile_layers=t.compile_layers,
+            compile_layers=t.compile_layers, dataloader_num_workers=t.dataloader_num_workers,
             disable_tqdm=t.disable_tqdm)
 
     def train_memory_decoding(self, sessions: Sequence[ChatSession], run_dir: Path, plan: Optional[dict] = None,

@@ -108,6 +108,9 @@ class MemoryDecodingArguments(TrainingArguments):
         default=0.0, metadata={"help": "stop training at the end of the first epoch where this share of the "
                                         "memories decodes exactly (EnhancedTextMemoryTrainer.decode_check); "
                                         "0: check and log every epoch, never stop early"})
+    dataloader_persistent_workers: bool = dataclasses.field(
+        default=False, metadata={"help": "must stay off: the samples are redrawn every epoch in the training "
+                                         "process, and persistent workers would keep serving the first draw"})
     remove_unused_columns: bool = False
     report_to: Optional[str] = "none"
 
@@ -116,6 +119,10 @@ class MemoryDecodingArguments(TrainingArguments):
         if not 0.0 <= self.stop_at_exact_match <= 1.0:
             raise ValueError(f"stop_at_exact_match (--decode_stop_at_exact_match): expected a share in [0, 1], "
                              f"got {self.stop_at_exact_match}")
+        if self.dataloader_persistent_workers and self.dataloader_num_workers > 0:
+            raise ValueError("dataloader_persistent_workers: step 2 redraws its samples every epoch in the training "
+                             "process, and persistent data-loader workers would keep the first epoch's samples; "
+                             "leave it off (workers are started afresh each epoch)")
         super().__post_init__()
 
 
@@ -264,7 +271,9 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         out = head(hidden).float()
         # (..., n_new); via the module's forward so ZeRO-3 gathers the delta
         extra = self.token_rows(None, output_hidden=hidden) if self.tied else hidden.float() @ self.head_delta.float().T
-        return out.index_add(-1, self.token_rows.token_ids, extra.float())  # bf16 under autocast
+        # in place: ``out`` is a fresh tensor autograd does not keep, and a copy of (labelled
+        # positions, vocab) fp32 logits is the largest memory traffic of a step-2 step
+        return out.index_add_(-1, self.token_rows.token_ids, extra.float())  # bf16 under autocast
 
     def forward(self, input_ids, attention_mask, labels, memory_vectors=None, recall_targets=None,
                 recall_anchors=None, kd_indices=None, kd_logprobs=None, kd_mask=None) -> Dict[str, torch.Tensor]:
@@ -288,10 +297,11 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
             logits = self.logits(hidden[:, :-1]).flatten(0, 1).index_select(0, at_b * (width - 1) + at_t)
         else:
             logits = self.logits(hidden.flatten(0, 1).index_select(0, at_b * width + at_t))
-        parts = {"lm": F.cross_entropy(logits, targets[at_b, at_t])}
+        log_probs = torch.log_softmax(logits, dim=-1)  # once, for the CE and the KD term
+        parts = {"lm": F.nll_loss(log_probs, targets[at_b, at_t])}
         if kd_mask is not None and kd_mask[:, 1:][at_b, at_t].any():
             sel = kd_mask[:, 1:][at_b, at_t].nonzero(as_tuple=True)[0]
-            logp = torch.log_softmax(logits.index_select(0, sel), dim=-1)
+            logp = log_probs.index_select(0, sel)
             teacher_logp = kd_logprobs[:, 1:][at_b, at_t][sel]
             teacher_logp = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)  # renormalise top-k
             student = logp.gather(-1, kd_indices[:, 1:][at_b, at_t][sel])

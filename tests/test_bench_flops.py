@@ -28,3 +28,29 @@ def test_an_activated_step_2_batch_trains_from_recall_on_and_a_plain_batch_count
     plain = CountingCollator(lambda _: _batch(rows))
     plain(None)
     assert "tail_tokens" not in plain.batches[-1]
+
+
+def test_counts_made_in_a_worker_travel_in_the_batch_and_match_in_process_counts():
+    """With data-loader workers the record rides in the batch; the training step takes it out
+    before the model sees the batch, and the collected records equal in-process ones."""
+    rows = [[1, 2, R, 9, 9, 9], [4, R, 9]]
+    here, there = CountingCollator(lambda _: _batch(rows), R), CountingCollator(lambda _: _batch(rows), R, attach=True)
+    here(None)
+    batch = there(None)
+    assert there.batches == [] and CountingCollator.COUNTS_KEY in batch
+
+    class Trainer:
+        def training_step(self, model, inputs):
+            assert CountingCollator.COUNTS_KEY not in inputs
+            return 0
+
+    trainer = Trainer()
+    there.count_steps(trainer)
+    trainer.training_step(None, batch)
+    there.collect()
+    assert there.batches == here.batches
+    plain, trainer = CountingCollator(lambda _: _batch(rows), attach=True), Trainer()
+    plain.count_steps(trainer)
+    trainer.training_step(None, plain(None))
+    plain.collect()
+    assert "tail_tokens" not in plain.batches[-1]

@@ -332,3 +332,37 @@ def test_length_grouped_epochs_keep_the_samples_and_cut_padding(tiny, tmp_path):
     trainer = EnhancedTextMemoryTrainer(build_decoder_model(make_tiny_model(tok), ids, _args(tmp_path), 64),
                                         _args(tmp_path), torch.randn(23, 64), tok, grouped)
     assert isinstance(trainer._get_train_sampler(), torch.utils.data.SequentialSampler)
+
+
+def test_data_loader_workers_train_on_each_epochs_fresh_draw(tiny, tmp_path):
+    """``dataloader_num_workers`` (collation ahead of the step, in worker processes): the
+    samples are redrawn in the training process at each epoch's start, and the workers, started
+    afresh each epoch, serve that draw; persistent workers, which would keep the first draw, are
+    refused."""
+    lm, tok, ids = tiny
+    contexts = [[f"Question {k} about fact {r}?" for k in range(6)] for r in range(len(FACTS))]
+    builder = SampleBuilder(tok, FACTS, contexts, SFT, max_length=128, mix="2:1:1")
+    dataset = ResampledDataset(builder.epoch, seed=5)
+    args = _args(tmp_path, num_train_epochs=2, dataloader_num_workers=1)
+    model = build_decoder_model(lm, ids, args, memory_dim=64)
+    seen = []
+    forward = model.forward
+
+    def recording(input_ids, attention_mask, labels, **kw):
+        seen.append([tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)])
+        return forward(input_ids, attention_mask, labels, **kw)
+
+    model.forward = recording
+    trainer = EnhancedTextMemoryTrainer(model, args, torch.randn(len(FACTS), 64), tok, dataset)
+    trainer.train()
+    per_epoch = len(dataset) // 3
+    assert len(dataset) % 3 == 0 and len(seen) == 2 * per_epoch
+    expected = ResampledDataset(builder.epoch, seed=5)
+    for epoch in (0, 1):
+        if epoch:
+            expected.resample(epoch)
+        drawn = sorted(tuple(x["input_ids"]) for x in expected.items)
+        assert sorted(s for batch in seen[epoch * per_epoch:(epoch + 1) * per_epoch] for s in batch) == drawn
+    assert sorted(s for b in seen[:per_epoch] for s in b) != sorted(s for b in seen[per_epoch:] for s in b)
+    with pytest.raises(ValueError, match="persistent"):
+        _args(tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True)
