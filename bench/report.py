@@ -126,6 +126,11 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
 
 _DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
 OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
+    ("sessions5_all", "All 10 conversations, first 5 sessions of each, the defaults of 2026-11-27 evening (rule-made "
+                      "questions, \"no memory\"); conversation 0 is the quick mode's, the other 9 were never used "
+                      "while choosing settings",
+     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
+     "bench/results/locomo/sessions5_all"),
     ("quick_rules_abstention", "Activated adapter with rule-made questions and \"no memory\" (the defaults since "
                                "2026-11-27 evening), quick mode",
      "python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_rules_abstention"),

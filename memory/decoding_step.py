@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -220,11 +221,17 @@ class SampleBuilder:
 def decode_contexts(cues: Sequence) -> List[str]:
     """Contexts for ``memory`` samples: questions and source turns, and the neutral ask used
     by ``decode_exact_match``. The memory's own text is left out: with it in the context the
-    model could copy instead of reading the vector. Rule-made questions are left out for the
-    same reason: "Do I live in Porto now?" holds the whole fact (with them, 0.08 of the memories
-    decoded after 4 epochs, against 0.90 without)."""
-    out = [c.text for c in cues if c.kind in ("question", "source")]
+    model could copy instead of reading the vector. Rule-made yes/no questions are left out for
+    the same reason: "Do I live in Porto now?" holds the whole fact (with all rule-made questions
+    in, 0.08 of the memories decoded after 4 epochs, against 0.90 without). Rule-made
+    wh-questions stay: the chunk they ask about is gone from them ("Where do I live now?"), so
+    the answer must come from the vector, after a question, as in the recall loop."""
+    out = [c.text for c in cues if c.kind in ("question", "source")
+           or (c.kind == "template" and _WH_QUESTION.match(c.text))]
     return out + [NEUTRAL_CONTEXT]
+
+
+_WH_QUESTION = re.compile(r"^(?:what|where|when|who|whom|whose|which|how|why)\b", re.I)
 
 
 def exact_match_rate(decoded: Sequence[str], texts: Sequence[str]) -> float:

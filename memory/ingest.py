@@ -105,9 +105,17 @@ def _is_duplicate(db, view, cand, vec, report, cos_threshold, jaccard_threshold)
     return True
 
 
+def _same_message(record, cand) -> bool:
+    return (record.session_id is not None and record.message_index is not None
+            and (record.session_id, record.message_index, record.said_at or "")
+            == (cand.session_id, cand.message_index, cand.timestamp or ""))
+
+
 def _add_with_update_rule(db, view, cand, vec, encoder_id, report) -> None:
     key = subject_key(cand.text)
-    older = view.same_subject(key) if key else []
+    # facts of one message do not update each other: "I sold my car and don't have one any more"
+    # gives two facts on the subject, both true at once
+    older = [r for r in view.same_subject(key) if not _same_message(r, cand)] if key else []
     [new_id] = db.add([cand], vec[None, :], encoder_id, status="pending", subject_keys=[key])
     report.added.append(new_id)
     for old in older:

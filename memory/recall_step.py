@@ -33,6 +33,19 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "metrics.json"
 
 
+def with_abstention(data: List[dict], tokenizer, n_rows: int) -> List[dict]:
+    """``data`` plus general prompts that no memory answers, targeting the "no memory" class
+    (row ``n_rows``): at most one per labelled cue, so a small bank is not swamped. A prompt
+    that is also an unlabelled text (``--recall_general_prompts``) is kept as "no memory" only:
+    the two would pull it two ways."""
+    n_cues = sum(0 <= d["target"] < n_rows for d in data)
+    prompts = abstention_prompts()[:n_cues]
+    taken = set(prompts)
+    return [d for d in data if d["target"] >= 0 or d["raw"] not in taken] + [
+        {"text": format_query(tokenizer, t), "raw": t, "target": n_rows, "kind": "abstain", "memory_id": None}
+        for t in prompts]
+
+
 def build_dataset(tokenizer, records, cues: Dict[int, list], extra_texts: Sequence[str] = ()) -> List[dict]:
     """Labelled cues (target = the memory's row in the bank) plus unlabelled ``extra_texts``
     (target -1: they only carry a teacher distribution). Records without an entry in
@@ -157,10 +170,8 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     else:
         extra_texts = ()  # unlabelled texts only teach through a teacher
     data = build_dataset(loaded.tokenizer, records, cues, extra_texts)
-    if train_args.abstention:  # general prompts no memory answers: the "no memory" class (row len(records)),
-        n_cues = sum(0 <= d["target"] < len(records) for d in data)  # at most one per labelled cue
-        data += [{"text": format_query(loaded.tokenizer, t), "raw": t, "target": len(records), "kind": "abstain",
-                  "memory_id": None} for t in abstention_prompts()[:n_cues]]
+    if train_args.abstention:
+        data = with_abstention(data, loaded.tokenizer, len(records))
     if teacher is not None:
         vectors = teacher.vectors([d["raw"] for d in data])  # each text encoded once, for both terms
         for item, probs, vec in zip(data, teacher.probabilities(vectors), vectors):

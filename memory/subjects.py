@@ -28,6 +28,13 @@ RELATIONS: Tuple[Tuple[str, str], ...] = (
     ("commute", r"\b(?:commutes?|cycles?\s+to\s+work|takes?\s+the\s+(?:metro|bus|train)\s+to\s+work|drives?\s+to\s+work)\b"),
     ("work_schedule", r"\b(?:shifts?|office\s+hours)\b"),
     ("flat_floor", r"\bflat\s+is\s+on\s+the\b"),
+    # who the owner lives with (not a pet: "lives with their dog Max" states no household change)
+    ("household", r"\b(?:(?:lives?|living)\s+with|moved\s+in\s+with|shares?\s+(?:a|the|their|his|her)\s+"
+                  r"(?:flat|apartment|house|home|place)\s+with)\b(?!\s+(?:(?:their|his|her|a|an|the|two|three)\s+)?"
+                  r"(?:\w+\s+)?(?:dogs?|cats?|pets?|pupp(?:y|ies)|kittens?)\b)"),
+    # whether the owner has a car, and which ("drives to work" is the commute, matched above)
+    ("car", r"\b(?:drives?\s+(?:a|an|the|their|his|her)\b|(?:owns?|has|have|had|sold|bought|got)\s+"
+            r"(?:a|an|the|their|his|her|a\s+new)?\s*(?:[\w-]+\s+){0,2}car\b|car\s+anymore)"),
 )
 _COMPILED = tuple((name, re.compile(pattern, re.I)) for name, pattern in RELATIONS)
 _OWNER = re.compile(r"^the\s+user(?:'s|\u2019s)?\s*", re.I)

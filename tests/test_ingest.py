@@ -79,3 +79,15 @@ def test_within_one_batch_order_is_by_time(db, vectorizer):
                                  cand("The user is 29 years old.", "2026-01-10")], vectorizer, **NO_VECTOR_DEDUP)
     live = db.records(statuses=("pending",))
     assert [r.text for r in live] == ["The user is 30 years old."] and rep.superseded == 1
+
+
+def test_facts_of_one_message_do_not_supersede_each_other(db, vectorizer):
+    said = "2026-05-09T10:00:00+00:00"
+    rep = ingest_candidates(db, [cand("The user drives an old Fiat Panda.", "2026-01-10", sid="a", idx=2),
+                                 cand("The user sold their car before the move.", said, sid="b", idx=4),
+                                 cand("The user doesn't have a car anymore.", said, sid="b", idx=4)],
+                            vectorizer, **NO_VECTOR_DEDUP)
+    status = {db.get(i).text: db.get(i).status for i in rep.added}
+    assert status == {"The user drives an old Fiat Panda.": "superseded",
+                      "The user sold their car before the move.": "pending",
+                      "The user doesn't have a car anymore.": "pending"}

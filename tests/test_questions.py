@@ -97,5 +97,11 @@ def test_memory_cues_add_rule_made_questions_after_the_stored_ones():
     assert cues[0] == Cue("text", rec.text) and cues[1].kind == "source"
     assert [c.text for c in cues if c.kind == "template"] == ["Do I live in Porto now?"]  # no repeat of a stored one
     assert [c.kind for c in memory_cues([rec], templates=False)[1]] == ["text", "source", "question"]
-    # step 2 does not read a memory back after a rule-made question: most hold the fact itself
+    # step 2 reads a memory back after a rule-made wh-question (its answer is gone from it), not
+    # after a yes/no one, which holds the whole fact
     assert "Do I live in Porto now?" not in decode_contexts(cues) and "Where do I live now?" in decode_contexts(cues)
+    sister = _rec(2, "The user's sister Marta lives in Madrid.")
+    made = [c.text for c in memory_cues([sister])[2] if c.kind == "template"]
+    contexts = decode_contexts(memory_cues([sister])[2])
+    assert "Where does my sister Marta live?" in made and "Where does my sister Marta live?" in contexts
+    assert [q for q in made if q in contexts] == [q for q in made if not q.startswith("Does ")]

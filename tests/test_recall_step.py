@@ -223,3 +223,26 @@ def test_a_step1_run_loads_with_or_without_a_no_memory_level(tiny_model_dir, tmp
     assert ("abstain" in load_file(run / "recall_state.safetensors")) == (abstention == "true")
     model, _, _, _ = load_recall_model(run, precision="fp32")
     assert model.abstain is None
+
+
+def test_no_memory_prompts_are_at_most_one_per_cue_and_never_also_unlabelled(tokenizer):
+    """``with_abstention``: general prompts target the "no memory" row, one per labelled cue at
+    most; a prompt that is also an unlabelled text (--recall_general_prompts) is not kept twice
+    with two opposite targets."""
+    from memory.recall_step import build_dataset, with_abstention
+    from memory.sft_data import abstention_prompts, read_prompts
+    from memory.vector_db import MemoryRecord
+
+    records = [MemoryRecord(id=i, user_id="alex", text=t, status="active", session_id=None, message_index=None,
+                            said_at=None, source="import", created_at="", updated_at="", superseded_by=None,
+                            encoder_id="x", subject_key=None)
+               for i, t in enumerate(["The user lives in Porto.", "The user has a dog called Max."])]
+    cues = {0: [Cue("question", "Where do I live?")], 1: [Cue("question", "What is my dog called?")]}
+    data = build_dataset(tokenizer, records, cues, extra_texts=read_prompts())
+    labelled = sum(0 <= d["target"] < 2 for d in data)
+    out = with_abstention(data, tokenizer, n_rows=2)
+    no_memory = [d["raw"] for d in out if d["target"] == 2]
+    assert no_memory == abstention_prompts()[:labelled] and labelled < len(abstention_prompts())
+    raws = [d["raw"] for d in out]
+    assert all(raws.count(t) == 1 for t in no_memory)  # not also an unlabelled text
+    assert sum(d["target"] == -1 for d in out) == sum(d["target"] == -1 for d in data) - len(no_memory)
