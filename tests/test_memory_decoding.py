@@ -343,7 +343,7 @@ def test_data_loader_workers_train_on_each_epochs_fresh_draw(tiny, tmp_path):
     contexts = [[f"Question {k} about fact {r}?" for k in range(6)] for r in range(len(FACTS))]
     builder = SampleBuilder(tok, FACTS, contexts, SFT, max_length=128, mix="2:1:1")
     dataset = ResampledDataset(builder.epoch, seed=5)
-    args = _args(tmp_path, num_train_epochs=2, dataloader_num_workers=1)
+    args = _args(tmp_path, num_train_epochs=2, dataloader_num_workers=1, stop_at_exact_match=0.0)
     model = build_decoder_model(lm, ids, args, memory_dim=64)
     seen = []
     forward = model.forward
