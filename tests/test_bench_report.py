@@ -50,6 +50,7 @@ def test_report_states_targets_and_writes_plots(tmp_path):
     assert "step 2 reaches **0.56** (step 2 default), **met**" in text  # against the fp32 peak: bf16 is slower here
     assert "`python -m bench.locomo`, 2026-11-26 10:00, 5 s wall" in text
     assert "(no scale results yet)" in text
-    assert "| decode | plain | 64 | yes | 50,103 |" in text and "best 0.207, **missed**" in text
+    assert "| decode | earlier | plain | 64 | yes | 1 | 0 | 50,103 |" in text
+    assert "best 0.207 of useful FLOPs, **missed**; by the 6N count 0.31" in text
     for png in ("benchmarks_locomo_retrieval_full.png", "benchmarks_speed.png"):
         assert (docs.parent / png).stat().st_size > 1000 and f"]({png})" in text
