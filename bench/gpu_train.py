@@ -117,10 +117,12 @@ class CountingCollator:
         self.attach, self.pending = attach, []
 
     def __call__(self, features):
-        batch = self.record(self.inner(features))
+        batch = self.inner(features)
+        record = self.count(batch)
         if self.attach:
-            record = self.batches.pop()
             batch[self.COUNTS_KEY] = torch.tensor([record.get(k, -1) for k in self.FIELDS], dtype=torch.float64)
+        else:
+            self.batches.append(record)
         return batch
 
     def count_steps(self, trainer) -> None:
@@ -140,7 +142,7 @@ class CountingCollator:
             self.batches.append({k: v for k, v in zip(self.FIELDS, values) if v >= 0})
         self.pending = []
 
-    def record(self, batch):
+    def count(self, batch) -> dict:
         lengths = batch["attention_mask"].sum(1)
         labels = batch.get("labels")
         record = {"tokens": int(lengths.sum()), "padded": int(batch["attention_mask"].numel()),
@@ -153,8 +155,7 @@ class CountingCollator:
             has = (ids == self.recall_id).any(1)
             start = torch.where(has, (ids == self.recall_id).int().argmax(1), lengths)
             record["tail_tokens"] = int((lengths - start).sum())
-        self.batches.append(record)
-        return batch
+        return record
 
 
 def _timer(warmup: int):
