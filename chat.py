@@ -47,7 +47,10 @@ def _main(argv=None) -> int:
     ap.add_argument("--force-recall", dest="force_recall", action="store_true")
     ap.add_argument("--user", default=None, help="whose memories to search (default: the version's default user)")
     ap.add_argument("--threshold", type=float, default=None, help="override the version's recall threshold")
-    ap.add_argument("--top_k", type=int, default=3)
+    ap.add_argument("--top_k", type=int, default=3, help="memories searched per <recall>")
+    ap.add_argument("--memories_per_recall", type=int, default=None,
+                    help="of those, how many above the threshold are injected, each in its own recall span "
+                         "(default: the version's memories_per_recall)")
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--chats_dir", default="chats", help="where interactive sessions are saved ('' to not save)")
     ap.add_argument("--device", default="auto")
@@ -64,9 +67,15 @@ def _main(argv=None) -> int:
     try:
         user = args.user or model.config.get("default_user_id", "default")
         threshold = model.config.get("recall_threshold", 0.5) if args.threshold is None else args.threshold
-        search = db_search(db, user, args.top_k)
+        per_recall = int(model.config.get("memories_per_recall", 1) if args.memories_per_recall is None
+                         else args.memories_per_recall)
+        if per_recall < 1:
+            print(f"error: --memories_per_recall must be >= 1, got {per_recall}", file=sys.stderr)
+            return 1
+        search = db_search(db, user, max(args.top_k, per_recall))
         n_active = db.count(user_id=user, statuses=("active",))
-        gen = dict(force_recall=args.force_recall, max_new_tokens=args.max_new_tokens, threshold=threshold)
+        gen = dict(force_recall=args.force_recall, max_new_tokens=args.max_new_tokens, threshold=threshold,
+                   memories_per_recall=per_recall)
         if args.ask is not None:
             if n_active == 0:
                 print(f"[memory is empty for user {user!r}: answering without recall]")

@@ -29,12 +29,14 @@ def _main(argv=None) -> int:
     ap.add_argument("--report", default=None, help="write the report JSON here")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--memories_per_recall", type=int, default=None,
+                    help="memories injected per <recall> in the answer figures (default: the version's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         model_dir = args.model_dir or find_model_dir(args.output_dir)
         report = evaluate_retrieval(args.output_dir, model_dir, args.questions, device=args.device,
-                                    precision=args.precision)
+                                    precision=args.precision, memories_per_recall=args.memories_per_recall)
     except (QuestionsFormatError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@
 # SET=levers3 STEPS=60 BASE=DIR: the code in BASE (an earlier checkout: the baseline) against this one,
 #     compiled step 2 and step 1, then narrower padding and a steady-state operator profile (about 6 minutes);
 # SET=levers4 STEPS=60: batches collated by data-loader workers, ahead of the step (about 4 minutes);
+# SET=levers5 STEPS=60 [BASE=DIR]: host syncs: step 2 with the collator's index plan and without
+#     HF's NaN filter, against neither (and against BASE's code), plus a census of the syncs left;
 # SET=install: only install the carried wheels (into /tmp/site), for a command of your own.
 #
 #   bash bench/gpu_check.sh                  # results as JSON lines in $OUT/gpu_check.jsonl
@@ -24,8 +26,8 @@
 # package is missing or not at the pinned version.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-case "${SET:-all}" in all|levers|levers2|levers3|levers4|install) ;; *)
-  echo "SET: all | levers | levers2 | levers3 | levers4 | install, got $SET"; exit 2;; esac
+case "${SET:-all}" in all|levers|levers2|levers3|levers4|levers5|install) ;; *)
+  echo "SET: all | levers | levers2 | levers3 | levers4 | levers5 | install, got $SET"; exit 2;; esac
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: SET=levers3 runs the baseline from another directory
@@ -113,6 +115,21 @@ elif [ "${SET:-all}" = levers4 ]; then  # collation in the training process vs i
       --steps "$STEPS" --compile_layers --workers 4
   run "step 2, compiled, batch 192, pad to 16, length-grouped, 4 workers" "${single[@]}" --step decode --batch 192 \
       --steps "$STEPS" --compile_layers --length_grouping --pad_multiple 16 --workers 4
+elif [ "${SET:-all}" = levers5 ]; then  # host syncs in the step: the index plan and the NaN filter
+  d2=(--step decode --batch 128 --steps "$STEPS" --compile_layers --length_grouping --pad_multiple 16 --workers 4)
+  if [ -d "${BASE:-}/bench" ]; then
+    (cd "$BASE" && run "BASELINE step 2, compiled, batch 128, pad to 16, 4 workers" "${single[@]}" "${d2[@]}" \
+        --peak --work /tmp/gpu_base)
+  fi
+  run "step 2, same, positions found on the device, NaN filter on" "${single[@]}" "${d2[@]}" --no_index_plan \
+      --nan_filter
+  run "step 2, same, collator index plan, no NaN filter (default)" "${single[@]}" "${d2[@]}"
+  run "step 2, sync census of 8 steps, device-found positions (not a throughput figure)" "${single[@]}" \
+      "${d2[@]}" --steps 12 --sync_census 8 --no_index_plan --nan_filter
+  run "step 2, sync census of 8 steps, default (not a throughput figure)" "${single[@]}" "${d2[@]}" --steps 12 \
+      --sync_census 8
+  run "step 1, compiled, batch 128, 4 workers, no NaN filter" "${single[@]}" --step recall --batch 128 \
+      --steps "$STEPS" --compile_layers --workers 4
 else
   run "step 2, plain bf16, batch 32 (+ matmul peak)" "${single[@]}" --step decode --batch 32 --steps "$STEPS" --peak
   run "step 2, plain bf16, batch 64" "${single[@]}" --step decode --batch 64 --steps "$STEPS"

@@ -166,13 +166,53 @@ def _timer(warmup: int):
             self.marks = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
+            # only the two marks the timing uses wait for the GPU: a synchronize every step would
+            # keep the host from queueing the next step's work while the GPU finishes this one
+            if torch.cuda.is_available() and state.global_step in (warmup, state.max_steps):
                 torch.cuda.synchronize()
             self.marks.append(time.perf_counter())
             if state.global_step == warmup and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
 
     return StepTimer()
+
+
+def SyncCensus(warmup: int, steps: int):
+    """A ``TrainerCallback`` that counts host syncs in ``steps`` steps after ``warmup``: torch's
+    sync debug mode warns at each synchronizing CUDA call, and each warning is filed under the
+    innermost stack frames of this repository and of transformers/accelerate/peft."""
+    import collections
+    import traceback
+    import warnings
+
+    from transformers import TrainerCallback
+
+    class _SyncCensus(TrainerCallback):
+        def __init__(self):
+            self.first, self.last, self.counts = warmup + 1, warmup + steps, collections.Counter()
+            self._saved = None
+
+        def _record(self, message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self._saved(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if any(
+                k in f.filename for k in ("/recall/", "/memory/", "transformers/", "accelerate/", "peft/"))]
+            key = " <- ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                              for f in reversed(frames[-2:])) or f"{filename}:{lineno}"
+            self.counts[key] += 1
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == self.first:
+                self._saved, warnings.showwarning = warnings.showwarning, self._record
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.last and self._saved is not None:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning, self._saved = self._saved, None
+
+    return _SyncCensus()
 
 
 def _param_counts(model):
@@ -250,12 +290,33 @@ def build_trainer(opts, device, timer):
     model.projector.fit_center(bank)
     n_anchors = sum(len(c) for c in contexts) + len(sft)
     anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
-    collate = CountingCollator(DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
-                                                pad_to_multiple_of=args.pad_to_multiple_of),
+    if getattr(opts, "nan_filter", False):
+        args.logging_nan_inf_filter = True  # HF's default: a host sync per step
+    if getattr(opts, "non_blocking", False):  # pinned batches copied to the GPU without waiting
+        args.accelerator_config.non_blocking = True
+    plan_id = None if getattr(opts, "no_index_plan", False) else model.recall_id
+    inner = DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
+                             pad_to_multiple_of=args.pad_to_multiple_of, recall_id=plan_id)
+    if getattr(opts, "keep_attention_mask", False):  # the single pass gets the padding mask as before
+        inner = _MaskKept(inner)
+    collate = CountingCollator(inner,
                                recall_id=token_ids[RECALL_TOKEN] if scope == "recall" else None, attach=workers > 0)
     data = ResampledDataset(builder.epoch, seed=opts.seed, group=opts.batch if args.length_grouped else 0)
     return EnhancedTextMemoryTrainer(model, args, bank, tok, data,
                                      data_collator=collate, callbacks=[timer]), collate, lm
+
+
+class _MaskKept:
+    """A collator whose plans say "not right-padded", so the model passes the attention mask."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        if "plan" in batch:
+            batch["plan"]["right_padded"] = False
+        return batch
 
 
 def train(trainer, device, profile_path: Optional[str], skip: int = 0) -> float:
@@ -301,6 +362,9 @@ def run(opts) -> dict:
         collate.count_steps(trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    census = SyncCensus(opts.warmup, opts.sync_census) if opts.sync_census and device.type == "cuda" else None
+    if census is not None:
+        trainer.add_callback(census)
     wall = train(trainer, device, opts.profile, skip=opts.warmup)
     collate.collect()
     marks = timer.marks
@@ -339,6 +403,12 @@ def run(opts) -> dict:
             out["nominal_bf16_tflops"] = nominal
             out["mfu"] = round(flops / seconds / 1e12 / nominal, 3)
             out["mfu_6n"] = round(flops_6n / seconds / 1e12 / nominal, 3)
+    if census is not None:
+        out["syncs_per_step"] = round(sum(census.counts.values()) / max(opts.sync_census, 1), 1)
+        out["sync_sources"] = dict(census.counts.most_common(20))
+    for flag in ("no_index_plan", "nan_filter", "non_blocking", "keep_attention_mask"):
+        if getattr(opts, flag, False):
+            out[flag] = True
     if opts.peak and is_main():
         out["measured_peak_tflops"] = round(matmul_peak(device, torch.bfloat16 if opts.precision == "bf16" else torch.float32), 1)
         out["fraction_of_measured_peak"] = round(out["tflops_per_second"] / out["measured_peak_tflops"], 3)
@@ -373,6 +443,14 @@ def main(argv=None):
                     help="data-loader worker processes (batches are collated ahead of the step that needs them)")
     ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")
+    ap.add_argument("--no_index_plan", action="store_true",
+                    help="step 2: no collator index plan (the forward finds positions on the device)")
+    ap.add_argument("--nan_filter", action="store_true", help="HF's logging_nan_inf_filter (a host sync per step)")
+    ap.add_argument("--keep_attention_mask", action="store_true",
+                    help="step 2: pass the padding mask to the single pass (the default drops it for right padding)")
+    ap.add_argument("--non_blocking", action="store_true", help="accelerator_config.non_blocking (async H2D copies)")
+    ap.add_argument("--sync_census", type=int, default=0,
+                    help="count the host syncs of this many steps after the warm-up, by source line")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     ap.add_argument("--seed", type=int, default=0)

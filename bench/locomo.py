@@ -222,8 +222,10 @@ def run_e2e(conv: Conversation, work: Path, max_new_tokens: int = 24) -> dict:
     try:
         threshold = model.config.get("recall_threshold", 0.0)
         t0 = time.perf_counter()
-        answers = model.engine.generate(asked, db_search(db, conv.sample_id, 1), force_recall=True,
-                                        max_new_tokens=max_new_tokens + 48, threshold=threshold, max_recalls=1)
+        per_recall = int(model.config.get("memories_per_recall", 1))  # the version's, as chat.py uses it
+        answers = model.engine.generate(asked, db_search(db, conv.sample_id, per_recall), force_recall=True,
+                                        max_new_tokens=max_new_tokens + 48 * per_recall, threshold=threshold,
+                                        max_recalls=1, memories_per_recall=per_recall)
         recall_seconds = time.perf_counter() - t0
         records = db.records(user_id=conv.sample_id, statuses=("active",))
         minilm = SentenceEncoderVectorizer("minilm")

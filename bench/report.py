@@ -274,6 +274,10 @@ GPU_RUNS = (  # file, the commands that wrote it, what its rows compare
     ("gpu_levers4.jsonl", "`SET=levers4 STEPS=60 bash bench/gpu_check.sh`",
      "collation in the training process against 4 persistent data-loader workers (a second machine of the "
      "same kind)"),
+    ("gpu_levers5.jsonl", "`SET=levers5 STEPS=60 BASE=<checkout of abc5e52> bash bench/gpu_check.sh`, then "
+     "`python3 -m bench.gpu_train` with `--non_blocking` and `--keep_attention_mask` (three machine starts)",
+     "host syncs: the collator's index plan, no NaN filter, non-blocking copies, no mask for right padding "
+     "(rows compare within one invocation)"),
 )
 
 
@@ -297,7 +301,9 @@ def gpu_section(results: Path) -> List[str]:
             setup = (r.get("deepspeed") or "plain").split("/")[-1].replace(".json", "")
             if r.get("length_grouping"):
                 setup += ", length-grouped"
-            tables.append(f"| {r['step']} | {r.get('code', 'earlier')} | {setup} | {r['batch_per_device']} | "
+            code = r.get("code", "earlier") + (f" (invocation {r['invocation']}: {r['variant']})"
+                                               if r.get("variant") and r.get("invocation") else "")
+            tables.append(f"| {r['step']} | {code} | {setup} | {r['batch_per_device']} | "
                           f"{'yes' if r.get('compile_layers') else 'no'} | {r.get('pad_multiple') or 1} | "
                           f"{r.get('workers', 0)} | {r['tokens_per_second']:,.0f} | {r['tflops_per_second']:.1f} | "
                           f"{r.get('mfu', float('nan')):.3f} | {r.get('mfu_6n', float('nan')):.3f} | "

@@ -122,6 +122,9 @@ class MemoryArguments:
         default="auto", metadata={"help": "cosine below which a recall injects nothing (stored in the version): a "
                                           "number, or 'auto': calibrated after step 2 so that only 5% of the bundled "
                                           "general prompts reach it"})
+    memories_per_recall: int = dataclasses.field(
+        default=2, metadata={"help": "memories injected per <recall> (stored in the version): the best hits above "
+                                     "the threshold, each decoded in its own recall span"})
     # incremental retraining (see memory.training_service.plan_cycle)
     full: bool = dataclasses.field(
         default=False, metadata={"help": "retrain from the base model on every live memory instead of continuing "
@@ -161,6 +164,8 @@ class MemoryArguments:
                 self.recall_threshold = float(self.recall_threshold)
             except ValueError:
                 raise ValueError(f"recall_threshold: expected 'auto' or a number, got {self.recall_threshold!r}") from None
+        if self.memories_per_recall < 1:
+            raise ValueError(f"memories_per_recall: expected at least 1, got {self.memories_per_recall}")
         if self.incremental not in ("auto", "always"):
             raise ValueError(f"incremental: expected auto or always, got {self.incremental!r}")
         if self.replay_ratio < 0 or self.replay_cap < 0:

@@ -291,14 +291,27 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     raw = RecallEngine(query_lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
     before = raw if query_projector is None else RecallEngine(query_lm, tok, token_ids, query_projector=query_projector,
                                                               autocast_dtype=loaded.runtime.autocast_dtype)
-    metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
-
+    phases = metrics["phase_seconds"] = {"setup": time.perf_counter() - started}
+    mark = time.perf_counter()
     builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix)
+    eval_texts = [c for c, _ in eval_ctx]
+    # step 1's query for every context a sample can have (the preserve term's anchors); the
+    # anchor contexts are mostly cues, so with no query projector one pass serves both
+    anchor_texts = builder.anchor_texts(contexts, sft) if args.preserve_weight > 0 else []
+    if query_projector is None:
+        both = raw.query_vectors(eval_texts + anchor_texts)
+        before_queries, anchor_queries = both[:len(eval_texts)], both[len(eval_texts):]
+    else:
+        before_queries = before.query_vectors(eval_texts)
+        anchor_queries = raw.query_vectors(anchor_texts) if anchor_texts else None
+    metrics["recall_before"] = retrieval_at_1(before, eval_texts, [t for _, t in eval_ctx], bank, before_queries)
     anchors = kd = None
-    if args.preserve_weight > 0:  # step 1's query for every context a sample can have
-        anchors = torch.from_numpy(raw.query_vectors(builder.anchor_texts(contexts, sft)))
+    if anchor_texts:
+        anchors = torch.from_numpy(np.ascontiguousarray(anchor_queries))
+    phases["queries"], mark = time.perf_counter() - mark, time.perf_counter()
     if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
         kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
+    phases["kd_teacher"], mark = time.perf_counter() - mark, time.perf_counter()
     dataset = ResampledDataset(builder.epoch, seed=args.seed,
                                group=args.per_device_train_batch_size if args.length_grouped else 0)
     metrics["epochs"] = args.num_train_epochs = epochs_for_min_steps(len(dataset), args)
@@ -322,6 +335,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
                                         train_dataset=dataset, anchors=anchors, kd=kd, check_samples=checks,
                                         callbacks=list(callbacks))
     train_started = time.perf_counter()
+    phases["build"] = train_started - mark
     resume = args.resume_from_checkpoint or last_complete_checkpoint(out_dir)
     if resume:
         logger.info("step 3.2: resuming from %s", resume)
@@ -414,17 +428,23 @@ def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, q
         model.load_trainable_state(load_file(str(out_dir / DECODER_STATE)))
         model.to(loaded.runtime.device)
     model.eval()
+    phases = metrics.setdefault("phase_seconds", {})
+    mark = time.perf_counter()
     projector = model.projector
     merged = model.merged_lm().eval()
+    phases["merge"], mark = time.perf_counter() - mark, time.perf_counter()
     engine = RecallEngine(merged, tok, token_ids, projector, query_projector, autocast_dtype=loaded.runtime.autocast_dtype)
     contexts, targets = [c for c, _ in eval_ctx], [t for _, t in eval_ctx]
     queries = engine.query_vectors(contexts)  # once, for both figures
     metrics["recall_after"] = retrieval_at_1(engine, contexts, targets, bank, queries)
+    phases["recall_after"], mark = time.perf_counter() - mark, time.perf_counter()
     from memory.sft_data import calibration_prompts
 
     metrics["threshold"] = calibrate_threshold(engine, contexts, targets, calibration_prompts(), bank,
                                                context_queries=queries)
+    phases["threshold"], mark = time.perf_counter() - mark, time.perf_counter()
     decoded = engine.decode_memories(bank)
+    phases["decode_check"] = time.perf_counter() - mark
     metrics["decode_exact_match"] = exact_match_rate(decoded, texts)
     metrics["decode_failures"] = [{"text": t, "decoded": d} for t, d in zip(texts, decoded)
                                   if normalize_ws(d) != normalize_ws(t)][:20]

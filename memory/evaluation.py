@@ -159,9 +159,11 @@ def step1_scorers(model_dir, db: MemoryVectorDB, *, device="auto", precision="au
     return trained, base_embed
 
 
-def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto") -> dict:
+def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto",
+                       memories_per_recall: Optional[int] = None) -> dict:
     if is_version(model_dir):
-        return evaluate_version(model_dir, questions_path, device=device, precision=precision)
+        return evaluate_version(model_dir, questions_path, device=device, precision=precision,
+                                memories_per_recall=memories_per_recall)
     questions = load_questions(questions_path)
     db = MemoryVectorDB(Path(output_dir) / "memory_db")
     try:
@@ -184,12 +186,17 @@ def format_table(report: dict) -> str:
         em = "n/a" if d["decode_exact_match"] is None else f"{d['decode_exact_match']:.3f}"
         lines += ["", "| recall loop | value |", "|---|---|",
                   f"| decode_exact_match ({d['n']} memories) | {em} |",
-                  f"| answer_hit_rate (forced recall, {a['n']} questions) | {a['answer_hit_rate']:.3f} |",
+                  f"| answer_hit_rate (forced recall, {a['n']} questions, up to {a.get('memories_per_recall', 1)} "
+                  f"memories) | {a['answer_hit_rate']:.3f} |",
+                  f"| final answer contains the expected answer | {a['final_hit_rate']:.3f} |"
+                  if "final_hit_rate" in a else None,
+                  f"| answer_hit_rate with the best memory alone | {report['answers_top1']['answer_hit_rate']:.3f} |"
+                  if "answers_top1" in report else None,
                   f"| asked for <recall> unprompted | {report['answers_unforced']['asked_rate']:.3f} |",
                   f"| forgetting: greedy agreement with base ({f['prompts']} held-out prompts) | "
                   f"{f['greedy_agreement']:.3f} |",
                   f"| forgetting: mean KL(base, trained) per token | {f['mean_kl']:.4f} |"]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line is not None)
 
 
 # ------------------------------------------------------------------ published versions
@@ -215,22 +222,31 @@ def decode_exact_match(engine, db: MemoryVectorDB) -> dict:
                          if normalize_ws(t) != normalize_ws(d)]}
 
 
-def answer_hit_rate(engine, db: MemoryVectorDB, questions, threshold: float, force_recall: bool = True) -> dict:
-    """The recall loop on each question (the question's user's memories): a hit when the
-    decoded recall contains ``expected``. Also how often the model asked on its own."""
+def answer_hit_rate(engine, db: MemoryVectorDB, questions, threshold: float, force_recall: bool = True,
+                    memories_per_recall: int = 1, max_new_tokens: int = 128) -> dict:
+    """The recall loop on each question (the question's user's memories), generating the whole
+    answer: a hit when the decoded recall (every memory the search injected, up to
+    ``memories_per_recall``) contains ``expected``; ``final_hit_rate``: when the answer the
+    user reads (the text after the recall spans) contains it."""
     from recall.published import db_search
 
     rows = []
     for user, qs in by_user(questions).items():
-        answers = engine.generate([q["question"] for q in qs], db_search(db, user, 1), force_recall=force_recall,
-                                  max_new_tokens=48, threshold=threshold, max_recalls=1, stop_after_recall=True)
+        answers = engine.generate([q["question"] for q in qs], db_search(db, user, max(1, memories_per_recall)),
+                                  force_recall=force_recall, max_new_tokens=max_new_tokens, threshold=threshold,
+                                  max_recalls=1, memories_per_recall=memories_per_recall)
         for q, a in zip(qs, answers):
             decoded = " ".join(r.decoded for r in a.recalls)
+            want = q["expected"].lower()
             rows.append({"question": q["question"], "expected": q["expected"], "decoded": decoded,
                          "retrieved": [r.stored_text for r in a.recalls], "scores": [r.score for r in a.recalls],
-                         "hit": q["expected"].lower() in decoded.lower()})
-    return {"answer_hit_rate": sum(r["hit"] for r in rows) / max(len(rows), 1), "n": len(rows),
-            "per_question": rows}
+                         "final": a.final, "hit": want in decoded.lower(), "final_hit": want in a.final.lower()})
+    n = max(len(rows), 1)
+    return {"answer_hit_rate": sum(r["hit"] for r in rows) / n,
+            "final_hit_rate": sum(r["final_hit"] for r in rows) / n,
+            "memories_per_recall": memories_per_recall,
+            "injected_per_answer": sum(sum(m is not None for m in r["retrieved"]) for r in rows) / n,
+            "n": len(rows), "per_question": rows}
 
 
 @torch.no_grad()
@@ -260,7 +276,7 @@ def forgetting(base, trained_lm, tokenizer, prompts, max_new_tokens: int = 48) -
 
 
 def evaluate_version(version_dir, questions_path, *, device="auto", precision="auto",
-                     heldout_prompts: Optional[List[str]] = None) -> dict:
+                     heldout_prompts: Optional[List[str]] = None, memories_per_recall: Optional[int] = None) -> dict:
     """Retrieval (trained ``<recall>`` vs the untrained base and MiniLM), decode exact
     match, answer hit rate and forgetting for a published version, on its own DB snapshot."""
     from memory.sft_data import read_prompts
@@ -287,7 +303,10 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
         start = time.perf_counter()
         report["decoding"] = decode_exact_match(engine, db)
         threshold = model.config.get("recall_threshold", 0.0)
-        report["answers"] = answer_hit_rate(engine, db, questions, threshold)
+        k = int(model.config.get("memories_per_recall", 1) if memories_per_recall is None else memories_per_recall)
+        report["answers"] = answer_hit_rate(engine, db, questions, threshold, memories_per_recall=k)
+        if k > 1:  # the single best memory, in the same run
+            report["answers_top1"] = answer_hit_rate(engine, db, questions, threshold, memories_per_recall=1)
         report["answers_unforced"] = _asked_rate(engine, db, questions, threshold)
         prompts = heldout_prompts if heldout_prompts is not None else read_prompts(HELDOUT)
         report["forgetting"] = forgetting(base, model.loaded.model, engine.tokenizer, prompts)

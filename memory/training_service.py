@@ -266,7 +266,7 @@ class MemoryTrainingService:
         save_recall_model(tmp, result.lm, lm.tokenizer, result.projector, result.query_projector, {
             "token_ids": memory_token_ids(lm.tokenizer), "activation_phrase": ACTIVATION_PHRASE,
             "recall_threshold": self.recall_threshold(result.metrics), "encoder_id": self.db.encoder_id,
-            "default_user_id": self.args.default_user_id})
+            "default_user_id": self.args.default_user_id, "memories_per_recall": self.args.memories_per_recall})
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         atomic_write_json(run.path / "decode" / "metrics.json", result.metrics)

@@ -10,7 +10,15 @@ the KV cache:
 3. a hit above ``threshold`` is injected at a forced ``<|memory_pad|>``, and the model
    decodes the memory's text up to ``</recall>`` and goes on answering; below the
    threshold the row is told ``NOT_FOUND`` and ``</recall>`` is forced;
-4. a row may recall several times (up to ``max_recalls``) and stops at end-of-turn.
+4. with ``memories_per_recall`` k > 1, the next hits above the threshold (up to k in all)
+   follow the first memory's ``</recall>``, each in its own span: ``<recall>``, its vector
+   at ``<|memory_pad|>``, its text, ``</recall>``, with no new search. Their text is decoded
+   in a side pass from the same context as the first memory (the prompt up to this
+   ``<recall>``), as step 2 trained every memory to be read, and then forced into the
+   answer: decoded in place, after the first memory's text, the model tended to repeat
+   that text instead of reading the next vector (it never saw two spans in a row in
+   training). The answer then continues with all k memories in its context;
+5. a row may ask several times (up to ``max_recalls`` asks) and stops at end-of-turn.
 
 ``force_recall`` starts every answer with the activation phrase and ``<recall>``.
 
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 
 from memory.token_manager import safe_chat_template
 from recall.activation import adapter_active, is_activated, use_fast_forward
-from recall.get_text_embedding import autocast, backbone
+from recall.get_text_embedding import autocast, backbone, encode_by_length
 
 NOT_FOUND = " (nothing found in memory)"
 NEUTRAL_CONTEXT = "What do you remember about me?"
@@ -51,6 +59,7 @@ class Recall:
     score: Optional[float]
     stored_text: Optional[str]
     decoded: str = ""
+    rank: int = 1  # the hit's rank in its search: > 1 for a follow-on memory (``memories_per_recall``)
 
 
 @dataclasses.dataclass
@@ -59,6 +68,7 @@ class Answer:
     text: str  # the whole generated answer, memory spans included
     recalls: List[Recall]
     final: str  # the answer without the recall spans
+    tokens: List[int] = dataclasses.field(default_factory=list)  # every generated (or forced) token id
 
     def asked(self) -> bool:
         return bool(self.recalls)
@@ -72,6 +82,9 @@ class _Row:
         self.generated: List[int] = []
         self.queue: List = []  # forced inputs: int token ids or ("vec", tensor)
         self.recalls: List[Recall] = []
+        self.asks = 0  # searches made (follow-on memories are not asks)
+        self.pending: List[tuple] = []  # (hit, decoded token ids) of the search's further hits
+        self.quiet_recalls = 0  # forced follow-on <recall> tokens in the queue: no search for them
         self.in_memory = False  # between <|memory_pad|> and </recall>
         self.done = False
         self.forced = False  # the prompt ended in <recall> (--force-recall): generation starts inside a recall
@@ -137,18 +150,21 @@ class RecallEngine:
 
     @torch.no_grad()
     def query_vectors(self, contexts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """The ``<recall>`` query for each context (step 1's ``format_query`` shape)."""
+        """The ``<recall>`` query for each context (step 1's ``format_query`` shape); each
+        distinct context once, batched by length (``encode_by_length``)."""
         from recall.text_embedding_train import format_query
 
-        out = []
-        for start in range(0, len(contexts), batch_size):
-            texts = [format_query(self.tokenizer, c, self.activation_phrase) for c in contexts[start:start + batch_size]]
+        def encode(batch: List[str]) -> torch.Tensor:
+            texts = [format_query(self.tokenizer, c, self.activation_phrase) for c in batch]
             enc = self.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left",
                                  return_tensors="pt").to(self.device)
             hidden = self._forward(self.lm.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"], None,
                                    [1] * len(texts))[0][:, -1]
-            out.append(self._query(hidden).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            return self._query(hidden).float().cpu()
+
+        if not len(contexts):
+            return np.zeros((0, 0), np.float32)
+        return encode_by_length(list(contexts), encode, batch_size).numpy()
 
     # ----------------------------------------------------------- decoding
     @torch.no_grad()
@@ -173,9 +189,11 @@ class RecallEngine:
 
     @torch.no_grad()
     def generate_prompts(self, prompts: Sequence[str], search: SearchFn, *, max_new_tokens: int = 96,
-                         threshold: float = 0.0, max_recalls: int = 2, stop_after_recall: bool = False
-                         ) -> List[Answer]:
+                         threshold: float = 0.0, max_recalls: int = 2, stop_after_recall: bool = False,
+                         memories_per_recall: int = 1) -> List[Answer]:
         """Batched greedy decoding with the recall loop (see the module docstring)."""
+        if memories_per_recall < 1:
+            raise ValueError(f"memories_per_recall must be >= 1, got {memories_per_recall}")
         tok = self.tokenizer
         enc = tok(list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
@@ -186,7 +204,8 @@ class RecallEngine:
             row.forced = row.active = last == self.recall_id
         hidden, logits, past = self._forward(self._embed(ids, {}), mask, None, [int(r.active) for r in rows])
         for _ in range(max_new_tokens + 1):
-            self._handle_queries(rows, fed, hidden[:, -1], search, threshold, not_found, mask.shape[1] - 1)
+            self._handle_queries(rows, fed, hidden[:, -1], search, threshold, not_found, mask.shape[1] - 1,
+                                 memories_per_recall, prompts)
             next_ids, vectors = [], {}
             for b, row in enumerate(rows):
                 choice = self._next_input(row, logits[b], max_recalls, stop_after_recall)
@@ -204,22 +223,61 @@ class RecallEngine:
             fed = next_ids
         return [self._answer(p, r) for p, r in zip(prompts, rows)]
 
-    def _handle_queries(self, rows, fed, last_hidden, search, threshold, not_found, position):
-        asking = [b for b, t in enumerate(fed) if t == self.recall_id and not rows[b].done]
+    @staticmethod
+    def _vec(hit: Hit):
+        return ("vec", torch.as_tensor(np.asarray(hit.vector, np.float32)))
+
+    def decode_follow_ons(self, contexts: Sequence[str], hits: Sequence[Hit], max_new_tokens: int = 48
+                          ) -> List[List[int]]:
+        """The token ids each hit's vector decodes to, injected after its context (a prompt
+        ending in ``<recall>``), up to ``</recall>`` (excluded): one batched side pass."""
+        if not hits:
+            return []
+        by_row = [[h] for h in hits]
+        answers = self.generate_prompts(list(contexts), search=lambda q: by_row[: len(q)], max_new_tokens=max_new_tokens,
+                                        stop_after_recall=True, max_recalls=1, threshold=float("-inf"))
+        out = []
+        for a in answers:  # the span's own ids: from after the injected pad up to </recall>
+            ids = a.tokens[a.tokens.index(self.pad_id) + 1:] if self.pad_id in a.tokens else []
+            out.append(ids[:ids.index(self.end_id)] if self.end_id in ids else ids)
+        return out
+
+    def _handle_queries(self, rows, fed, last_hidden, search, threshold, not_found, position,
+                        memories_per_recall: int = 1, prompts: Sequence[str] = ()):
+        asking = []
+        for b, t in enumerate(fed):
+            row = rows[b]
+            if t != self.recall_id or row.done:
+                continue
+            if row.quiet_recalls:  # a forced follow-on <recall>: its span is already queued
+                row.quiet_recalls -= 1
+            else:
+                asking.append(b)
         if not asking:
             return
         queries = self._query(last_hidden[asking]).cpu().numpy()
         results = search(queries)
+        follow: List[tuple] = []  # (row, hit, context) for the side pass
         for b, hits in zip(asking, results):
             row = rows[b]
+            row.asks += 1
             best = hits[0] if hits else None
             if best is not None and best.score >= threshold:
                 row.recalls.append(Recall(position, best.memory_id, best.score, best.text))
-                row.queue.append(("vec", torch.as_tensor(np.asarray(best.vector, np.float32))))
+                row.queue.append(self._vec(best))
                 row.in_memory = True
+                extra = [h for h in hits[1:memories_per_recall] if h.score >= threshold]
+                if extra:  # the context of this <recall>: the prompt and what the row generated so far
+                    context = prompts[b] + self.tokenizer.decode(row.generated, skip_special_tokens=False) \
+                        if row.generated else prompts[b]
+                    follow += [(row, h, context) for h in extra]
             else:
                 row.recalls.append(Recall(position, None, best.score if best else None, None, NOT_FOUND.strip()))
                 row.queue.extend(not_found)
+        if follow:
+            decoded = self.decode_follow_ons([c for _, _, c in follow], [h for _, h, _ in follow])
+            for (row, hit, _), ids in zip(follow, decoded):
+                row.pending.append((hit, ids, position))
 
     def _next_input(self, row: _Row, logits: torch.Tensor, max_recalls: int, stop_after_recall: bool):
         if row.done:
@@ -230,10 +288,12 @@ class RecallEngine:
                 row.generated.append(choice)
             else:
                 row.generated.append(self.pad_id)
+            if stop_after_recall and choice == self.end_id and not row.queue:
+                row.done = True  # a forced span (follow-on memory, or "nothing found") closed the recall
             return choice
         logits = logits.clone()
         logits[self.pad_id] = float("-inf")  # the pad is only ever forced
-        if len(row.recalls) >= max_recalls:
+        if row.asks >= max_recalls:
             logits[self.recall_id] = float("-inf")  # no more recalls for this answer
         choice = int(logits.argmax())
         row.generated.append(choice)
@@ -241,7 +301,14 @@ class RecallEngine:
             row.recalls[-1].decoded += self.tokenizer.decode([choice])
         if choice == self.end_id:
             row.in_memory = False
-            if stop_after_recall:
+            for hit, ids, position in row.pending:  # the search's further hits, each in its own span
+                rank = row.recalls[-1].rank + 1
+                row.recalls.append(Recall(position, hit.memory_id, hit.score, hit.text,
+                                          self.tokenizer.decode(ids), rank=rank))
+                row.queue += [self.recall_id, self._vec(hit), *ids, self.end_id]
+                row.quiet_recalls += 1
+            row.pending = []
+            if stop_after_recall and not row.queue:
                 row.done = True
         if choice in self.stop_ids:
             row.done = True
@@ -261,4 +328,4 @@ class RecallEngine:
             r.decoded = r.decoded.strip()
         final = self.tokenizer.decode(final_ids, skip_special_tokens=True).strip()
         final = final.replace(self.activation_phrase, "").strip()
-        return Answer(prompt, text, row.recalls, final)
+        return Answer(prompt, text, row.recalls, final, list(row.generated))

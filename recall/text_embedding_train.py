@@ -32,7 +32,7 @@ from memory.token_manager import RECALL_TOKEN, safe_chat_template
 from recall.activation import (adapter_active, base_context_pass, check_scope, load_lora_state, lora_config,
                                use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
-from recall.get_text_embedding import backbone, last_token_positions
+from recall.get_text_embedding import backbone, encode_by_length, last_token_positions
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class RecallTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = 16
     warmup_ratio: float = 0.1
     logging_steps: int = 10
+    # True (HF's default) tests every step's loss for NaN/inf in Python: a host sync per step on a
+    # GPU. A NaN loss is logged as NaN instead of being replaced, which is the better signal anyway.
+    logging_nan_inf_filter: bool = False
     save_strategy: str = "epoch"
     save_total_limit: Optional[int] = 1
     temperature: float = dataclasses.field(default=0.01, metadata={"help": "initial InfoNCE temperature"})
@@ -104,7 +107,10 @@ class RecallTrainingArguments(TrainingArguments):
         check_scope(self.adapter_scope)
         if self.lora_target_modules == "auto":
             self.lora_target_modules = ALL_PROJECTIONS if self.adapter_scope == "recall" else "q_proj,v_proj"
+        default_accelerator = self.accelerator_config is None
         super().__post_init__()
+        if default_accelerator:  # batches (pinned by the data loader) go to the GPU without a host sync each
+            self.accelerator_config.non_blocking = True
 
 
 class MemoryBankInfoNCE(nn.Module):
@@ -386,13 +392,17 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
         model.eval()
         collate = RecallCollator(self.processing_class, self.recall_token_id, self.args.max_length)
         device = next(model.parameters()).device
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = collate([{"text": t} for t in texts[start:start + batch_size]])
+
+        def encode(chunk: List[str]) -> torch.Tensor:
+            batch = collate([{"text": t} for t in chunk])
             with self.autocast_smart_context_manager():
-                out.append(model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
-        model.train(was_training)
-        return torch.cat(out) if out else torch.empty(0, self.memory_bank.shape[1])
+                return model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+
+        try:  # each distinct text once, batched by length
+            return encode_by_length(list(texts), encode, batch_size) if len(texts) else \
+                torch.empty(0, self.memory_bank.shape[1])
+        finally:
+            model.train(was_training)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
         data = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -72,6 +72,9 @@ class MemoryDecodingArguments(TrainingArguments):
     warmup_ratio: float = 0.05
     lr_scheduler_type: str = "cosine"
     logging_steps: int = 10
+    # True (HF's default) tests every step's loss for NaN/inf in Python: a host sync per step on a
+    # GPU. A NaN loss is logged as NaN instead of being replaced, which is the better signal anyway.
+    logging_nan_inf_filter: bool = False
     save_strategy: str = "epoch"
     save_total_limit: Optional[int] = 1
     lora_r: int = 16
@@ -125,7 +128,10 @@ class MemoryDecodingArguments(TrainingArguments):
             raise ValueError("dataloader_persistent_workers: step 2 redraws its samples every epoch in the training "
                              "process, and persistent data-loader workers would keep the first epoch's samples; "
                              "leave it off (workers are started afresh each epoch)")
+        default_accelerator = self.accelerator_config is None
         super().__post_init__()
+        if default_accelerator:  # batches (pinned by the data loader) go to the GPU without a host sync each
+            self.accelerator_config.non_blocking = True
 
 
 class MemoryProjector(nn.Module):
@@ -204,17 +210,22 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         self.adapter_scope = "all"  # "recall": an activated adapter (see hidden_states)
 
     # -------------------------------------------------------------- forward
-    def embed(self, input_ids: torch.Tensor, memory_vectors: Optional[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings with every ``<|memory_pad|>`` replaced by its projected vector."""
+    def embed(self, input_ids: torch.Tensor, memory_vectors: Optional[torch.Tensor],
+              pad_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with every ``<|memory_pad|>`` replaced by its projected vector.
+        ``pad_index``: the pads' flat positions (row * width + column, row-major), when the
+        collator has them (``index_plan``); else they are found here, at the cost of a host sync."""
         emb = self.token_rows(input_ids)
-        rows, cols = (input_ids == self.pad_id).nonzero(as_tuple=True)
-        n_pads = rows.numel()
+        if pad_index is None:
+            rows, cols = (input_ids == self.pad_id).nonzero(as_tuple=True)
+            pad_index = rows * input_ids.shape[1] + cols
+        n_pads = pad_index.numel()
         n_vec = 0 if memory_vectors is None else memory_vectors.shape[0]
         if n_pads != n_vec:
             raise ValueError(f"{n_pads} <|memory_pad|> positions but {n_vec} memory vectors")
         if n_pads:
             injected = self.projector(memory_vectors.to(emb.device), self.noise_std if self.training else 0.0)
-            emb = emb.index_put((rows, cols), injected.to(emb.dtype))
+            emb = emb.flatten(0, 1).index_put((pad_index,), injected.to(emb.dtype)).view_as(emb)
         elif self.training:
             # a batch without memories would leave the projector without gradients; data-parallel
             # training (DeepSpeed, DDP) needs the same gradients, in the same order, on every rank
@@ -222,13 +233,18 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
             emb = emb + 0.0 * dummy.sum().to(emb.dtype)
         return emb
 
-    def hidden_states(self, input_ids, attention_mask, memory_vectors=None):
+    def hidden_states(self, input_ids, attention_mask, memory_vectors=None, plan: Optional[dict] = None):
         if self.adapter_scope == "recall":
-            return self._activated_hidden_states(input_ids, attention_mask, memory_vectors)
-        emb = self.embed(input_ids, memory_vectors)
+            return self._activated_hidden_states(input_ids, attention_mask, memory_vectors, plan)
+        emb = self.embed(input_ids, memory_vectors, None if plan is None else plan["pad_index"])
+        if plan is not None and plan.get("right_padded"):
+            # every row is its tokens then padding: causal attention alone keeps the padding out of
+            # every real position, so no mask is needed. Without one the attention runs its causal
+            # kernel, and transformers does not test the mask on the device (a host sync)
+            attention_mask = None
         return backbone(self.lm)(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
 
-    def _activated_hidden_states(self, input_ids, attention_mask, memory_vectors=None):
+    def _activated_hidden_states(self, input_ids, attention_mask, memory_vectors=None, plan: Optional[dict] = None):
         """Final hidden states, (B, T, d), with the activated adapter acting from each row's
         first ``<recall>`` on (rows right-padded).
 
@@ -244,18 +260,19 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         lengths = attention_mask.long().sum(1)
         start = torch.where(is_recall.any(1), is_recall.int().argmax(1), lengths)  # context length per row
         steps = torch.arange(width, device=device)
-        ctx_width = max(int(start.max()), 1)
+        ctx_width = plan["ctx_width"] if plan is not None else max(int(start.max()), 1)  # int(): a host sync
         ctx_mask = (steps[None, :ctx_width] < start[:, None]).long()
         with torch.no_grad():
             ctx = base_context_pass(self.lm, inputs_embeds=self.token_rows(input_ids[:, :ctx_width]),
                                     attention_mask=ctx_mask)
         tail_len = lengths - start
-        tail_width = max(int(tail_len.max()), 1)
+        tail_width = plan["tail_width"] if plan is not None else max(int(tail_len.max()), 1)
         offsets = steps[None, :tail_width]
         tail_mask = (offsets < tail_len[:, None]).long()
         gathered = input_ids.gather(1, (start[:, None] + offsets).clamp(max=width - 1))
         tail_ids = torch.where(tail_mask.bool(), gathered, torch.zeros_like(gathered))
-        emb = self.embed(tail_ids, memory_vectors)  # every <|memory_pad|> follows a <recall>
+        # every <|memory_pad|> follows a <recall>, so it lies in the tail
+        emb = self.embed(tail_ids, memory_vectors, None if plan is None else plan["tail_pad_index"])
         with adapter_active(self.lm, [tail_width] * batch):
             tail = backbone(self.lm)(inputs_embeds=emb, attention_mask=torch.cat([ctx_mask, tail_mask], dim=1),
                                      position_ids=start[:, None] + offsets, cache=ctx.cache,
@@ -278,49 +295,58 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         return out.index_add_(-1, self.token_rows.token_ids, extra.float())  # bf16 under autocast
 
     def forward(self, input_ids, attention_mask, labels, memory_vectors=None, recall_targets=None,
-                recall_anchors=None, kd_indices=None, kd_logprobs=None, kd_mask=None) -> Dict[str, torch.Tensor]:
+                recall_anchors=None, kd_indices=None, kd_logprobs=None, kd_mask=None,
+                plan: Optional[dict] = None) -> Dict[str, torch.Tensor]:
         """``loss``: the ``loss_weights``-weighted sum of the parts, which are returned too
         (detached, unweighted): ``lm`` next-token CE on labels; ``recall`` InfoNCE of the
         first ``<recall>`` state against the bank (rows with ``recall_targets >= 0``);
         ``preserve`` 1 - cos to the step-1 query (rows with a non-zero anchor); ``kd``
         KL(base || model) on positions with the base model's top-k log-probs.
 
+        ``plan``: the batch's positions, found by the collator on the host (``index_plan``).
+        Without it they are found here with ``nonzero`` and friends, each a host sync that
+        stalls the GPU queue; the values are the same either way.
+
         One loss tensor, whatever the batch holds: ZeRO-3 fetches a module's parameters for
         backward from hooks on its outputs, so every rank's forward must return the same
         tensors with gradients (a batch without SFT answers has no ``kd`` part)."""
-        hidden = self.hidden_states(input_ids, attention_mask, memory_vectors)
-        targets = labels[:, 1:]
-        picked = targets != IGNORE
+        if plan is None:
+            plan = index_plan(input_ids.cpu(), labels.cpu(), attention_mask.cpu(), self.recall_id, self.pad_id,
+                              None if recall_targets is None else recall_targets.cpu(),
+                              None if recall_anchors is None else recall_anchors.cpu(),
+                              None if kd_mask is None else kd_mask.cpu())
+            plan = {k: v.to(input_ids.device) if torch.is_tensor(v) else v for k, v in plan.items()}
+        hidden = self.hidden_states(input_ids, attention_mask, memory_vectors, plan)
+        width = hidden.shape[1]
         # labelled positions as flat row indices: index_select's backward is a scatter-add, where
         # a boolean mask's is a sorting index_put (10 ms a step for a 1B model on an H100)
-        at_b, at_t = picked.nonzero(as_tuple=True)  # row-major: the order a boolean mask gives
-        width = hidden.shape[1]
+        at = plan["label_index"]  # b * width + t for each t whose next token is labelled (row-major)
+        targets = labels.flatten().index_select(0, at + 1)
         if self.head_on_all_positions:  # same values, computed the plain causal-LM way
-            logits = self.logits(hidden[:, :-1]).flatten(0, 1).index_select(0, at_b * (width - 1) + at_t)
+            logits = self.logits(hidden[:, :-1]).flatten(0, 1).index_select(0, at - at // width)
         else:
-            logits = self.logits(hidden.flatten(0, 1).index_select(0, at_b * width + at_t))
+            logits = self.logits(hidden.flatten(0, 1).index_select(0, at))
         log_probs = torch.log_softmax(logits, dim=-1)  # once, for the CE and the KD term
-        parts = {"lm": F.nll_loss(log_probs, targets[at_b, at_t])}
-        if kd_mask is not None and kd_mask[:, 1:][at_b, at_t].any():
-            sel = kd_mask[:, 1:][at_b, at_t].nonzero(as_tuple=True)[0]
+        parts = {"lm": F.nll_loss(log_probs, targets)}
+        sel = plan.get("kd_select")
+        if kd_mask is not None and sel is not None and sel.numel():
             logp = log_probs.index_select(0, sel)
-            teacher_logp = kd_logprobs[:, 1:][at_b, at_t][sel]
+            where = at.index_select(0, sel) + 1  # the next token's row in the (B * width) layout
+            teacher_logp = kd_logprobs.flatten(0, 1).index_select(0, where)
             teacher_logp = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)  # renormalise top-k
-            student = logp.gather(-1, kd_indices[:, 1:][at_b, at_t][sel])
+            student = logp.gather(-1, kd_indices.flatten(0, 1).index_select(0, where))
             parts["kd"] = (teacher_logp.exp() * (teacher_logp - student)).sum(-1).mean()
-        has_recall = (input_ids == self.recall_id).any(dim=1)
-        pos = (input_ids == self.recall_id).int().argmax(dim=1)  # the first <recall>
-        rows_all = torch.arange(input_ids.shape[0], device=input_ids.device)
-        if recall_targets is not None and self.memory_bank is not None and (recall_targets >= 0).any():
-            rows = (recall_targets >= 0).nonzero(as_tuple=True)[0]
-            query = F.normalize(hidden[rows, pos[rows]].float(), dim=-1)
+        flat = hidden.flatten(0, 1)
+        rows = plan["recall_rows"]
+        if recall_targets is not None and self.memory_bank is not None and rows.numel():
+            query = F.normalize(flat.index_select(0, plan["recall_index"]).float(), dim=-1)
             scores = query @ self.memory_bank.to(query.device, query.dtype).T * self.recall_scale
-            parts["recall"] = F.cross_entropy(scores, recall_targets[rows])
-        if recall_anchors is not None:
-            rows = rows_all[has_recall & (recall_anchors.abs().sum(-1) > 0)]
-            if rows.numel():
-                query = F.normalize(hidden[rows, pos[rows]].float(), dim=-1)
-                parts["preserve"] = (1 - (query * F.normalize(recall_anchors[rows], dim=-1)).sum(-1)).mean()
+            parts["recall"] = F.cross_entropy(scores, recall_targets.index_select(0, rows))
+        rows = plan["preserve_rows"]
+        if recall_anchors is not None and rows.numel():
+            query = F.normalize(flat.index_select(0, plan["preserve_index"]).float(), dim=-1)
+            anchors = F.normalize(recall_anchors.index_select(0, rows), dim=-1)
+            parts["preserve"] = (1 - (query * anchors).sum(-1)).mean()
         loss = sum(self.loss_weights[k] * v for k, v in parts.items() if self.loss_weights.get(k, 0.0) > 0)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
@@ -402,19 +428,62 @@ def assemble(segments: Sequence[Segment], max_length: int, memory_row: int = -1,
             "kind": kind, "anchor": anchor, "kd": kd}
 
 
+def index_plan(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, recall_id: int,
+               pad_id: int, recall_targets: Optional[torch.Tensor] = None,
+               recall_anchors: Optional[torch.Tensor] = None, kd_mask: Optional[torch.Tensor] = None) -> dict:
+    """Every position ``MemoryDecoderModel.forward`` indexes, found on the host (CPU tensors in,
+    as the collator has them), so the forward on a GPU needs no ``nonzero``, ``any()`` or
+    ``int()`` of a device tensor, each of which waits for the GPU to drain its queue. Flat
+    positions are ``row * width + column`` of the (B, width) batch.
+
+    - ``label_index``: the positions whose next token is labelled (row-major), the LM head's rows;
+    - ``kd_select``: which of those (indices into ``label_index``) carry a KD target;
+    - ``recall_rows`` / ``recall_index``: rows with a recall target, and their first ``<recall>``;
+    - ``preserve_rows`` / ``preserve_index``: rows with ``<recall>`` and a non-zero anchor;
+    - ``pad_index``: the ``<|memory_pad|>`` positions (row-major: the memory vectors' order);
+    - ``right_padded``: every row is its tokens, then padding (the collator's layout), so the
+      single pass needs no attention mask;
+    - for an activated adapter: ``ctx_width`` and ``tail_width`` (ints: the two passes' widths)
+      and ``tail_pad_index``, the pads' flat positions in the tail pass's (B, tail_width) layout."""
+    batch, width = input_ids.shape
+    at_b, at_t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    is_recall = input_ids == recall_id
+    has_recall = is_recall.any(1)
+    first = is_recall.int().argmax(1)
+    rows_all = torch.arange(batch)
+    plan = {"label_index": at_b * width + at_t}
+    if kd_mask is not None:
+        plan["kd_select"] = kd_mask[:, 1:][at_b, at_t].nonzero(as_tuple=True)[0]
+    rows = rows_all[recall_targets >= 0] if recall_targets is not None else rows_all[:0]
+    plan.update(recall_rows=rows, recall_index=rows * width + first[rows])
+    rows = rows_all[has_recall & (recall_anchors.abs().sum(-1) > 0)] if recall_anchors is not None else rows_all[:0]
+    plan.update(preserve_rows=rows, preserve_index=rows * width + first[rows])
+    pad_rows, pad_cols = (input_ids == pad_id).nonzero(as_tuple=True)
+    plan["pad_index"] = pad_rows * width + pad_cols
+    lengths = attention_mask.long().sum(1)
+    plan["right_padded"] = bool(torch.equal(attention_mask.long(), (torch.arange(width)[None] < lengths[:, None]).long()))
+    start = torch.where(has_recall, first, lengths)
+    plan["ctx_width"] = max(int(start.max()), 1) if batch else 1
+    plan["tail_width"] = max(int((lengths - start).max()), 1) if batch else 1
+    plan["tail_pad_index"] = pad_rows * plan["tail_width"] + (pad_cols - start[pad_rows])
+    return plan
+
+
 class DecodingCollator:
     """Right-pads samples to the longest in the batch and stacks one memory vector per
     ``<|memory_pad|>`` (in batch order) from ``memory_vectors`` (M, d)."""
 
     def __init__(self, pad_token_id: int, memory_vectors: torch.Tensor, memory_pad_id: int,
                  pad_to: Optional[int] = None, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None,
-                 pad_to_multiple_of: int = 1):
+                 pad_to_multiple_of: int = 1, recall_id: Optional[int] = None):
         """``anchors``: (A, d) step-1 queries indexed by a sample's ``anchor``; ``kd``: per
         SFT example, (indices, log-probs) of shape (answer length, k), for a sample's ``kd``
         index (its answer is the sample's tail). ``pad_to_multiple_of``: round the batch width
-        up (a few distinct shapes let cuDNN attention reuse its plans on GPU)."""
+        up (a few distinct shapes let cuDNN attention reuse its plans on GPU). ``recall_id``:
+        add the batch's ``index_plan`` (the trainer passes it)."""
         self.pad, self.vectors, self.memory_pad_id, self.pad_to = pad_token_id, memory_vectors, memory_pad_id, pad_to
         self.anchors, self.kd, self.multiple = anchors, kd, max(1, pad_to_multiple_of)
+        self.recall_id = recall_id
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         width = self.pad_to or max(len(f["input_ids"]) for f in features)
@@ -449,6 +518,9 @@ class DecodingCollator:
                 idx[b, end - len(i):end], logp[b, end - len(i):end] = i, lp
                 kd_mask[b, end - len(i):end] = True
             batch.update(kd_indices=idx, kd_logprobs=logp, kd_mask=kd_mask)
+        if self.recall_id is not None:
+            batch["plan"] = index_plan(ids, labels, mask, self.recall_id, self.memory_pad_id, batch["recall_targets"],
+                                       batch.get("recall_anchors"), batch.get("kd_mask"))
         return batch
 
 
@@ -539,7 +611,8 @@ class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
                  check_samples: Optional[List[dict]] = None, **kwargs):
         kwargs.setdefault("data_collator", DecodingCollator(tokenizer.pad_token_id, memory_vectors.float(),
                                                             model.pad_id, anchors=anchors, kd=kd,
-                                                            pad_to_multiple_of=args.pad_to_multiple_of))
+                                                            pad_to_multiple_of=args.pad_to_multiple_of,
+                                                            recall_id=model.recall_id))
         prepare_deepspeed_args(args)
         super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
         if isinstance(train_dataset, ResampledDataset):

@@ -329,3 +329,70 @@ def test_lean_training_forward_has_pefts_loss_and_gradients(tokenizer, dropout):
                 return m.get_base_model()(input_ids=x).logits
         assert torch.allclose(logits(twin, [6, 6]), logits(twin, [0, 0]), atol=1e-6)  # the copy's zero LoRA
         assert not torch.allclose(logits(lm, [6, 6]), logits(lm, [0, 0]), atol=1e-3)
+
+
+@pytest.mark.parametrize("scope", ["all", "recall"])
+def test_step2_index_plan_gives_the_losses_and_gradients_of_masked_positions(tokenizer, tmp_path, scope):
+    """The collator's host-side ``index_plan`` (no host sync in the forward on a GPU) selects
+    what boolean masks over the batch select: the hidden states (pads found by ``nonzero``, the
+    activated passes' widths by ``max``) and every loss part (LM, KD, recall, preserve) equal a
+    reference written with masks, and so do the gradients; for the adapter at every position
+    and the activated one."""
+    import torch.nn.functional as F
+
+    from recall.text_memory_train import IGNORE, DecodingCollator
+
+    model, tok, ids, bank, args, base = _activated_decoder(tokenizer, tmp_path, adapter_scope=scope)
+    _randomise_lora(model)
+    model.loss_weights.update(recall=0.5, preserve=2.0, kd=1.0)
+    sft = [SFTExample("Say hi.", "Hi there!"), SFTExample("Name a colour.", "Blue.")]
+    builder = SampleBuilder(tok, FACTS, [["Tell me.", "Where?"]] * 3, sft, max_length=128, mix="2:1:1")
+    kd = builder.teacher_topk(base, k=8)
+    anchors = F.normalize(torch.randn(16, 64), dim=-1)
+    samples = [builder.memory_sample(0, 0), builder.sandwich_sample(1, 1), builder.memory_sample(2, 1),
+               builder.sft_sample(0)]
+    batch = DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
+                             recall_id=model.recall_id)(samples)
+    plan = batch["plan"]
+    assert plan["kd_select"].numel() and plan["recall_rows"].numel() and plan["preserve_rows"].numel()
+    assert plan["pad_index"].numel() == batch["memory_vectors"].shape[0] == 3
+    model.eval()  # no injection noise
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    out = model(**batch)
+    out["loss"].backward()
+    planned = grads()
+
+    ids_, labels = batch["input_ids"], batch["labels"]
+    hidden = model.hidden_states(ids_, batch["attention_mask"], batch["memory_vectors"])  # no plan
+    real = batch["attention_mask"].bool()  # padded positions are never read (no mask with a plan: causal only)
+    assert plan["right_padded"]
+    with torch.no_grad():
+        assert torch.allclose(model.hidden_states(ids_, batch["attention_mask"], batch["memory_vectors"], plan)[real],
+                              hidden[real], atol=1e-5)
+    picked = labels[:, 1:] != IGNORE
+    log_probs = torch.log_softmax(model.logits(hidden[:, :-1][picked]), -1)
+    ref = {"lm": F.nll_loss(log_probs, labels[:, 1:][picked])}
+    on = batch["kd_mask"][:, 1:][picked]
+    teacher = batch["kd_logprobs"][:, 1:][picked][on]
+    teacher = teacher - torch.logsumexp(teacher, -1, keepdim=True)
+    student = log_probs[on].gather(-1, batch["kd_indices"][:, 1:][picked][on])
+    ref["kd"] = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    first = (ids_ == model.recall_id).int().argmax(1)
+    rows = batch["recall_targets"] >= 0
+    query = F.normalize(hidden[rows, first[rows]], dim=-1)
+    ref["recall"] = F.cross_entropy(query @ bank.T * model.recall_scale, batch["recall_targets"][rows])
+    rows = (ids_ == model.recall_id).any(1) & (batch["recall_anchors"].abs().sum(-1) > 0)
+    query = F.normalize(hidden[rows, first[rows]], dim=-1)
+    ref["preserve"] = (1 - (query * F.normalize(batch["recall_anchors"][rows], dim=-1)).sum(-1)).mean()
+    for key, value in ref.items():
+        assert torch.allclose(out[key], value.detach(), atol=1e-5), key
+    sum(model.loss_weights[k] * v for k, v in ref.items()).backward()
+    masked = grads()
+    assert planned.keys() == masked.keys() and planned
+    for name in planned:
+        assert torch.allclose(planned[name], masked[name], atol=1e-5), name

@@ -236,6 +236,85 @@ def test_below_threshold_the_model_is_told_nothing_was_found(tiny):
     assert MEMORY_PAD_TOKEN not in answer.text and "nothing found" in answer.text
 
 
+def test_follow_on_memories_are_injected_in_their_own_spans_without_a_new_search(tiny, monkeypatch):
+    """memories_per_recall k: after the first memory's </recall>, the next hits of the same search
+    above the threshold follow, each as a forced <recall> + its vector + the text the side pass
+    decoded for it + </recall>; hits below the threshold never do, and nothing is searched again."""
+    lm, tok, ids = tiny
+    engine = RecallEngine(lm, tok, ids, MemoryProjector(64, 64, 1.0, 0))
+    rng = np.random.default_rng(0)
+    hits = [Hit(1, 0.9, "A", rng.standard_normal(64).astype(np.float32)),
+            Hit(2, 0.8, "B", rng.standard_normal(64).astype(np.float32)),
+            Hit(3, 0.7, "C", rng.standard_normal(64).astype(np.float32)),
+            Hit(4, 0.3, "D", rng.standard_normal(64).astype(np.float32))]
+    words = {2: tok("Paris", add_special_tokens=False)["input_ids"], 3: tok(" Lisbon", add_special_tokens=False)["input_ids"]}
+    side = []
+
+    def decode_follow_ons(contexts, follow):
+        side.append((list(contexts), [h.memory_id for h in follow]))
+        return [words[h.memory_id] for h in follow]
+
+    injected = []
+    real_embed, real_forward = engine._embed, engine._forward
+
+    def spying_embed(ids_, vectors):
+        injected.extend(vectors.values())
+        return real_embed(ids_, vectors)
+
+    state = {"forwards": 0}
+
+    def scripted_forward(emb, mask, past, *rest):  # the model closes its span at once, then ends
+        hidden, logits, past = real_forward(emb, mask, past, *rest)
+        logits = torch.full_like(logits, -1e9)
+        logits[:, ids[RECALL_END_TOKEN] if state["forwards"] < 2 else tok.convert_tokens_to_ids("<|im_end|>")] = 0
+        state["forwards"] += 1
+        return hidden, logits, past
+
+    monkeypatch.setattr(engine, "decode_follow_ons", decode_follow_ons)
+    monkeypatch.setattr(engine, "_embed", spying_embed)
+    monkeypatch.setattr(engine, "_forward", scripted_forward)
+    calls = []
+
+    def search(queries):
+        calls.append(len(queries))
+        return [list(hits) for _ in queries]
+
+    [answer] = engine.generate(["hello"], search, force_recall=True, max_new_tokens=24, threshold=0.5,
+                               memories_per_recall=4)
+    assert calls == [1]
+    prompt = engine.prompt_text("hello", force_recall=True)
+    assert side == [([prompt, prompt], [2, 3])]  # both follow-ons decoded from the first memory's context
+    assert [(r.memory_id, r.rank) for r in answer.recalls] == [(1, 1), (2, 2), (3, 3)]
+    assert [r.decoded for r in answer.recalls] == ["", "Paris", "Lisbon"]
+    assert len(injected) == 3 and all(torch.equal(v, torch.as_tensor(h.vector)) for v, h in zip(injected, hits))
+    gen = answer.tokens
+    first_end = gen.index(ids[RECALL_END_TOKEN])
+    assert gen[first_end + 1:first_end + 3 + len(words[2])] == [ids[RECALL_TOKEN], ids[MEMORY_PAD_TOKEN], *words[2]]
+    assert gen.count(ids[RECALL_TOKEN]) == 2 and gen.count(ids[MEMORY_PAD_TOKEN]) == 3
+    assert answer.final == ""
+
+    state["forwards"], injected[:], calls[:], side[:] = 0, [], [], []
+    [answer] = engine.generate(["hello"], search, force_recall=True, max_new_tokens=12, threshold=0.5)
+    assert calls == [1] and side == [] and [r.memory_id for r in answer.recalls] == [1] and len(injected) == 1
+    with pytest.raises(ValueError, match="memories_per_recall"):
+        engine.generate(["hello"], search, memories_per_recall=0)
+
+
+def test_the_follow_on_side_pass_decodes_as_a_first_memory_would(tiny):
+    """decode_follow_ons reads each vector after the given context exactly as the recall loop
+    reads a first memory there (the setting step 2 trains)."""
+    lm, tok, ids = tiny
+    engine = RecallEngine(lm, tok, ids, MemoryProjector(64, 64, 1.0, 0))
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((2, 64)).astype(np.float32)
+    context = "Where do I live?"
+    expected = engine.decode_memories(vectors, context=context, max_new_tokens=6)
+    got = engine.decode_follow_ons([engine.prompt_text(context, force_recall=True)] * 2,
+                                   [Hit(i, 1.0, "", v) for i, v in enumerate(vectors)], max_new_tokens=6)
+    assert [tok.decode(g).strip() for g in got] == [e.strip() for e in expected]
+    assert all(len(g) > 0 for g in got) and ids[RECALL_END_TOKEN] not in sum(got, [])
+
+
 def test_min_steps_gives_a_small_cycle_more_epochs_and_never_fewer(tmp_path):
     from memory.decoding_step import epochs_for_min_steps
 
