@@ -52,6 +52,9 @@ def _main(argv=None) -> int:
                     help="of those, how many above the threshold are injected, each in its own recall span "
                          "(default: the version's memories_per_recall)")
     ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--no_repeat_ngram", type=int, default=None,
+                    help="never repeat an n-gram of the answer outside recall spans (default: "
+                         "recall.generation.NO_REPEAT_NGRAM; 0: off)")
     ap.add_argument("--chats_dir", default="chats", help="where interactive sessions are saved ('' to not save)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
@@ -74,8 +77,11 @@ def _main(argv=None) -> int:
             return 1
         search = db_search(db, user, max(args.top_k, per_recall))
         n_active = db.count(user_id=user, statuses=("active",))
+        from recall.generation import NO_REPEAT_NGRAM
+
         gen = dict(force_recall=args.force_recall, max_new_tokens=args.max_new_tokens, threshold=threshold,
-                   memories_per_recall=per_recall)
+                   memories_per_recall=per_recall,
+                   no_repeat_ngram=NO_REPEAT_NGRAM if args.no_repeat_ngram is None else args.no_repeat_ngram)
         if args.ask is not None:
             if n_active == 0:
                 print(f"[memory is empty for user {user!r}: answering without recall]")

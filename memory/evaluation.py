@@ -228,13 +228,15 @@ def answer_hit_rate(engine, db: MemoryVectorDB, questions, threshold: float, for
     answer: a hit when the decoded recall (every memory the search injected, up to
     ``memories_per_recall``) contains ``expected``; ``final_hit_rate``: when the answer the
     user reads (the text after the recall spans) contains it."""
+    from recall.generation import NO_REPEAT_NGRAM
     from recall.published import db_search
 
     rows = []
     for user, qs in by_user(questions).items():
         answers = engine.generate([q["question"] for q in qs], db_search(db, user, max(1, memories_per_recall)),
                                   force_recall=force_recall, max_new_tokens=max_new_tokens, threshold=threshold,
-                                  max_recalls=1, memories_per_recall=memories_per_recall)
+                                  max_recalls=1, memories_per_recall=memories_per_recall,
+                                  no_repeat_ngram=NO_REPEAT_NGRAM)  # as chat.py answers
         for q, a in zip(qs, answers):
             decoded = " ".join(r.decoded for r in a.recalls)
             want = q["expected"].lower()

@@ -18,7 +18,11 @@ the KV cache:
    answer: decoded in place, after the first memory's text, the model tended to repeat
    that text instead of reading the next vector (it never saw two spans in a row in
    training). The answer then continues with all k memories in its context;
-5. a row may ask several times (up to ``max_recalls`` asks) and stops at end-of-turn.
+5. a row may ask several times (up to ``max_recalls`` asks) and stops at end-of-turn;
+6. ``no_repeat_ngram`` n > 0: outside recall spans, a token that would repeat an n-gram of the
+   answer text is never chosen (``transformers``' ``no_repeat_ngram_size``, for the answer alone).
+   Greedy decoding of a 135M model otherwise loops ("She lives in Madrid. She lives in Madrid.
+   ...") until the token limit. ``chat.py`` and ``evaluate.py`` use ``NO_REPEAT_NGRAM``.
 
 ``force_recall`` starts every answer with the activation phrase and ``<recall>``.
 
@@ -41,6 +45,7 @@ from recall.activation import adapter_active, is_activated, use_fast_forward
 from recall.get_text_embedding import autocast, backbone, encode_by_length
 
 NOT_FOUND = " (nothing found in memory)"
+NO_REPEAT_NGRAM = 4  # what chat.py and evaluate.py answer with (see the module docstring)
 NEUTRAL_CONTEXT = "What do you remember about me?"
 
 
@@ -83,8 +88,9 @@ class _Row:
         self.queue: List = []  # forced inputs: int token ids or ("vec", tensor)
         self.recalls: List[Recall] = []
         self.asks = 0  # searches made (follow-on memories are not asks)
-        self.pending: List[tuple] = []  # (hit, decoded token ids) of the search's further hits
+        self.pending: List[tuple] = []  # (hit, decoded token ids, query position) of the search's further hits
         self.quiet_recalls = 0  # forced follow-on <recall> tokens in the queue: no search for them
+        self.answer: List[int] = []  # the tokens the model chose outside recall spans
         self.in_memory = False  # between <|memory_pad|> and </recall>
         self.done = False
         self.forced = False  # the prompt ended in <recall> (--force-recall): generation starts inside a recall
@@ -190,7 +196,7 @@ class RecallEngine:
     @torch.no_grad()
     def generate_prompts(self, prompts: Sequence[str], search: SearchFn, *, max_new_tokens: int = 96,
                          threshold: float = 0.0, max_recalls: int = 2, stop_after_recall: bool = False,
-                         memories_per_recall: int = 1) -> List[Answer]:
+                         memories_per_recall: int = 1, no_repeat_ngram: int = 0) -> List[Answer]:
         """Batched greedy decoding with the recall loop (see the module docstring)."""
         if memories_per_recall < 1:
             raise ValueError(f"memories_per_recall must be >= 1, got {memories_per_recall}")
@@ -208,7 +214,7 @@ class RecallEngine:
                                  memories_per_recall, prompts)
             next_ids, vectors = [], {}
             for b, row in enumerate(rows):
-                choice = self._next_input(row, logits[b], max_recalls, stop_after_recall)
+                choice = self._next_input(row, logits[b], max_recalls, stop_after_recall, no_repeat_ngram)
                 if isinstance(choice, tuple):
                     vectors[b] = choice[1]
                     choice = self.pad_id
@@ -237,9 +243,10 @@ class RecallEngine:
         answers = self.generate_prompts(list(contexts), search=lambda q: by_row[: len(q)], max_new_tokens=max_new_tokens,
                                         stop_after_recall=True, max_recalls=1, threshold=float("-inf"))
         out = []
-        for a in answers:  # the span's own ids: from after the injected pad up to </recall>
+        for a in answers:  # the span's own ids: from after the injected pad up to </recall> or a stop
             ids = a.tokens[a.tokens.index(self.pad_id) + 1:] if self.pad_id in a.tokens else []
-            out.append(ids[:ids.index(self.end_id)] if self.end_id in ids else ids)
+            cut = next((i for i, t in enumerate(ids) if t == self.end_id or t in self.stop_ids), len(ids))
+            out.append(ids[:cut])
         return out
 
     def _handle_queries(self, rows, fed, last_hidden, search, threshold, not_found, position,
@@ -279,7 +286,16 @@ class RecallEngine:
             for (row, hit, _), ids in zip(follow, decoded):
                 row.pending.append((hit, ids, position))
 
-    def _next_input(self, row: _Row, logits: torch.Tensor, max_recalls: int, stop_after_recall: bool):
+    @staticmethod
+    def _repeats(tokens: List[int], n: int) -> List[int]:
+        """Tokens that would complete an n-gram already in ``tokens``."""
+        if n <= 0 or len(tokens) < n:
+            return []
+        tail = tokens[len(tokens) - n + 1:]
+        return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == tail]
+
+    def _next_input(self, row: _Row, logits: torch.Tensor, max_recalls: int, stop_after_recall: bool,
+                    no_repeat_ngram: int = 0):
         if row.done:
             return self.filler
         if row.queue:
@@ -295,8 +311,13 @@ class RecallEngine:
         logits[self.pad_id] = float("-inf")  # the pad is only ever forced
         if row.asks >= max_recalls:
             logits[self.recall_id] = float("-inf")  # no more recalls for this answer
+        if not row.in_memory:
+            for t in self._repeats(row.answer, no_repeat_ngram):
+                logits[t] = float("-inf")
         choice = int(logits.argmax())
         row.generated.append(choice)
+        if not row.in_memory and choice not in (self.recall_id, self.end_id):
+            row.answer.append(choice)
         if row.in_memory and choice != self.end_id:
             row.recalls[-1].decoded += self.tokenizer.decode([choice])
         if choice == self.end_id:

@@ -300,6 +300,36 @@ def test_follow_on_memories_are_injected_in_their_own_spans_without_a_new_search
         engine.generate(["hello"], search, memories_per_recall=0)
 
 
+def test_no_repeat_ngram_stops_an_answer_loop_but_not_a_memory_span(tiny, monkeypatch):
+    """With no_repeat_ngram n, the answer never repeats an n-gram of itself; the memory span is
+    outside that rule (the answer may restate the memory, and the span may repeat the answer)."""
+    lm, tok, ids = tiny
+    engine = RecallEngine(lm, tok, ids, MemoryProjector(64, 64, 1.0, 0))
+    loop = tok(" a b", add_special_tokens=False)["input_ids"]
+    assert len(loop) == 2
+    real_forward = engine._forward
+    state = {"n": 0}
+
+    def looping_forward(emb, mask, past, *rest):  # prefers " a b a b ...", then any other token
+        hidden, logits, past = real_forward(emb, mask, past, *rest)
+        logits = torch.zeros_like(logits)
+        logits[:, loop[state["n"] % 2]] = 10.0
+        logits[:, loop[(state["n"] + 1) % 2]] = 5.0
+        logits[:, ids[RECALL_TOKEN]] = logits[:, ids[RECALL_END_TOKEN]] = -1e9
+        state["n"] += 1
+        return hidden, logits, past
+
+    monkeypatch.setattr(engine, "_forward", looping_forward)
+    no_search = lambda q: [[] for _ in q]  # noqa: E731
+    [free] = engine.generate(["hello"], no_search, max_new_tokens=12)
+    assert free.tokens[:6] == loop * 3  # the loop, unguarded
+    state["n"] = 0
+    [guarded] = engine.generate(["hello"], no_search, max_new_tokens=12, no_repeat_ngram=3)
+    grams = [tuple(guarded.tokens[i:i + 3]) for i in range(len(guarded.tokens) - 2)]
+    assert len(grams) == len(set(grams)) and guarded.tokens[:3] == [loop[0], loop[1], loop[0]]
+    assert RecallEngine._repeats([1, 2, 3, 1, 2], 3) == [3] and RecallEngine._repeats([1, 2], 3) == []
+
+
 def test_the_follow_on_side_pass_decodes_as_a_first_memory_would(tiny):
     """decode_follow_ons reads each vector after the given context exactly as the recall loop
     reads a first memory there (the setting step 2 trains)."""
