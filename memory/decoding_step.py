@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -238,6 +239,31 @@ def exact_match_rate(decoded: Sequence[str], texts: Sequence[str]) -> float:
     return sum(normalize_ws(d) == normalize_ws(t) for d, t in zip(decoded, texts)) / max(len(texts), 1)
 
 
+@contextlib.contextmanager
+def _timed(phases: Dict[str, float], name: str):
+    """Adds the block's wall seconds to ``phases[name]`` (step 2's ``phase_seconds``)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def _step1_queries(raw: RecallEngine, before: RecallEngine, eval_texts: List[str], anchor_texts: List[str]):
+    """Step 1's queries before step 2: ``before``'s for ``eval_texts`` (the "before" retrieval
+    figure) and the ``<recall>`` states themselves (``raw``) for ``anchor_texts`` as a tensor
+    (None without anchor texts). The anchor contexts are mostly cues too, so when the two
+    engines are one (no query projector) a single call encodes each distinct text once."""
+    if before is raw:
+        both = raw.query_vectors(eval_texts + anchor_texts)
+        before_queries, anchor_queries = both[:len(eval_texts)], both[len(eval_texts):]
+    else:
+        before_queries = before.query_vectors(eval_texts)
+        anchor_queries = raw.query_vectors(anchor_texts) if anchor_texts else None
+    anchors = torch.from_numpy(np.ascontiguousarray(anchor_queries)) if anchor_texts else None
+    return before_queries, anchors
+
+
 def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int], bank: np.ndarray,
                    queries: Optional[np.ndarray] = None) -> dict:
     """recall@1 and MRR of ``contexts`` against ``bank``; ``queries``: their query vectors when
@@ -292,26 +318,18 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     before = raw if query_projector is None else RecallEngine(query_lm, tok, token_ids, query_projector=query_projector,
                                                               autocast_dtype=loaded.runtime.autocast_dtype)
     phases = metrics["phase_seconds"] = {"setup": time.perf_counter() - started}
-    mark = time.perf_counter()
     builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix)
-    eval_texts = [c for c, _ in eval_ctx]
-    # step 1's query for every context a sample can have (the preserve term's anchors); the
-    # anchor contexts are mostly cues, so with no query projector one pass serves both
-    anchor_texts = builder.anchor_texts(contexts, sft) if args.preserve_weight > 0 else []
-    if query_projector is None:
-        both = raw.query_vectors(eval_texts + anchor_texts)
-        before_queries, anchor_queries = both[:len(eval_texts)], both[len(eval_texts):]
-    else:
-        before_queries = before.query_vectors(eval_texts)
-        anchor_queries = raw.query_vectors(anchor_texts) if anchor_texts else None
-    metrics["recall_before"] = retrieval_at_1(before, eval_texts, [t for _, t in eval_ctx], bank, before_queries)
-    anchors = kd = None
-    if anchor_texts:
-        anchors = torch.from_numpy(np.ascontiguousarray(anchor_queries))
-    phases["queries"], mark = time.perf_counter() - mark, time.perf_counter()
-    if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
-        kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
-    phases["kd_teacher"], mark = time.perf_counter() - mark, time.perf_counter()
+    with _timed(phases, "queries"):
+        # step 1's query for every context a sample can have: the preserve term's anchors
+        anchor_texts = builder.anchor_texts(contexts, sft) if args.preserve_weight > 0 else []
+        before_queries, anchors = _step1_queries(raw, before, [c for c, _ in eval_ctx], anchor_texts)
+        metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank,
+                                                  before_queries)
+    kd = None
+    with _timed(phases, "kd_teacher"):
+        if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
+            kd = builder.teacher_topk(loaded.model, device=loaded.runtime.device)
+    mark = time.perf_counter()
     dataset = ResampledDataset(builder.epoch, seed=args.seed,
                                group=args.per_device_train_batch_size if args.length_grouped else 0)
     metrics["epochs"] = args.num_train_epochs = epochs_for_min_steps(len(dataset), args)
@@ -429,22 +447,21 @@ def _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, q
         model.to(loaded.runtime.device)
     model.eval()
     phases = metrics.setdefault("phase_seconds", {})
-    mark = time.perf_counter()
     projector = model.projector
-    merged = model.merged_lm().eval()
-    phases["merge"], mark = time.perf_counter() - mark, time.perf_counter()
+    with _timed(phases, "merge"):
+        merged = model.merged_lm().eval()
     engine = RecallEngine(merged, tok, token_ids, projector, query_projector, autocast_dtype=loaded.runtime.autocast_dtype)
     contexts, targets = [c for c, _ in eval_ctx], [t for _, t in eval_ctx]
-    queries = engine.query_vectors(contexts)  # once, for both figures
-    metrics["recall_after"] = retrieval_at_1(engine, contexts, targets, bank, queries)
-    phases["recall_after"], mark = time.perf_counter() - mark, time.perf_counter()
+    with _timed(phases, "recall_after"):
+        queries = engine.query_vectors(contexts)  # once, for both figures
+        metrics["recall_after"] = retrieval_at_1(engine, contexts, targets, bank, queries)
     from memory.sft_data import calibration_prompts
 
-    metrics["threshold"] = calibrate_threshold(engine, contexts, targets, calibration_prompts(), bank,
-                                               context_queries=queries)
-    phases["threshold"], mark = time.perf_counter() - mark, time.perf_counter()
-    decoded = engine.decode_memories(bank)
-    phases["decode_check"] = time.perf_counter() - mark
+    with _timed(phases, "threshold"):
+        metrics["threshold"] = calibrate_threshold(engine, contexts, targets, calibration_prompts(), bank,
+                                                   context_queries=queries)
+    with _timed(phases, "decode_check"):
+        decoded = engine.decode_memories(bank)
     metrics["decode_exact_match"] = exact_match_rate(decoded, texts)
     metrics["decode_failures"] = [{"text": t, "decoded": d} for t, d in zip(texts, decoded)
                                   if normalize_ws(d) != normalize_ws(t)][:20]

@@ -203,6 +203,11 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
         assert all(".lora_" in k for k in f.keys())  # LoRA only: the embeddings live in the base checkpoint
     metrics = json.loads((current / "metrics.json").read_text())["decoding"]
     assert metrics["adapter_scope"] == "recall" and metrics["sft_examples"] > 0
+    phases = metrics["phase_seconds"]  # step 2's time outside training, by phase
+    assert {"setup", "queries", "build", "merge", "recall_after", "threshold", "decode_check"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) < metrics["seconds"]
+    # the version keeps its recall loop settings
+    assert json.loads((current / "recall_config.json").read_text())["memories_per_recall"] == 2
     # recall_threshold auto: the version keeps the calibrated cosine, the lower of two bounds: at least
     # 95% of the correct training cues and at least 5% of the 67 calibration prompts (never trained) reach it
     calibrated = metrics["threshold"]
