@@ -238,8 +238,8 @@ def build_trainer(opts, device, timer):
     from recall.model_loading import materialize, resolve_model_source
     from recall.text_embedding_train import (RecallCollator, RecallMemoryTrainer, RecallTrainingArguments,
                                              build_recall_model, format_query)
-    from recall.text_memory_train import (DecodingCollator, EnhancedTextMemoryTrainer, MemoryDecodingArguments,
-                                          ResampledDataset, build_decoder_model)
+    from recall.text_memory_train import (EnhancedTextMemoryTrainer, MemoryDecodingArguments, ResampledDataset,
+                                          build_decoder_model)
 
     bf16 = opts.precision == "bf16"
     if opts.size == "default":  # the real default model (SmolLM2-135M-Instruct), fp32 weights
@@ -290,20 +290,29 @@ def build_trainer(opts, device, timer):
     model.projector.fit_center(bank)
     n_anchors = sum(len(c) for c in contexts) + len(sft)
     anchors = torch.nn.functional.normalize(torch.randn(n_anchors, d), dim=-1)  # same cost as step 1's
+    collate = _decode_collator(opts, args, tok, model, bank, anchors, kd, token_ids[RECALL_TOKEN], workers)
+    data = ResampledDataset(builder.epoch, seed=opts.seed, group=opts.batch if args.length_grouped else 0)
+    return EnhancedTextMemoryTrainer(model, args, bank, tok, data,
+                                     data_collator=collate, callbacks=[timer]), collate, lm
+
+
+def _decode_collator(opts, args, tok, model, bank, anchors, kd, recall_id: int, workers: int):
+    """Step 2's counting collator, with the host-sync levers ``opts`` turns back off (each is
+    the trainer's default): ``--nan_filter``, ``--blocking_copies``, ``--no_index_plan`` and
+    ``--keep_attention_mask``. ``args`` is changed in place for the first two."""
+    from recall.text_memory_train import DecodingCollator
+
     if getattr(opts, "nan_filter", False):
         args.logging_nan_inf_filter = True  # HF's default: a host sync per step
-    if getattr(opts, "non_blocking", False):  # pinned batches copied to the GPU without waiting
-        args.accelerator_config.non_blocking = True
+    if getattr(opts, "blocking_copies", False):  # each batch tensor copied to the GPU with a host sync
+        args.accelerator_config.non_blocking = False
     plan_id = None if getattr(opts, "no_index_plan", False) else model.recall_id
     inner = DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
                              pad_to_multiple_of=args.pad_to_multiple_of, recall_id=plan_id)
     if getattr(opts, "keep_attention_mask", False):  # the single pass gets the padding mask as before
         inner = _MaskKept(inner)
-    collate = CountingCollator(inner,
-                               recall_id=token_ids[RECALL_TOKEN] if scope == "recall" else None, attach=workers > 0)
-    data = ResampledDataset(builder.epoch, seed=opts.seed, group=opts.batch if args.length_grouped else 0)
-    return EnhancedTextMemoryTrainer(model, args, bank, tok, data,
-                                     data_collator=collate, callbacks=[timer]), collate, lm
+    scope = getattr(opts, "adapter_scope", "all")
+    return CountingCollator(inner, recall_id=recall_id if scope == "recall" else None, attach=workers > 0)
 
 
 class _MaskKept:
@@ -406,7 +415,7 @@ def run(opts) -> dict:
     if census is not None:
         out["syncs_per_step"] = round(sum(census.counts.values()) / max(opts.sync_census, 1), 1)
         out["sync_sources"] = dict(census.counts.most_common(20))
-    for flag in ("no_index_plan", "nan_filter", "non_blocking", "keep_attention_mask"):
+    for flag in ("no_index_plan", "nan_filter", "blocking_copies", "keep_attention_mask"):
         if getattr(opts, flag, False):
             out[flag] = True
     if opts.peak and is_main():
@@ -448,7 +457,8 @@ def main(argv=None):
     ap.add_argument("--nan_filter", action="store_true", help="HF's logging_nan_inf_filter (a host sync per step)")
     ap.add_argument("--keep_attention_mask", action="store_true",
                     help="step 2: pass the padding mask to the single pass (the default drops it for right padding)")
-    ap.add_argument("--non_blocking", action="store_true", help="accelerator_config.non_blocking (async H2D copies)")
+    ap.add_argument("--blocking_copies", action="store_true",
+                    help="step 2: accelerator_config.non_blocking off (the trainers turn it on by default)")
     ap.add_argument("--sync_census", type=int, default=0,
                     help="count the host syncs of this many steps after the warm-up, by source line")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")

@@ -275,7 +275,8 @@ GPU_RUNS = (  # file, the commands that wrote it, what its rows compare
      "collation in the training process against 4 persistent data-loader workers (a second machine of the "
      "same kind)"),
     ("gpu_levers5.jsonl", "`SET=levers5 STEPS=60 BASE=<checkout of abc5e52> bash bench/gpu_check.sh`, then "
-     "`python3 -m bench.gpu_train` with `--non_blocking` and `--keep_attention_mask` (three machine starts)",
+     "`python3 -m bench.gpu_train` with `--non_blocking` (then a flag; now the default, and `--blocking_copies` "
+     "measures the old way) and `--keep_attention_mask` (three machine starts)",
      "host syncs: the collator's index plan, no NaN filter, non-blocking copies, no mask for right padding "
      "(rows compare within one invocation)"),
 )
