@@ -343,10 +343,17 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     tr = sorted((v["memories"], v["seconds"]) for v in scale["training"].values())
     ex = sorted((v["user_turns"], v["seconds"]) for v in scale["extraction"].values())
     if tr:
-        lines += ["| memories | wall time of one default training cycle (s) | stages (s) |", "|---|---|---|"]
+        lines += ["| memories | wall time of one default training cycle (s) | stages (s) | step-1 cues | "
+                  "step-2 samples per epoch | step-2 epochs run | step-2 s per sample drawn | decode exact match |",
+                  "|---|---|---|---|---|---|---|---|"]
         for n, v in sorted(scale["training"].items(), key=lambda kv: int(kv[0])):
-            stages = ", ".join(f"{k} {s:.0f}" for k, s in v["stage_seconds"].items())
-            lines.append(f"| {n} | {v['seconds']:.0f} | {stages} |")
+            stages = ", ".join(f"{k} {s:.0f}" for k, s in v["stage_seconds"].items() if s >= 0.5)
+            em = v.get("decode_exact_match")
+            drawn = (v.get("step2_samples_per_epoch") or 0) * (v.get("step2_epochs") or 0)
+            per = f"{v['stage_seconds']['decode'] / drawn:.2f}" if drawn and "decode" in v["stage_seconds"] else "–"
+            lines.append(f"| {n} | {v['seconds']:.0f} | {stages} | {v.get('step1_cues', '–')} | "
+                         f"{v.get('step2_samples_per_epoch', '–')} | {v.get('step2_epochs', '–')} | {per} | "
+                         f"{'–' if em is None else f'{em:.2f}'} |")
         lines.append("")
     if ex:
         lines += ["| LoCoMo sessions | chat sessions | user turns | facts | extraction method | extraction (s) |",
@@ -363,8 +370,11 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
         lines += ["The training-cycle curve needs `python -m bench.scale --memories 10,100,1000` "
                   "(hours on this CPU); it has not been run yet.", ""]
     elif max(n for n, _ in tr) < 1000:
+        top_n, top_s = max(tr)
         lines += [f"Not yet measured: {', '.join(str(n) for n in (100, 1000) if n > max(m for m, _ in tr))} "
-                  "memories (`python -m bench.scale --memories 1000 --sessions ''`; hours on this CPU).", ""]
+                  f"memories (`python -m bench.scale --memories 1000 --sessions ''`). At the largest measured "
+                  f"size's {top_s / top_n:.1f} s per memory, 1,000 would take about {top_s / top_n * 1000 / 3600:.1f} h "
+                  "here: an extrapolation, not a measurement.", ""]
     curves = {"training cycle vs memories": tr, "extraction vs user turns": ex}
     png = _line(out_dir / "benchmarks_scale.png", "Wall time vs size", curves, "memories / user turns", "seconds")
     return lines + [f"![scale]({png})", ""]

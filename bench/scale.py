@@ -43,7 +43,22 @@ def training_cycle(n: int, locomo: str) -> dict:
     (work / "no_chats").mkdir()  # N memories and nothing else (the default chats_dir holds the example chats)
     run = run_pipeline(work / "out", ["--memories", str(memories), "--chats_dir", str(work / "no_chats")])
     return {"memories": n, "imported": run["memories_imported"], "seconds": run["seconds"],
-            "stage_seconds": run["stage_seconds"], "version": run["version"]}
+            "stage_seconds": run["stage_seconds"], "version": run["version"], **cycle_work(work / "out")}
+
+
+def cycle_work(out: Path) -> dict:
+    """What the cycle trained, from its run directory's metrics: step-1 cues and epochs, step-2
+    samples per epoch, epochs run (``decode_stop_at_exact_match`` and ``decode_min_steps`` make
+    this depend on the size) and the exact-match share it reached, and step 2's phase timings."""
+    run_dir = sorted(out.glob("runs/*/decode/metrics.json"))[-1].parent.parent
+    recall = json.loads((run_dir / "recall" / "metrics.json").read_text())
+    decode = json.loads((run_dir / "decode" / "metrics.json").read_text())
+    return {"step1_cues": recall.get("cues"), "step1_epochs": recall.get("final_train_set", {}).get("epoch"),
+            "step2_samples_per_epoch": decode["train"].get("samples_per_epoch"),
+            "step2_epochs": decode["train"].get("epochs_run"),
+            "step2_tokens_per_second": decode["train"].get("tokens_per_second"),
+            "decode_exact_match": decode.get("decode_exact_match"),
+            "step2_phase_seconds": decode.get("phase_seconds", {})}
 
 
 def extraction(n_sessions: int, locomo: str) -> dict:

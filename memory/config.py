@@ -164,6 +164,7 @@ class MemoryArguments:
                 self.recall_threshold = float(self.recall_threshold)
             except ValueError:
                 raise ValueError(f"recall_threshold: expected 'auto' or a number, got {self.recall_threshold!r}") from None
+        parse_mix(self.decode_mix)
         if self.memories_per_recall < 1:
             raise ValueError(f"memories_per_recall: expected at least 1, got {self.memories_per_recall}")
         if self.incremental not in ("auto", "always"):
@@ -180,6 +181,19 @@ class MemoryArguments:
             raise ValueError(f"extraction_method: expected rewrite or model, got {self.extraction_method!r}")
         if self.extraction_unit not in ("sentence", "message", "session"):
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
+
+
+def parse_mix(mix: str) -> tuple:
+    """``decode_mix`` as (memory, sandwich, sft, answer) counts per memory per epoch; the
+    answer count is optional (0)."""
+    try:
+        parts = tuple(int(m) for m in mix.split(":"))
+    except ValueError:
+        parts = ()
+    if len(parts) not in (3, 4) or min(parts) < 0 or parts[0] + (parts[3] if len(parts) == 4 else 0) < 1:
+        raise ValueError(f"decode_mix: expected memory:sandwich:sft[:answer] counts per memory, with at least "
+                         f"one memory or answer sample, got {mix!r}")
+    return parts + (0,) * (4 - len(parts))
 
 
 def _argument_classes():

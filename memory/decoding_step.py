@@ -30,6 +30,8 @@ import torch
 
 from memory.runs import last_complete_checkpoint, raise_if_stopped
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
+from memory.config import parse_mix
+from memory.questions import second_person
 from memory.sft_data import SFTExample, chat_prompt
 from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
                                   memory_token_ids, neutralize)
@@ -114,21 +116,28 @@ def _continue_activated(loaded, recall_dir: Path, args, start_lm):
         loaded.model if start_lm is None else start_lm, loaded.tokenizer, recall_dir)
     targets = [t for t in args.lora_target_modules.split(",") if t]
     targets += [t for t in step1["lora_target_modules"].split(",") if t and t not in targets]
-    n_mem, n_sand, n_sft = (args.mix.split(":") + ["0", "0", "0"])[:3]
-    if n_sft != "0":
-        logger.info("step 3.2: activated adapter: no pure SFT samples (mix %s -> %s:%s:0): they never reach it",
-                    args.mix, n_mem, n_sand)
+    n_mem, n_sand, n_sft, n_ans = parse_mix(args.mix)
+    if n_sft:
+        logger.info("step 3.2: activated adapter: no pure SFT samples (mix %s -> %d:%d:0:%d): they never reach it",
+                    args.mix, n_mem, n_sand, n_ans)
     args = dataclasses.replace(args, adapter_scope="recall", lora_r=step1["lora_r"], lora_alpha=step1["lora_alpha"],
-                               lora_target_modules=",".join(targets), mix=f"{n_mem}:{n_sand}:0", kd_weight=0.0)
+                               lora_target_modules=",".join(targets), mix=f"{n_mem}:{n_sand}:0:{n_ans}", kd_weight=0.0)
     return lm, adapter_state, query_projector, temperature, args
 
 
 class SampleBuilder:
-    """Token segments for the three sample kinds, tokenised once; ``epoch`` draws one epoch."""
+    """Token segments for the sample kinds, tokenised once; ``epoch`` draws one epoch.
+
+    ``answers[r]``: memory ``r`` said back to the user ("You live in Porto now."), or None; an
+    ``answer`` sample is a ``memory`` sample after a question (``question_contexts[r]``: indices
+    into ``contexts[r]``) that goes on to answer with it, so the model learns to *use* what it
+    recalled. (A sandwich teaches the other half: after a memory that does not fit the prompt,
+    answer the prompt.)"""
 
     def __init__(self, tokenizer, memories: Sequence[str], contexts: Sequence[Sequence[str]],
                  sft: Sequence[SFTExample], max_length: int, max_answer_tokens: int = 40,
-                 mix: str = "2:1:2"):
+                 mix: str = "2:1:2", answers: Optional[Sequence[Optional[str]]] = None,
+                 question_contexts: Optional[Sequence[Sequence[int]]] = None):
         if not sft:
             raise ValueError("step 2 needs SFT examples (none were found or generated)")
         tok = tokenizer
@@ -138,13 +147,15 @@ class SampleBuilder:
             or [tok.eos_token_id]
         enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.max_length = max_length
-        try:
-            self.mix = tuple(int(m) for m in mix.split(":"))
-        except ValueError:
-            self.mix = ()
-        if len(self.mix) != 3 or min(self.mix) < 0 or self.mix[0] < 1:
-            raise ValueError(f"decode_mix: expected memory:sandwich:sft counts per memory with memory >= 1, got {mix}")
+        self.mix = parse_mix(mix)
         self.memories = [enc(neutralize(m, tok)) for m in memories]
+        answers = answers if answers is not None else [None] * len(memories)
+        question_contexts = question_contexts if question_contexts is not None else [[] for _ in memories]
+        if len(answers) != len(memories) or len(question_contexts) != len(memories):
+            raise ValueError(f"{len(memories)} memories, {len(answers)} answers, {len(question_contexts)} "
+                             "question-context lists: one each per memory")
+        self.answers = [enc(" " + neutralize(a, tok)) + self.im_end if a else None for a in answers]
+        self.question_contexts = [list(q) if a else [] for q, a in zip(question_contexts, answers)]
         # a context's prefix = format_query minus its trailing <recall>: the exact ids step 1 saw
         self.contexts = [[enc(format_query(tok, c))[:-1] for c in ctxs] for ctxs in contexts]
         self.sft_prompts = [enc(chat_prompt(tok, e.prompt)) for e in sft]
@@ -168,6 +179,12 @@ class SampleBuilder:
         return assemble([Segment(self.contexts[row][context], False), Segment([self.recall], True),
                          Segment([self.pad], False), Segment(self.memories[row] + [self.end], True)],
                         self.max_length, memory_row=row, recall_target=row, kind="memory",
+                        anchor=self.context_anchor[row][context])
+
+    def answer_sample(self, row: int, context: int) -> dict:
+        return assemble([Segment(self.contexts[row][context], False), Segment([self.recall], True),
+                         Segment([self.pad], False), Segment(self.memories[row] + [self.end] + self.answers[row], True)],
+                        self.max_length, memory_row=row, recall_target=row, kind="answer",
                         anchor=self.context_anchor[row][context])
 
     def sandwich_sample(self, row: int, sft: int) -> dict:
@@ -202,14 +219,23 @@ class SampleBuilder:
 
 
     def epoch(self, epoch: int, rng: random.Random) -> List[dict]:
-        """One epoch's samples, shuffled: per memory ``mix`` = (memory, sandwich, sft) counts."""
-        n_mem, n_sand, n_sft = self.mix
+        """One epoch's samples, shuffled: per memory ``mix`` = (memory, sandwich, sft, answer)
+        counts. A memory with no answer or no question context gets memory samples instead of
+        its answer samples."""
+        n_mem, n_sand, n_sft, n_ans = self.mix
         rows = range(len(self.memories))
         items = []
         for r in rows:  # distinct contexts while they last
-            picks = rng.sample(range(len(self.contexts[r])), min(n_mem, len(self.contexts[r])))
-            picks += [rng.randrange(len(self.contexts[r])) for _ in range(n_mem - len(picks))]
+            questions = self.question_contexts[r]
+            n_answer = n_ans if questions else 0
+            n_memory = n_mem + n_ans - n_answer
+            picks = rng.sample(range(len(self.contexts[r])), min(n_memory, len(self.contexts[r])))
+            picks += [rng.randrange(len(self.contexts[r])) for _ in range(n_memory - len(picks))]
             items += [self.memory_sample(r, c) for c in picks]
+            if n_answer:
+                asks = rng.sample(questions, min(n_answer, len(questions)))
+                asks += [rng.choice(questions) for _ in range(n_answer - len(asks))]
+                items += [self.answer_sample(r, c) for c in asks]
         items += [self.sandwich_sample(r, rng.randrange(len(self.sft_prompts))) for r in rows for _ in range(n_sand)]
         n = len(self.memories) * n_sft
         picks = rng.sample(range(len(self.sft_prompts)), n) if n <= len(self.sft_prompts) \
@@ -217,6 +243,15 @@ class SampleBuilder:
         items += [self.sft_sample(i) for i in picks]
         rng.shuffle(items)
         return items
+
+
+def question_contexts(cues: Sequence) -> List[int]:
+    """Indices into ``decode_contexts(cues)`` of the contexts that ask about the memory: the
+    questions and the neutral ask, not the source turns (what the user said is no question to
+    answer with the fact)."""
+    kinds = [c.kind for c in cues if c.kind in ("question", "source")
+             or (c.kind == "template" and _WH_QUESTION.match(c.text))] + ["neutral"]
+    return [i for i, k in enumerate(kinds) if k != "source"]
 
 
 def decode_contexts(cues: Sequence) -> List[str]:
@@ -318,7 +353,9 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     before = raw if query_projector is None else RecallEngine(query_lm, tok, token_ids, query_projector=query_projector,
                                                               autocast_dtype=loaded.runtime.autocast_dtype)
     phases = metrics["phase_seconds"] = {"setup": time.perf_counter() - started}
-    builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix)
+    builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix,
+                            answers=[second_person(r.text) for r in records],
+                            question_contexts=[question_contexts(cues[r.id]) for r in records])
     with _timed(phases, "queries"):
         # step 1's query for every context a sample can have: the preserve term's anchors
         anchor_texts = builder.anchor_texts(contexts, sft) if args.preserve_weight > 0 else []
@@ -386,8 +423,8 @@ def _schedule(samples_per_epoch: int, args):
 def planned_steps(memories: int, args, activated: bool) -> int:
     """Step 2's optimizer steps for ``memories`` memories under ``args`` (its ``mix`` per memory;
     no pure SFT samples for an activated adapter): what a cycle's plan weighs."""
-    n_mem, n_sand, n_sft = [int(x) for x in (args.mix.split(":") + ["0", "0", "0"])[:3]]
-    epochs, steps_per_epoch = _schedule(memories * (n_mem + n_sand + (0 if activated else n_sft)), args)
+    n_mem, n_sand, n_sft, n_ans = parse_mix(args.mix)
+    epochs, steps_per_epoch = _schedule(memories * (n_mem + n_sand + n_ans + (0 if activated else n_sft)), args)
     return math.ceil(epochs * steps_per_epoch)
 
 

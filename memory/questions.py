@@ -415,4 +415,32 @@ def template_cues(records: Iterable) -> Dict[int, List[str]]:
     return {rid: [q for q in qs if len(owners[(users[rid], q.lower())]) == 1] for rid, qs in made.items()}
 
 
-__all__: Sequence[str] = ("first_person", "template_questions", "template_cues")
+_TO_YOU = {"i": "you", "me": "you", "my": "your", "mine": "yours", "myself": "yourself", "am": "are",
+           "i'm": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "was": "were", "wasn't": "weren't"}
+
+
+def second_person(fact: str) -> Optional[str]:
+    """The fact said back to the user ("The user's sister Marta lives in Madrid." -> "Your sister
+    Marta lives in Madrid."); None when the fact does not mention the user. ``was`` becomes
+    ``were`` only right after "I" ("I was" -> "You were"; "My flat was" stays)."""
+    first = first_person(fact)
+    if first is None:
+        return None
+    words = first.split()
+    out: List[str] = []
+    for i, w in enumerate(words):
+        core = w.rstrip(",;:")
+        low = core.lower()
+        if low in ("was", "wasn't") and (i == 0 or words[i - 1].lower() != "i"):
+            out.append(w)
+            continue
+        if low in _TO_YOU:
+            new = _TO_YOU[low]
+            new = new[0].upper() + new[1:] if i == 0 else new
+            out.append(new + w[len(core):])
+        else:
+            out.append(w)
+    return " ".join(out) + "."
+
+
+__all__: Sequence[str] = ("first_person", "second_person", "template_questions", "template_cues")

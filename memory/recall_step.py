@@ -25,7 +25,7 @@ from memory.runs import last_complete_checkpoint, raise_if_stopped
 from memory.sft_data import abstention_prompts
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
-from recall.kfold import ALWAYS_TRAIN_KINDS, cross_validate, holdout_memories
+from recall.kfold import ALWAYS_TRAIN_KINDS, cross_validate, cue_key, holdout_memories, with_positives
 from recall.text_embedding_train import (ACTIVATION_PHRASE, RecallMemoryTrainer, RecallTrainingArguments,
                                          build_recall_model, format_query)
 
@@ -51,7 +51,7 @@ def build_dataset(tokenizer, records, cues: Dict[int, list], extra_texts: Sequen
     (target -1: they only carry a teacher distribution). Records without an entry in
     ``cues`` are in the bank (as negatives) but have no cue of their own."""
     data = [{"text": format_query(tokenizer, cue.text), "raw": cue.text, "target": row, "kind": cue.kind,
-             "memory_id": rec.id} for row, rec in enumerate(records) for cue in cues.get(rec.id, ())]
+             "memory_id": rec.id, "user": rec.user_id} for row, rec in enumerate(records) for cue in cues.get(rec.id, ())]
     data += [{"text": format_query(tokenizer, t), "raw": t, "target": -1, "kind": "context", "memory_id": None}
              for t in extra_texts]
     return data
@@ -104,8 +104,9 @@ class _Fitter:
     activated version's)."""
 
     def __init__(self, start_lm, tokenizer, token_ids, bank, train_args: RecallTrainingArguments,
-                 callbacks: Sequence = (), query_projector=None, start_adapter=None):
+                 callbacks: Sequence = (), query_projector=None, start_adapter=None, bank_users=None):
         self.base, self.tokenizer, self.start_adapter = start_lm, tokenizer, start_adapter
+        self.bank_users = bank_users
         self.token_ids, self.bank, self.train_args = token_ids, bank, train_args
         self.callbacks, self.query_projector = list(callbacks), query_projector
 
@@ -118,14 +119,17 @@ class _Fitter:
             model.projector.load_state_dict(self.query_projector.state_dict())
         trainer = RecallMemoryTrainer(model=model, args=args, memory_bank=self.bank, tokenizer=self.tokenizer,
                                       recall_token_id=self.token_ids[RECALL_TOKEN], train_dataset=train,
-                                      callbacks=self.callbacks)
+                                      callbacks=self.callbacks, bank_users=self.bank_users)
         resume = (self.train_args.resume_from_checkpoint or last_complete_checkpoint(out_dir)) if save else None
         if resume:
             logger.info("step 3.1: resuming from %s", resume)
         trainer.train(resume_from_checkpoint=resume)
         raise_if_stopped(trainer.state, "step 3.1")
         metrics = trainer.evaluate(held_out) if held_out else {}
-        return trainer, {k.removeprefix("eval_"): v for k, v in metrics.items()}
+        metrics = {k.removeprefix("eval_"): v for k, v in metrics.items()}
+        if held_out and not save:  # a K-fold or unseen-memory measurement: which cues it missed
+            metrics["misses"] = trainer.eval_misses
+        return trainer, metrics
 
 
 def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,
@@ -172,6 +176,7 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     data = build_dataset(loaded.tokenizer, records, cues, extra_texts)
     if train_args.abstention:
         data = with_abstention(data, loaded.tokenizer, len(records))
+    with_positives(data, len(records))  # a message stating two facts is a cue of both
     if teacher is not None:
         vectors = teacher.vectors([d["raw"] for d in data])  # each text encoded once, for both terms
         for item, probs, vec in zip(data, teacher.probabilities(vectors), vectors):
@@ -191,7 +196,7 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
         targets += sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in start_adapter} - set(targets))
         train_args = dataclasses.replace(train_args, lora_target_modules=",".join(targets))
     fit = _Fitter(loaded.model if start_lm is None else start_lm, loaded.tokenizer, token_ids, bank, train_args,
-                  callbacks, query_projector, start_adapter)
+                  callbacks, query_projector, start_adapter, bank_users=[r.user_id for r in records])
     if args.k_folds >= 2 and not any(d["kind"] not in ALWAYS_TRAIN_KINDS for d in data):
         logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
     elif args.k_folds >= 2:
@@ -201,8 +206,14 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     if args.eval_unseen_fraction > 0:
         held = holdout_memories([d["target"] for d in data if 0 <= d["target"] < len(records)],
                                 args.eval_unseen_fraction, train_args.seed)
-        metrics["unseen"] = fit([d for d in data if d["target"] not in held],
-                                [d for d in data if d["target"] in held], run_dir / "unseen")[1]
+        train = [d for d in data if d["target"] not in held]
+        trained_keys = {cue_key(d["raw"]) for d in train}  # a text shared with a trained memory is not unseen
+        metrics["unseen"] = fit(train, [d for d in data if d["target"] in held and cue_key(d["raw"]) not in trained_keys],
+                                run_dir / "unseen")[1]
+    for part in (metrics.get("kfold"), metrics.get("unseen")):  # missed cues, with memory texts for rows
+        for miss in (part or {}).get("misses", ()):
+            miss["expected"] = [records[r].text for r in miss.pop("positives")]
+            miss["top"] = records[miss["top"]].text if miss["top"] < len(records) else "(no memory)"
     out = run_dir / "recall"
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     trainer, train_metrics = fit(data, data, out, save=True)

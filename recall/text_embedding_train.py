@@ -322,15 +322,30 @@ def retrieval_metrics(ranks: Sequence[int]) -> Dict[str, float]:
             "mrr": sum(1.0 / r for r in ranks) / n, "n": len(ranks)}
 
 
+def positive_ranks(scores: torch.Tensor, positives: Sequence[Sequence[int]]) -> List[int]:
+    """1-based rank of each query's best right memory, where ``positives[i]`` are every memory
+    query ``i`` is a cue of: 1 + the wrong memories scoring above the best right one."""
+    right = torch.zeros_like(scores, dtype=torch.bool)
+    for i, rows in enumerate(positives):
+        right[i, list(rows)] = True
+    best = scores.masked_fill(~right, float("-inf")).max(1).values
+    return ((scores > best[:, None]) & ~right).sum(1).add(1).tolist()
+
+
 class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
     """``Trainer`` for step 1. ``memory_bank``: (M, d) memory vectors (fixed targets);
-    datasets hold ``{"text": formatted query, "target": row in the bank}``."""
+    datasets hold ``{"text": formatted query, "target": row in the bank}``. ``bank_users``: the
+    user of each bank row; ``evaluate`` then ranks a cue with a ``user`` among that user's
+    memories only, as the recall loop searches."""
 
     STATE_FILE = TRAINABLE_STATE  # only the small trainable state is saved (SmallStateTrainerMixin)
 
     def __init__(self, model: RecallQueryModel, args: RecallTrainingArguments, memory_bank: torch.Tensor,
-                 tokenizer, recall_token_id: int, **kwargs):
+                 tokenizer, recall_token_id: int, bank_users: Optional[Sequence[str]] = None, **kwargs):
         kwargs.setdefault("data_collator", RecallCollator(tokenizer, recall_token_id, args.max_length))
+        if bank_users is not None and len(bank_users) != len(memory_bank):
+            raise ValueError(f"bank_users: {len(bank_users)} users for {len(memory_bank)} memory vectors")
+        self.bank_users = list(bank_users) if bank_users is not None else None
         prepare_deepspeed_args(args)
         super().__init__(model=model, args=args, processing_class=tokenizer, **kwargs)
         self.recall_token_id = recall_token_id
@@ -405,14 +420,30 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
             model.train(was_training)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+        """recall@k and MRR of labelled cues. A text that is a cue of several memories (a message
+        stating two facts; ``recall.kfold.with_positives`` lists them in ``positives``) counts once,
+        and a hit on any of its memories counts; ``strict_*`` counts every (text, memory) pair and
+        only its own memory."""
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         data = [d for d in data if 0 <= d["target"] < len(self.memory_bank)]  # labelled cues, not "no memory"
         queries = self.query_vectors([d["text"] for d in data])
         scores = queries @ self._bank(queries.device).T
-        targets = torch.tensor([d["target"] for d in data])
-        target_scores = scores[torch.arange(len(targets)), targets]
-        ranks = (scores > target_scores[:, None]).sum(1) + 1
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in retrieval_metrics(ranks.tolist()).items()}
+        if self.bank_users is not None:  # a user's query competes with that user's memories only
+            users = torch.tensor([[d.get("user") in (None, u) for u in self.bank_users] for d in data],
+                                 device=scores.device).reshape(scores.shape)
+            scores = scores.masked_fill(~users, float("-inf"))
+        first: Dict[tuple, int] = {}
+        for i, d in enumerate(data):
+            first.setdefault((d.get("user"), d["text"]), i)
+        rows = sorted(first.values())
+        ranks = positive_ranks(scores[rows], [data[i].get("positives") or [data[i]["target"]] for i in rows])
+        strict = positive_ranks(scores, [[d["target"]] for d in data])
+        self.eval_misses = [{"cue": data[i].get("raw", data[i]["text"]), "positives": data[i].get("positives") or
+                             [data[i]["target"]], "top": int(scores[i].argmax()), "rank": r}
+                            for i, r in zip(rows, ranks) if r > 1]  # for diagnostics (K-fold lists them)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in retrieval_metrics(ranks).items()}
+        metrics.update({f"{metric_key_prefix}_strict_{k}": v for k, v in retrieval_metrics(strict).items()
+                        if k in ("recall_at_1", "mrr", "n")})
         self.log(metrics)
         return metrics
 

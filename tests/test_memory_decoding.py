@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from memory.decoding_step import SampleBuilder, exact_match_rate
+from memory.cues import Cue
+from memory.decoding_step import SampleBuilder, decode_contexts, exact_match_rate, parse_mix, question_contexts
+from memory.questions import second_person
 from memory.sft_data import SFTExample
 from memory.token_manager import MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens
-from recall.generation import Hit, RecallEngine
+from recall.generation import NEUTRAL_CONTEXT, Hit, RecallEngine
 from recall.text_memory_train import (IGNORE, DecodingCollator, EnhancedTextMemoryTrainer, MemoryDecodingArguments,
                                       MemoryProjector, ResampledDataset, Segment, assemble, build_decoder_model)
 from tests.conftest import make_tiny_model
@@ -76,6 +78,43 @@ def test_labels_mask_exactly_the_context(tiny):
     sandwich = builder.sandwich_sample(2, 0)
     r = sandwich["input_ids"].index(ids[RECALL_TOKEN])
     assert all(label == IGNORE for label in sandwich["labels"][:r])
+
+
+def test_answer_samples_recall_the_memory_and_say_it_back(tiny):
+    _, tok, ids = tiny
+    contexts = [["I moved to Porto.", "Where do I live?", "What do you remember about me?"]] * 3
+    answers = [second_person(f) for f in FACTS[:2]] + [None]
+    assert answers[:2] == ["You live in Porto.", "You have a dog called Max."]
+    builder = SampleBuilder(tok, FACTS, contexts, SFT, max_length=256, mix="1:1:0:2", answers=answers,
+                            question_contexts=[[1, 2]] * 3)
+    s = builder.answer_sample(0, 1)
+    n_ctx = len(builder.contexts[0][1])
+    assert s["labels"][:n_ctx] == [IGNORE] * n_ctx and s["kind"] == "answer" and s["recall_target"] == 0
+    assert s["input_ids"][n_ctx] == ids[RECALL_TOKEN] and s["labels"][n_ctx + 1] == IGNORE  # the pad
+    end = s["input_ids"].index(ids[RECALL_END_TOKEN])
+    assert tok.decode(s["input_ids"][n_ctx + 2:end]) == FACTS[0]
+    assert s["labels"][end:] == s["input_ids"][end:]  # the memory, </recall> and the answer are all trained
+    assert tok.decode(s["input_ids"][end + 1:]).startswith(" You live in Porto.")
+    for epoch in range(3):
+        items = builder.epoch(epoch, random.Random(epoch))
+        answer_items = [i for i in items if i["kind"] == "answer"]
+        # two answer samples per memory that has an answer, each after a question (contexts 1 and 2);
+        # the memory without one gets memory samples instead
+        assert sorted(i["memory_row"] for i in answer_items) == [0, 0, 1, 1]
+        assert all(i["input_ids"][:n_ctx] != builder.contexts[0][0] for i in answer_items)
+        assert sorted(i["memory_row"] for i in items if i["kind"] == "memory") == [0, 1, 2, 2, 2]
+    assert parse_mix("2:1:2") == (2, 1, 2, 0) and parse_mix("1:1:0:1") == (1, 1, 0, 1)
+    assert parse_mix("0:1:0:1") == (0, 1, 0, 1)
+    for bad in ("2:1", "a:b:c", "0:1:2", "1:1:1:-1", "1:1:1:1:1"):
+        with pytest.raises(ValueError, match="decode_mix"):
+            parse_mix(bad)
+
+
+def test_question_contexts_leave_out_what_the_user_said():
+    cues = [Cue("text", "The user lives in Porto."), Cue("source", "I moved to Porto!"),
+            Cue("template", "Where do I live?"), Cue("template", "Do I live in Porto?"), Cue("question", "Which city?")]
+    assert decode_contexts(cues) == ["I moved to Porto!", "Where do I live?", "Which city?", NEUTRAL_CONTEXT]
+    assert question_contexts(cues) == [1, 2, 3]
 
 
 def test_long_context_is_cut_from_the_left():

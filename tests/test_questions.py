@@ -5,7 +5,7 @@ import pytest
 
 from memory.cues import Cue, memory_cues
 from memory.decoding_step import decode_contexts
-from memory.questions import first_person, template_cues, template_questions
+from memory.questions import first_person, second_person, template_cues, template_questions
 
 
 @pytest.mark.parametrize("fact, spoken", [
@@ -19,6 +19,20 @@ from memory.questions import first_person, template_cues, template_questions
 ])
 def test_first_person(fact, spoken):
     assert first_person(fact) == spoken
+
+
+@pytest.mark.parametrize("fact, said_back", [
+    ("The user lives in Porto now.", "You live in Porto now."),
+    ("The user's sister Marta lives in Madrid.", "Your sister Marta lives in Madrid."),
+    ("The user is allergic to peanuts.", "You are allergic to peanuts."),
+    ("The user was a nurse.", "You were a nurse."),
+    ("The user's flat was small.", "Your flat was small."),
+    ("The user uses an inhaler before they run.", "You use an inhaler before you run."),
+    ("The flights worry the user more.", "The flights worry you more."),
+    ("Caroline joined a mentorship program.", None),
+])
+def test_second_person(fact, said_back):
+    assert second_person(fact) == said_back
 
 
 def test_a_fact_about_a_named_person_is_asked_about_by_name():

@@ -11,7 +11,8 @@ from memory.chat_store import ChatFormatError
 from memory.cues import Cue, is_good_question
 from memory.import_memories import read_memories_jsonl
 from memory.vector_db import MemoryVectorDB
-from recall.kfold import ALWAYS_TRAIN, holdout_memories, stratified_folds
+from recall.kfold import ALWAYS_TRAIN, holdout_memories, stratified_folds, with_positives
+from recall.text_embedding_train import positive_ranks
 
 FACTS = ["The user lives in Porto.", "The user has a dog called Max.", "The user works as a nurse."]
 
@@ -36,6 +37,33 @@ def test_stratified_folds_are_disjoint_and_keep_every_memory_in_training():
     assert holdout_memories(targets, 0.3, seed=1) == holdout_memories(targets, 0.3, seed=1)
     with pytest.raises(ValueError):
         stratified_folds(targets, kinds, k=1)
+
+
+def test_a_text_shared_by_two_memories_is_held_out_once_and_either_memory_is_right():
+    # memories 0 and 1 come from one message that states both facts: its copies share a fold
+    texts = ["m0", "I live with Tiago. Our flat is on the ground floor.", "Who do I live with?",
+             "m1", "i live with tiago.  our flat is on the ground floor.", "Which floor is my flat on?",
+             "m2", "I have a dog.", "M0"]
+    targets = [0, 0, 0, 1, 1, 1, 2, 2, 1]
+    kinds = ["text", "source", "template", "text", "source", "template", "text", "source", "template"]
+    for seed in range(20):
+        folds = stratified_folds(targets, kinds, k=3, seed=seed, texts=texts)
+        assert folds[1] == folds[4] != ALWAYS_TRAIN
+        assert folds[8] == ALWAYS_TRAIN  # the copy of memory 0's always-trained text is never held out
+    data = [{"text": t, "raw": t, "target": m} for t, m in zip(texts, targets)] + [
+        {"text": "hello", "raw": "hello", "target": 3}, {"text": "chat", "raw": "chat", "target": -1}]
+    with_positives(data, 3)
+    assert data[1]["positives"] == data[4]["positives"] == [0, 1]
+    assert data[0]["positives"] == [0, 1] and data[2]["positives"] == [0]  # "m0" is also a cue of memory 1
+    assert "positives" not in data[9] and "positives" not in data[10]  # "no memory" and unlabelled texts
+
+
+def test_positive_ranks_count_only_wrong_memories_above_the_best_right_one():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1],
+                           [0.9, 0.8, 0.7, 0.1],
+                           [0.2, 0.9, 0.95, 0.1]])
+    assert positive_ranks(scores, [[0], [2], [0, 3]]) == [1, 3, 3]
+    assert positive_ranks(scores, [[1, 2], [1], [1, 2]]) == [2, 2, 1]
 
 
 def test_import_counts(tiny_model_dir, tmp_path, capsys):
@@ -84,7 +112,11 @@ def test_import_then_train_recall_with_kfold(tiny_model_dir, tmp_path, capsys):
     final = runs[-1] / "recall"
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["memories"] == 3 and metrics["cues"] == 9
-    assert len(metrics["kfold"]["per_fold"]) == 2 and 0 <= metrics["kfold"]["recall_at_1_mean"] <= 1
+    kf = metrics["kfold"]
+    assert len(kf["per_fold"]) == 2 and 0 <= kf["recall_at_1_mean"] <= 1 and "strict_recall_at_1_mean" in kf
+    missed = sum(round((1 - f["recall_at_1"]) * f["n"]) for f in kf["per_fold"])
+    assert len(kf.get("misses", [])) == missed  # every missed held-out cue is listed, with memory texts
+    assert all(set(m["expected"]) <= set(FACTS) and m["top"] in FACTS and m["rank"] > 1 for m in kf.get("misses", []))
     state = load_file(final / "recall_state.safetensors")
     delta = [v for k, v in state.items() if k.endswith(".delta")]
     assert delta and delta[0].dtype == torch.float32 and delta[0].abs().sum() > 0  # the rows trained

@@ -49,6 +49,25 @@ def test_loss_decreases_rows_change_and_retrieval_improves(setup):
     assert after["eval_recall_at_1"] > before["eval_recall_at_1"] and after["eval_recall_at_1"] >= 0.8
 
 
+def test_evaluate_ranks_a_cue_among_its_own_users_memories(setup, tmp_path):
+    trainer, tok, ids = setup
+    text = format_query(tok, FACTS[0])
+    query = trainer.query_vectors([text])
+    bank = torch.cat([trainer.memory_bank, torch.nn.functional.normalize(query, dim=-1)])  # another user's copy
+    cue = [{"text": text, "target": 0, "user": "alex"}]
+    scoped = RecallMemoryTrainer(model=trainer.model, args=trainer.args, memory_bank=bank, tokenizer=tok,
+                                 recall_token_id=ids[RECALL_TOKEN], bank_users=["alex"] * len(FACTS) + ["sam"])
+    unscoped = RecallMemoryTrainer(model=trainer.model, args=trainer.args, memory_bank=bank, tokenizer=tok,
+                                   recall_token_id=ids[RECALL_TOKEN])
+    assert unscoped.evaluate(cue)["eval_recall_at_1"] == 0.0  # sam's memory is the query itself
+    assert scoped.evaluate(cue)["eval_mrr"] > unscoped.evaluate(cue)["eval_mrr"]
+    assert scoped.evaluate(cue + [{**cue[0], "target": len(FACTS), "user": "sam", "positives": [len(FACTS)]}])[
+        "eval_recall_at_1"] >= 0.5  # the same text from sam finds sam's memory
+    with pytest.raises(ValueError, match="bank_users"):
+        RecallMemoryTrainer(model=trainer.model, args=trainer.args, memory_bank=bank, tokenizer=tok,
+                            recall_token_id=ids[RECALL_TOKEN], bank_users=["alex"])
+
+
 def test_collator_keeps_the_tokens_next_to_recall(tokenizer):
     tok = copy.deepcopy(tokenizer)
     rid = add_memory_tokens(make_tiny_model(tok), tok)[RECALL_TOKEN]
@@ -122,7 +141,8 @@ def test_abstention_learns_a_level_between_cues_and_general_prompts(tokenizer, t
     cue_best = (trainer.query_vectors([format_query(tok, f) for f in FACTS]) @ bank.T).max(1).values
     general_best = (trainer.query_vectors([format_query(tok, g) for g in general]) @ bank.T).max(1).values
     assert (cue_best > level).float().mean() >= 0.8 and (general_best < level).float().mean() >= 0.8
-    assert trainer.evaluate()["eval_n"] == len(FACTS) * 4  # "no memory" texts are not retrieval cues
+    metrics = trainer.evaluate()  # "no memory" texts are not retrieval cues; a repeated text counts once
+    assert metrics["eval_n"] == len(FACTS) and metrics["eval_strict_n"] == len(FACTS) * 4
     state = model.trainable_state()
     assert "abstain" in state
     # a model built without abstention (step 2, the published loader) loads that state, ignoring the level
