@@ -132,6 +132,13 @@ class _Fitter:
         return trainer, metrics
 
 
+def _name_misses(misses: Sequence[dict], records) -> None:
+    """Missed held-out cues with memory texts in place of bank rows (for the metrics file)."""
+    for miss in misses:
+        miss["expected"] = [records[r].text for r in miss.pop("positives")]
+        miss["top"] = records[miss["top"]].text if miss["top"] < len(records) else "(no memory)"
+
+
 def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArguments,
                        run_dir: Path, extra_texts: Sequence[str] = (), *, bank_ids: Optional[Sequence[int]] = None,
                        train_ids: Optional[Sequence[int]] = None, start_lm=None, query_projector=None,
@@ -210,10 +217,8 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
         trained_keys = {cue_key(d["raw"]) for d in train}  # a text shared with a trained memory is not unseen
         metrics["unseen"] = fit(train, [d for d in data if d["target"] in held and cue_key(d["raw"]) not in trained_keys],
                                 run_dir / "unseen")[1]
-    for part in (metrics.get("kfold"), metrics.get("unseen")):  # missed cues, with memory texts for rows
-        for miss in (part or {}).get("misses", ()):
-            miss["expected"] = [records[r].text for r in miss.pop("positives")]
-            miss["top"] = records[miss["top"]].text if miss["top"] < len(records) else "(no memory)"
+    for part in (metrics.get("kfold"), metrics.get("unseen")):
+        _name_misses((part or {}).get("misses", ()), records)
     out = run_dir / "recall"
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     trainer, train_metrics = fit(data, data, out, save=True)
