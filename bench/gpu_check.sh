@@ -9,6 +9,8 @@
 # SET=levers4 STEPS=60: batches collated by data-loader workers, ahead of the step (about 4 minutes);
 # SET=levers5 STEPS=60 [BASE=DIR]: host syncs: step 2 with the collator's index plan and without
 #     HF's NaN filter, against neither (and against BASE's code), plus a census of the syncs left;
+# SET=levers6 STEPS=60: packed step-2 batches (no padding, FlashAttention varlen) against padded ones, with
+#     the loss of one batch both ways, SDPA without cuDNN, repeats, and a profile of the packed step;
 # SET=install: only install the carried wheels (into /tmp/site), for a command of your own.
 #
 #   bash bench/gpu_check.sh                  # results as JSON lines in $OUT/gpu_check.jsonl
@@ -26,8 +28,8 @@
 # package is missing or not at the pinned version.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-case "${SET:-all}" in all|levers|levers2|levers3|levers4|levers5|install) ;; *)
-  echo "SET: all | levers | levers2 | levers3 | levers4 | levers5 | install, got $SET"; exit 2;; esac
+case "${SET:-all}" in all|levers|levers2|levers3|levers4|levers5|levers6|install) ;; *)
+  echo "SET: all | levers | levers2 | levers3 | levers4 | levers5 | levers6 | install, got $SET"; exit 2;; esac
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: SET=levers3 runs the baseline from another directory
@@ -130,6 +132,15 @@ elif [ "${SET:-all}" = levers5 ]; then  # host syncs in the step: the index plan
       --sync_census 8
   run "step 1, compiled, batch 128, 4 workers, no NaN filter" "${single[@]}" --step recall --batch 128 \
       --steps "$STEPS" --compile_layers --workers 4
+elif [ "${SET:-all}" = levers6 ]; then  # packed batches vs padded, same flags otherwise
+  d2=(--step decode --batch 128 --steps "$STEPS" --compile_layers --length_grouping --pad_multiple 16 --workers 4)
+  run "step 2, packed, + loss padded vs packed on 64 samples" "${single[@]}" "${d2[@]}" --packing --check_packing 64
+  run "step 2, padded (default)" "${single[@]}" "${d2[@]}"
+  run "step 2, padded, SDPA without cuDNN" "${single[@]}" "${d2[@]}" --no_cudnn_attention
+  run "step 2, packed (repeat)" "${single[@]}" "${d2[@]}" --packing
+  run "step 2, padded (repeat)" "${single[@]}" "${d2[@]}"
+  run "step 2, packed, profiled (not a throughput figure)" "${single[@]}" "${d2[@]}" --packing --steps 8 \
+      --warmup 6 --profile "$OUT/gpu_profile_packed.txt"
 else
   run "step 2, plain bf16, batch 32 (+ matmul peak)" "${single[@]}" --step decode --batch 32 --steps "$STEPS" --peak
   run "step 2, plain bf16, batch 64" "${single[@]}" --step decode --batch 64 --steps "$STEPS"
@@ -146,11 +157,14 @@ rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 print("| step | setup | batch | compiled | tokens/s | TFLOP/s | MFU | MFU (6N) | peak GiB |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    setup = (r["deepspeed"] or "plain").split("/")[-1].replace(".json", "")
+    setup = (r["deepspeed"] or "plain").split("/")[-1].replace(".json", "") + (", packed" if r.get("packing") else "")
     print(f"| {r['step']} | {setup} | {r['batch_per_device']} | {r.get('compile_layers', False)} | "
           f"{r['tokens_per_second']:.0f} | "
           f"{r['tflops_per_second']:.1f} | {r.get('mfu', float('nan')):.3f} | {r.get('mfu_6n', float('nan')):.3f} | "
           f"{r.get('peak_memory_gib', float('nan'))} |")
+for r in rows:
+    if "packing_check" in r:
+        print(f"packing check (loss parts, padded vs packed): {json.dumps(r['packing_check'])}")
 peak = [r for r in rows if "measured_peak_tflops" in r]
 if peak:
     print(f"measured bf16 matmul peak: {peak[0]['measured_peak_tflops']} TFLOP/s "

@@ -23,6 +23,7 @@ reports the fraction of that. ``mfu_6n`` is the usual 6N-per-token figure for co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -143,7 +144,12 @@ class CountingCollator:
         self.pending = []
 
     def count(self, batch) -> dict:
-        lengths = batch["attention_mask"].sum(1)
+        plan = batch.get("plan") or {}
+        if plan.get("packed"):  # one row: the samples' lengths are in the plan
+            cu = plan["cu_seq_lens"].long()
+            lengths = cu[1:] - cu[:-1]
+        else:
+            lengths = batch["attention_mask"].sum(1)
         labels = batch.get("labels")
         record = {"tokens": int(lengths.sum()), "padded": int(batch["attention_mask"].numel()),
                   "labelled": int((labels != -100).sum()) if labels is not None else 0,
@@ -215,6 +221,25 @@ def SyncCensus(warmup: int, steps: int):
     return _SyncCensus()
 
 
+def NanProbe():
+    """``--nan_probe``: before each optimizer step, the trainable parameters whose gradient is
+    not finite, recorded at the first step that has any (a host sync per step: diagnosis only)."""
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        def __init__(self):
+            self.found = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if self.found is not None or model is None:
+                return
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad:
+                self.found = {"step": state.global_step + 1, "parameters": len(bad), "first": bad[:12]}
+
+    return Probe()
+
+
 def _param_counts(model):
     """(transformer matmul weights of the base, trainable parameters)."""
     body = trainable = 0
@@ -259,8 +284,10 @@ def build_trainer(opts, device, timer):
                                          dim=-1)
     scope = getattr(opts, "adapter_scope", "all")
     workers = getattr(opts, "workers", 0)
-    common = dict(output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
-                  save_strategy="no", logging_steps=10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
+    lr, clip = getattr(opts, "learning_rate", None), getattr(opts, "max_grad_norm", None)
+    common = dict(**({"learning_rate": lr} if lr is not None else {}),
+                  **({"max_grad_norm": clip} if clip is not None else {}), output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
+                  save_strategy="no", logging_steps=getattr(opts, "loss_every", 0) or 10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
                   disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda",
                   compile_layers=opts.compile_layers, dataloader_num_workers=workers)
     if opts.step == "recall":
@@ -280,6 +307,7 @@ def build_trainer(opts, device, timer):
     targets = opts.lora_targets or ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" if scope == "recall"
                                     else None)
     args = MemoryDecodingArguments(**common, pad_to_multiple_of=opts.pad_multiple, head_on_all_positions=naive,
+                                   packing=getattr(opts, "packing", False),
                                    length_grouped=getattr(opts, "length_grouping", False) and not naive,
                                    adapter_scope=scope, **({"lora_target_modules": targets} if targets else {}))
     if scope == "recall":  # as memory.decoding_step runs it: no pure SFT samples, no KD on them
@@ -308,7 +336,7 @@ def _decode_collator(opts, args, tok, model, bank, anchors, kd, recall_id: int, 
         args.accelerator_config.non_blocking = False
     plan_id = None if getattr(opts, "no_index_plan", False) else model.recall_id
     inner = DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, kd=kd,
-                             pad_to_multiple_of=args.pad_to_multiple_of, recall_id=plan_id)
+                             pad_to_multiple_of=args.pad_to_multiple_of, recall_id=plan_id, packed=args.packing)
     if getattr(opts, "keep_attention_mask", False):  # the single pass gets the padding mask as before
         inner = _MaskKept(inner)
     scope = getattr(opts, "adapter_scope", "all")
@@ -326,6 +354,39 @@ class _MaskKept:
         if "plan" in batch:
             batch["plan"]["right_padded"] = False
         return batch
+
+
+def packing_check(trainer, collate, n: int) -> dict:
+    """The step-2 loss of the epoch's first ``n`` samples as one padded batch and as one packed
+    batch (``--check_packing``), eval mode (no injection noise), eager: on a GPU this compares
+    the FlashAttention varlen kernel with the padded batch's attention, in the run's precision."""
+    import copy
+
+    inner = collate.inner
+    while not hasattr(inner, "padded"):  # unwrap the benchmark's collator wrappers
+        inner = inner.inner
+    if inner.recall_id is None:
+        raise ValueError("--check_packing needs the collator's index plan (drop --no_index_plan)")
+    padded = inner.padded() if inner.packed else inner
+    packed = copy.copy(padded)
+    packed.packed = True
+    features = [trainer.train_dataset[i] for i in range(min(n, len(trainer.train_dataset)))]
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    out = {}
+    stance = getattr(torch.compiler, "set_stance", None)
+    try:
+        with torch.no_grad(), trainer.compute_loss_context_manager(), \
+                (stance("force_eager") if stance else contextlib.nullcontext()):
+            for name, c in (("padded", padded), ("packed", packed)):
+                parts = model(**trainer._prepare_inputs(c(features)))
+                out[name] = {k: round(float(v), 5) for k, v in parts.items()}
+    finally:
+        model.train(was_training)
+    out["max_relative_difference"] = round(max(abs(out["packed"][k] - v) / max(abs(v), 1e-6)
+                                               for k, v in out["padded"].items()), 5)
+    return out
 
 
 def train(trainer, device, profile_path: Optional[str], skip: int = 0) -> float:
@@ -374,8 +435,17 @@ def run(opts) -> dict:
     census = SyncCensus(opts.warmup, opts.sync_census) if opts.sync_census and device.type == "cuda" else None
     if census is not None:
         trainer.add_callback(census)
+    probe = NanProbe() if opts.nan_probe else None
+    if probe is not None:
+        trainer.add_callback(probe)
+    check = {}
+    if opts.check_packing and opts.step == "decode":  # the untrained model (LoRA at zero: the base)
+        check["before_training"] = packing_check(trainer, collate, opts.check_packing)
     wall = train(trainer, device, opts.profile, skip=opts.warmup)
     collate.collect()
+    if opts.check_packing and opts.step == "decode":
+        check["after_training"] = packing_check(trainer, collate, opts.check_packing)
+    history = trainer.state.log_history
     marks = timer.marks
     timed = collate.batches[opts.warmup:opts.warmup + opts.steps]  # one batch per step, in order
     seconds = marks[-1] - marks[opts.warmup - 1] if opts.warmup else wall
@@ -398,6 +468,7 @@ def run(opts) -> dict:
            "batch_per_device": opts.batch, "pad_multiple": opts.pad_multiple,
            "cudnn_attention": not opts.no_cudnn_attention,
            "compile_layers": opts.compile_layers, "length_grouping": opts.length_grouping,
+           "packing": getattr(opts, "packing", False),
            "workers": getattr(opts, "workers", 0),
            "adapter_scope": getattr(opts, "adapter_scope", "all"), "timed_steps": len(timed), "seconds": round(seconds, 3),
            "wall_seconds": round(wall, 1), "params_body": body, "params_trainable": trainable,
@@ -415,6 +486,18 @@ def run(opts) -> dict:
     if census is not None:
         out["syncs_per_step"] = round(sum(census.counts.values()) / max(opts.sync_census, 1), 1)
         out["sync_sources"] = dict(census.counts.most_common(20))
+    if check:
+        out["packing_check"] = check
+    final = next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None)
+    out["train_loss"] = None if final is None else round(float(final), 4)  # the run's mean: NaN if training diverged
+    if probe is not None:
+        out["nan_probe"] = probe.found
+    if opts.learning_rate is not None:
+        out["learning_rate"] = opts.learning_rate
+    if opts.max_grad_norm is not None:
+        out["max_grad_norm"] = opts.max_grad_norm
+    if opts.loss_every:
+        out["losses"] = [[h["step"], round(float(h["loss"]), 4)] for h in history if "loss" in h]
     for flag in ("no_index_plan", "nan_filter", "blocking_copies", "keep_attention_mask"):
         if getattr(opts, flag, False):
             out[flag] = True
@@ -444,6 +527,18 @@ def main(argv=None):
     ap.add_argument("--naive", action="store_true",
                     help="step 2 baseline: LM head on every position (with --pad_multiple 192: pad to max_length)")
     ap.add_argument("--length_grouping", action="store_true", help="step 2: length-grouped batches")
+    ap.add_argument("--packing", action="store_true",
+                    help="step 2: packed batches, no padding, variable-length attention (recall/packing.py)")
+    ap.add_argument("--check_packing", type=int, default=0, metavar="N",
+                    help="step 2: before and after training, the loss of N samples padded vs packed (eager, eval)")
+    ap.add_argument("--nan_probe", action="store_true",
+                    help="record the first step whose gradients are not finite, and which parameters")
+    ap.add_argument("--learning_rate", type=float, default=None, help="default: the trainer's own")
+    ap.add_argument("--max_grad_norm", type=float, default=None,
+                    help="default: the trainer's own (1.0); 0 turns clipping off, so --nan_probe sees the "
+                         "parameters whose gradient is non-finite before a clip spreads it to all of them")
+    ap.add_argument("--loss_every", type=int, default=0, metavar="K",
+                    help="log the training loss every K steps into the result (a host sync each time)")
     ap.add_argument("--adapter_scope", choices=("all", "recall"), default="all",
                     help="the LoRA at every position (default here: the full-training workload) or the "
                          "activated adapter (the pipeline's default)")

@@ -115,6 +115,9 @@ class MemoryArguments:
     decode_length_grouped: bool = dataclasses.field(  # = MemoryDecodingArguments.length_grouped (see above)
         default=True, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
     decode_stop_at_exact_match: float = _decoding_default("stop_at_exact_match")
+    decode_packing: bool = dataclasses.field(  # = MemoryDecodingArguments.packing (a bool: see above)
+        default=False, metadata={"help": "step 2 on a GPU: packed batches, no padding, variable-length attention "
+                                         "(MemoryDecodingArguments.packing; needs --adapter_scope all)"})
     # step 4 and the recall loop
     models_dir: str = dataclasses.field(default="", metadata={"help": "published versions ('' = OUTPUT_DIR/models)"})
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
@@ -293,6 +296,9 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple:
             raise ValueError(f"{exc} (options from {pre.config} and the command line)") from exc
         raise
     model_args, memory_args, train_args = parsed[0], parsed[1], parsed[2]
+    if memory_args.decode_packing and train_args.adapter_scope == "recall":
+        raise ValueError("--decode_packing needs --adapter_scope all: the activated adapter (the default) runs the "
+                         "context and the tail of each sample as two padded passes")
     if train_args.compile_layers:
         from recall.compilation import zero_stage
 

@@ -221,7 +221,7 @@ class MemoryTrainingService:
             lora_alpha=a.decode_lora_alpha, lora_target_modules=a.decode_lora_target_modules,
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
             mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
-            kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped,
+            kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped, packing=a.decode_packing,
             stop_at_exact_match=a.decode_stop_at_exact_match, deepspeed=t.deepspeed,
             compile_layers=t.compile_layers, dataloader_num_workers=t.dataloader_num_workers,
             disable_tqdm=t.disable_tqdm)

@@ -31,6 +31,7 @@ accepts (``messages``, ``prompt``/``completion``) are read by ``memory.sft_data`
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -105,6 +106,9 @@ class MemoryDecodingArguments(TrainingArguments):
                                          "as a plain causal-LM loss computes it (same loss, more work)"})
     compile_layers: bool = dataclasses.field(
         default=False, metadata={"help": "torch.compile each transformer block (see recall/compilation.py)"})
+    packing: bool = dataclasses.field(
+        default=False, metadata={"help": "GPU: lay each batch's samples end to end in one row, no padding, with "
+                                         "variable-length attention (recall/packing.py); needs adapter_scope all"})
     adapter_scope: str = dataclasses.field(
         default="all", metadata={"help": "set from step 1: 'recall' continues step 1's activated adapter, which acts "
                                          "from <recall> on only (recall.activation); the context runs without "
@@ -123,6 +127,9 @@ class MemoryDecodingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_scope(self.adapter_scope)
+        if self.packing and self.adapter_scope == "recall":
+            raise ValueError("packing (--decode_packing) needs adapter_scope 'all': the activated adapter runs the "
+                             "context and the tail as two passes over padded rows (use --adapter_scope all in step 1)")
         if not 0.0 <= self.stop_at_exact_match <= 1.0:
             raise ValueError(f"stop_at_exact_match (--decode_stop_at_exact_match): expected a share in [0, 1], "
                              f"got {self.stop_at_exact_match}")
@@ -236,6 +243,8 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         return emb
 
     def hidden_states(self, input_ids, attention_mask, memory_vectors=None, plan: Optional[dict] = None):
+        if plan is not None and plan.get("packed"):
+            return self._packed_hidden_states(input_ids, memory_vectors, plan)
         if self.adapter_scope == "recall":
             return self._activated_hidden_states(input_ids, attention_mask, memory_vectors, plan)
         emb = self.embed(input_ids, memory_vectors, None if plan is None else plan["pad_index"])
@@ -245,6 +254,20 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
             # kernel, and transformers does not test the mask on the device (a host sync)
             attention_mask = None
         return backbone(self.lm)(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+
+    def _packed_hidden_states(self, input_ids, memory_vectors, plan: dict):
+        """(1, T, d) final hidden states of a packed batch (``DecodingCollator(packed=True)``):
+        one row, positions restarting per sample, attention within each sample only."""
+        from recall.packing import packed_attention
+
+        if self.adapter_scope == "recall":
+            raise ValueError("a packed batch needs adapter_scope 'all' (the activated adapter runs two padded passes)")
+        emb = self.embed(input_ids, memory_vectors, plan["pad_index"])
+        cu, longest = plan["cu_seq_lens"], plan["max_length"]
+        with packed_attention(self.lm):
+            return backbone(self.lm)(inputs_embeds=emb, position_ids=plan["position_ids"], use_cache=False,
+                                     cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                                     max_length_k=longest).last_hidden_state
 
     def _activated_hidden_states(self, input_ids, attention_mask, memory_vectors=None, plan: Optional[dict] = None):
         """Final hidden states, (B, T, d), with the activated adapter acting from each row's
@@ -471,42 +494,76 @@ def index_plan(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: to
     return plan
 
 
+def packed_index_plan(features: List[dict], recall_id: int, pad_id: int, labels: torch.Tensor,
+                      kd_mask: Optional[torch.Tensor] = None, recall_anchors: Optional[torch.Tensor] = None) -> dict:
+    """``index_plan`` for a packed batch: ``features``' samples end to end in one row of
+    ``T = sum(lengths)`` tokens (``labels`` (1, T) as the collator packed them). Flat positions
+    are positions in that row; ``recall_rows`` / ``preserve_rows`` index samples (the rows of
+    ``recall_targets`` and ``recall_anchors``). Adds what the packed forward needs:
+    ``position_ids`` (1, T), ``cu_seq_lens`` (N + 1,) int32, ``max_length`` (an int: the
+    longest sample, rounded up to a multiple of 64 so a compiled block sees few values)."""
+    lengths = torch.tensor([len(f["input_ids"]) for f in features])
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    label_index = (labels[0, 1:] != IGNORE).nonzero(as_tuple=True)[0]
+    plan = {"label_index": label_index, "packed": True, "right_padded": False,
+            "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None],
+            "cu_seq_lens": offsets.to(torch.int32),
+            "max_length": -(-int(lengths.max()) // 64) * 64 if len(features) else 64}
+    if kd_mask is not None:
+        plan["kd_select"] = kd_mask[0, 1:].index_select(0, label_index).nonzero(as_tuple=True)[0]
+    first = torch.tensor([f["input_ids"].index(recall_id) if recall_id in f["input_ids"] else 0 for f in features])
+    has = torch.tensor([recall_id in f["input_ids"] for f in features], dtype=torch.bool)
+    samples = torch.arange(len(features))
+    rows = samples[torch.tensor([f["recall_target"] >= 0 for f in features], dtype=torch.bool)]
+    plan.update(recall_rows=rows, recall_index=offsets[rows] + first[rows])
+    rows = samples[has & (recall_anchors.abs().sum(-1) > 0)] if recall_anchors is not None else samples[:0]
+    plan.update(preserve_rows=rows, preserve_index=offsets[rows] + first[rows])
+    plan["pad_index"] = torch.tensor([int(offsets[b]) + t for b, f in enumerate(features)
+                                      for t, tok in enumerate(f["input_ids"]) if tok == pad_id], dtype=torch.long)
+    return plan
+
+
 class DecodingCollator:
     """Right-pads samples to the longest in the batch and stacks one memory vector per
-    ``<|memory_pad|>`` (in batch order) from ``memory_vectors`` (M, d)."""
+    ``<|memory_pad|>`` (in batch order) from ``memory_vectors`` (M, d).
+
+    ``packed``: lay the samples end to end in one row instead, with no padding (a GPU lever:
+    see ``recall.packing``); each sample's first label is dropped, as a padded row never
+    predicts its first token either."""
 
     def __init__(self, pad_token_id: int, memory_vectors: torch.Tensor, memory_pad_id: int,
                  pad_to: Optional[int] = None, anchors: Optional[torch.Tensor] = None, kd: Optional[list] = None,
-                 pad_to_multiple_of: int = 1, recall_id: Optional[int] = None):
+                 pad_to_multiple_of: int = 1, recall_id: Optional[int] = None, packed: bool = False):
         """``anchors``: (A, d) step-1 queries indexed by a sample's ``anchor``; ``kd``: per
         SFT example, (indices, log-probs) of shape (answer length, k), for a sample's ``kd``
         index (its answer is the sample's tail). ``pad_to_multiple_of``: round the batch width
         up (a few distinct shapes let cuDNN attention reuse its plans on GPU). ``recall_id``:
-        add the batch's ``index_plan`` (the trainer passes it)."""
+        add the batch's ``index_plan`` (the trainer passes it; a packed batch needs it)."""
+        if packed and recall_id is None:
+            raise ValueError("a packed DecodingCollator needs recall_id: the packed forward reads the batch's plan")
         self.pad, self.vectors, self.memory_pad_id, self.pad_to = pad_token_id, memory_vectors, memory_pad_id, pad_to
         self.anchors, self.kd, self.multiple = anchors, kd, max(1, pad_to_multiple_of)
-        self.recall_id = recall_id
+        self.recall_id, self.packed = recall_id, packed
+
+    def padded(self) -> "DecodingCollator":
+        """This collator with ``packed`` off (the decode check reads padded rows)."""
+        if not self.packed:
+            return self
+        other = copy.copy(self)
+        other.packed = False
+        return other
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
+        if self.packed:
+            return self._pack(features)
         width = self.pad_to or max(len(f["input_ids"]) for f in features)
         width = -(-width // self.multiple) * self.multiple
         ids = torch.tensor([f["input_ids"] + [self.pad] * (width - len(f["input_ids"])) for f in features])
         labels = torch.tensor([f["labels"] + [IGNORE] * (width - len(f["labels"])) for f in features])
         mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
-        rows = []
-        for f in features:
-            n = f["input_ids"].count(self.memory_pad_id)
-            if n and f["memory_row"] < 0:
-                raise ValueError("a sample has <|memory_pad|> but no memory_row")
-            rows += [f["memory_row"]] * n
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
                  "recall_targets": torch.tensor([f["recall_target"] for f in features])}
-        if rows:
-            batch["memory_vectors"] = self.vectors[torch.tensor(rows)]
-        if self.anchors is not None:
-            batch["recall_anchors"] = torch.stack([self.anchors[f["anchor"]] if f.get("anchor", -1) >= 0
-                                                   else self.anchors.new_zeros(self.anchors.shape[1])
-                                                   for f in features])
+        self._extras(features, batch)
         if self.kd is not None and any(f.get("kd", -1) >= 0 for f in features):
             k = self.kd[0][0].shape[1]
             idx = torch.zeros(len(features), width, k, dtype=torch.long)
@@ -523,6 +580,50 @@ class DecodingCollator:
         if self.recall_id is not None:
             batch["plan"] = index_plan(ids, labels, mask, self.recall_id, self.memory_pad_id, batch["recall_targets"],
                                        batch.get("recall_anchors"), batch.get("kd_mask"))
+        return batch
+
+    def _extras(self, features: List[dict], batch: dict) -> None:
+        """The batch's memory vectors (one per ``<|memory_pad|>``, in order) and anchors."""
+        rows = []
+        for f in features:
+            n = f["input_ids"].count(self.memory_pad_id)
+            if n and f["memory_row"] < 0:
+                raise ValueError("a sample has <|memory_pad|> but no memory_row")
+            rows += [f["memory_row"]] * n
+        if rows:
+            batch["memory_vectors"] = self.vectors[torch.tensor(rows)]
+        if self.anchors is not None:
+            batch["recall_anchors"] = torch.stack([self.anchors[f["anchor"]] if f.get("anchor", -1) >= 0
+                                                   else self.anchors.new_zeros(self.anchors.shape[1])
+                                                   for f in features])
+
+    def _pack(self, features: List[dict]) -> Dict[str, torch.Tensor]:
+        ids: List[int] = []
+        labels: List[int] = []
+        for f in features:
+            ids += f["input_ids"]
+            labels += [IGNORE] + list(f["labels"][1:])  # the previous sample's last token predicts nothing
+        total = len(ids)
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, total, dtype=torch.long),
+                 "labels": torch.tensor([labels]),
+                 "recall_targets": torch.tensor([f["recall_target"] for f in features])}
+        self._extras(features, batch)
+        if self.kd is not None and any(f.get("kd", -1) >= 0 for f in features):
+            k = self.kd[0][0].shape[1]
+            idx = torch.zeros(1, total, k, dtype=torch.long)
+            logp = torch.zeros(1, total, k)
+            kd_mask = torch.zeros(1, total, dtype=torch.bool)
+            end = 0
+            for f in features:
+                end += len(f["input_ids"])
+                if f.get("kd", -1) < 0:
+                    continue
+                i, lp = self.kd[f["kd"]]
+                idx[0, end - len(i):end], logp[0, end - len(i):end] = i, lp
+                kd_mask[0, end - len(i):end] = True
+            batch.update(kd_indices=idx, kd_logprobs=logp, kd_mask=kd_mask)
+        batch["plan"] = packed_index_plan(features, self.recall_id, self.memory_pad_id, batch["labels"],
+                                          batch.get("kd_mask"), batch.get("recall_anchors"))
         return batch
 
 
@@ -614,7 +715,7 @@ class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
         kwargs.setdefault("data_collator", DecodingCollator(tokenizer.pad_token_id, memory_vectors.float(),
                                                             model.pad_id, anchors=anchors, kd=kd,
                                                             pad_to_multiple_of=args.pad_to_multiple_of,
-                                                            recall_id=model.recall_id))
+                                                            recall_id=model.recall_id, packed=args.packing))
         prepare_deepspeed_args(args)
         super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
         if isinstance(train_dataset, ResampledDataset):
@@ -641,9 +742,11 @@ class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
         was_training = model.training
         model.eval()  # no injection noise
         exact = 0
+        padded = getattr(self.data_collator, "padded", None)
+        collate = padded() if padded is not None else self.data_collator  # the check reads padded rows
         try:
             for start in range(0, len(self.check_samples), batch_size):
-                batch = self._prepare_inputs(self.data_collator(self.check_samples[start:start + batch_size]))
+                batch = self._prepare_inputs(collate(self.check_samples[start:start + batch_size]))
                 ids, labels = batch["input_ids"], batch["labels"]
                 with self.compute_loss_context_manager():
                     hidden = model.hidden_states(ids, batch["attention_mask"], batch.get("memory_vectors"))

@@ -54,3 +54,21 @@ def test_counts_made_in_a_worker_travel_in_the_batch_and_match_in_process_counts
     trainer.training_step(None, plain(None))
     plain.collect()
     assert "tail_tokens" not in plain.batches[-1]
+
+
+def test_a_packed_batch_counts_attention_per_sample_and_no_padding():
+    """A packed step-2 batch is one row: its attention work is the sum of its samples' squared
+    lengths (each attends within itself), not the row's length squared; the same samples padded
+    count the same tokens and attention, plus their padding."""
+    from recall.text_memory_train import DecodingCollator
+
+    samples = [{"input_ids": ids, "labels": ids, "memory_row": -1, "recall_target": -1}
+               for ids in ([1, 2, 3, 4, 5], [6, 7], [8, 9, 10])]
+    counts = {}
+    for packed in (False, True):
+        collate = CountingCollator(DecodingCollator(0, torch.zeros(1, 4), 99, recall_id=R, packed=packed))
+        collate(samples)
+        counts[packed] = collate.batches[-1]
+    assert counts[True] == {"tokens": 10, "padded": 10, "labelled": 7, "sq": 25 + 4 + 9}
+    assert counts[False]["sq"] == counts[True]["sq"] and counts[False]["padded"] == 15
+    assert counts[False]["labelled"] == 10  # padded rows keep each first label; it is never a target there

@@ -51,6 +51,15 @@ def test_report_states_targets_and_writes_plots(tmp_path):
     assert "`python -m bench.locomo`, 2026-11-26 10:00, 5 s wall" in text
     assert "(no scale results yet)" in text
     assert "| decode | earlier | plain | 64 | yes | 1 | 0 | 50,103 |" in text
-    assert "best 0.207 of useful FLOPs, **missed**; by the 6N count 0.31" in text
+    assert "best 0.207 of useful FLOPs (NVIDIA H100 80GB HBM3), **missed**; by the 6N count 0.31" in text
+    # a faster row on another card, whose training diverged: the target line names the card, the
+    # best H100 figure, and that the figure is throughput only
+    h200 = dict(gpu[1], device="NVIDIA H200", mfu=0.424, packing=True, train_loss=float("nan"),
+                variant="packed", invocation=1, code="this")
+    (results / "gpu_levers6.jsonl").write_text(json.dumps(h200) + "\n")
+    render(results, docs, {})
+    text = docs.read_text()
+    assert "best 0.424 of useful FLOPs (NVIDIA H200), **met**" in text and "Best on an H100: 0.207." in text
+    assert "That run's training loss became NaN" in text and "| plain, packed | 64 |" in text
     for png in ("benchmarks_locomo_retrieval_full.png", "benchmarks_speed.png"):
         assert (docs.parent / png).stat().st_size > 1000 and f"]({png})" in text
