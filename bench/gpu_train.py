@@ -68,7 +68,13 @@ def synthetic_data(n_memories: int, seed: int = 0):
 def random_model(size: str, tokenizer, dtype, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+    # no pad_token_id: the embedding would make it its padding_idx and initialise its row to zero.
+    # The pad is <|im_end|> (the eos), which starts some left-truncated samples; a zero input at
+    # position 0 stays exactly zero through every layer (it attends only to itself), and each
+    # RMSNorm's backward at zero multiplies the gradient by 1/sqrt(eps): 16 layers overflowed to
+    # inf (NaN gradients from step 9 on in every 1B run before 2026-11-28). A trained model has
+    # no such row; the collators take the pad id from the tokenizer.
+    cfg = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, pad_token_id=None,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                       max_position_embeddings=2048, **SIZES[size])
     with torch.device(device):  # initialised where it will train: seconds on a GPU for 1B

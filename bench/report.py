@@ -281,8 +281,9 @@ GPU_RUNS = (  # file, the commands that wrote it, what its rows compare
      "(rows compare within one invocation)"),
     ("gpu_levers6.jsonl", "`SET=levers6 STEPS=60 bash bench/gpu_check.sh` (2026-11-28)",
      "packed step-2 batches (one row, no padding, FlashAttention varlen) against padded ones, one invocation. "
-     "The training loss of every row here became NaN at step 10 (`bench/results/gpu_nan_probe.jsonl`): the "
-     "figures are throughput, not training"),
+     "The training loss of every row here became NaN at step 10 (`bench/results/gpu_nan_probe.jsonl`; the cause, "
+     "a zero embedding row in the random model, was fixed after this run): the figures are throughput, not "
+     "training"),
 )
 
 

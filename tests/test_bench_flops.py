@@ -72,3 +72,16 @@ def test_a_packed_batch_counts_attention_per_sample_and_no_padding():
     assert counts[True] == {"tokens": 10, "padded": 10, "labelled": 7, "sq": 25 + 4 + 9}
     assert counts[False]["sq"] == counts[True]["sq"] and counts[False]["padded"] == 15
     assert counts[False]["labelled"] == 10  # padded rows keep each first label; it is never a target there
+
+
+def test_the_benchmarks_random_model_has_no_zero_embedding_row(tokenizer):
+    """A zero input row (HF zeroes the embedding's padding_idx row) at position 0 of a
+    left-truncated sample stays zero through every layer, and each RMSNorm's backward at zero
+    scales the gradient by 1/sqrt(eps): with 16 layers the 1B benchmark's gradients overflowed.
+    The pad (<|im_end|>) must get an ordinary random row."""
+    from bench.gpu_train import random_model
+
+    lm = random_model("tiny", tokenizer, torch.float32, "cpu")
+    rows = lm.get_input_embeddings().weight
+    assert (rows.abs().sum(-1) > 0).all()
+    assert rows[tokenizer.pad_token_id].abs().sum() > 0
