@@ -115,6 +115,7 @@ class MemoryArguments:
     decode_length_grouped: bool = dataclasses.field(  # = MemoryDecodingArguments.length_grouped (see above)
         default=True, metadata={"help": "step 2: MemoryDecodingArguments.length_grouped"})
     decode_stop_at_exact_match: float = _decoding_default("stop_at_exact_match")
+    decode_context_cache_mb: float = _decoding_default("context_cache_mb")
     decode_packing: bool = dataclasses.field(  # = MemoryDecodingArguments.packing (a bool: see above)
         default=False, metadata={"help": "step 2 on a GPU: packed batches, no padding, variable-length attention "
                                          "(MemoryDecodingArguments.packing; needs --adapter_scope all)"})

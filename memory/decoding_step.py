@@ -409,6 +409,10 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
                         # the teacher-forced check at each epoch's end (see EnhancedTextMemoryTrainer.decode_check)
                         "exact_match_by_epoch": [{"epoch": round(h["epoch"], 2), "exact_match": h["decode_exact_match"]}
                                                  for h in trainer.state.log_history if "decode_exact_match" in h]}
+    cache = getattr(model, "context_cache", None)
+    if cache is not None:  # the activated adapter's contexts, each run once (MemoryDecodingArguments.context_cache_mb)
+        metrics["train"]["context_cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache.entries),
+                                             "mb": round(cache.bytes / 2 ** 20, 1)}
     barrier()
     if not is_main():  # rank 0 measures and publishes
         return DecodingResult(None, None, query_projector, metrics)

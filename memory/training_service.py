@@ -222,6 +222,7 @@ class MemoryTrainingService:
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
             mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
             kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped, packing=a.decode_packing,
+            context_cache_mb=a.decode_context_cache_mb,
             stop_at_exact_match=a.decode_stop_at_exact_match, deepspeed=t.deepspeed,
             compile_layers=t.compile_layers, dataloader_num_workers=t.dataloader_num_workers,
             disable_tqdm=t.disable_tqdm)

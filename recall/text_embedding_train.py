@@ -243,9 +243,13 @@ class ContextKVCache:
                 return False
         return True
 
-    def batch(self, input_ids, attention_mask, last, context_pass):
+    def batch(self, input_ids, attention_mask, last, context_pass, with_hidden: bool = False):
         """(cache, context mask, position of the last token) for the batch: each row's real
-        context tokens (attended, before ``last``) from left to right, then padding."""
+        context tokens (attended, before ``last``) from left to right, then padding.
+
+        ``with_hidden`` (step 2, which also reads the context's final states): ``context_pass``
+        returns ``(cache, last hidden states)``, entries keep both, and the result gains the
+        (B, width, d) states, zero on padding."""
         keys = [tuple(input_ids[row, :end][attention_mask[row, :end].bool()].tolist())
                 for row, end in enumerate(last.tolist())]
         missing = [i for i, k in enumerate(keys) if k not in self.entries]
@@ -260,19 +264,27 @@ class ContextKVCache:
                 ids[j, :len(keys[i])] = torch.tensor(keys[i], dtype=ids.dtype)
                 mask[j, :len(keys[i])] = 1
             cache = context_pass(ids, mask)
+            states = None
+            if with_hidden:
+                cache, states = cache
             for j, i in enumerate(missing):
                 n = len(keys[i])
                 entry = [(layer.keys[j, :, :n].clone(), layer.values[j, :, :n].clone()) for layer in cache.layers]
+                if states is not None:
+                    entry.append(states[j, :n].clone())  # after the layers: the context's final states
                 fresh[keys[i]] = entry
-                size = sum(k.numel() * k.element_size() * 2 for k, _ in entry)
+                size = sum(t.numel() * t.element_size() for t in _tensors(entry))
                 if keys[i] not in self.entries and self.bytes + size <= self.budget:
                     self.entries[keys[i]] = entry
                     self.bytes += size
         rows = [fresh.get(k) or self.entries[k] for k in keys]
+        if with_hidden and any(not torch.is_tensor(r[-1]) for r in rows):
+            raise RuntimeError("a context cache entry has no hidden states (filled by step 1's model?)")
         width = max(len(k) for k in keys)
         mask = input_ids.new_zeros(len(keys), width)
         layers = []
-        for layer in range(len(rows[0])):
+        n_layers = len(rows[0]) - (1 if with_hidden else 0)
+        for layer in range(n_layers):
             k0 = rows[0][layer][0]
             k = k0.new_zeros(len(keys), k0.shape[0], width, k0.shape[-1])
             v = torch.zeros_like(k)
@@ -284,7 +296,22 @@ class ContextKVCache:
         from transformers import DynamicCache
 
         lengths = torch.tensor([len(k) for k in keys], device=input_ids.device)
-        return DynamicCache(ddp_cache_data=layers, config=self.config), mask, lengths
+        cache = DynamicCache(ddp_cache_data=layers, config=self.config)
+        if not with_hidden:
+            return cache, mask, lengths
+        h0 = rows[0][-1]
+        hidden = h0.new_zeros(len(keys), width, h0.shape[-1])
+        for b, entry in enumerate(rows):
+            hidden[b, :entry[-1].shape[0]] = entry[-1]
+        return cache, mask, lengths, hidden
+
+
+def _tensors(entry):
+    for item in entry:
+        if torch.is_tensor(item):
+            yield item
+        else:
+            yield from item
 
 
 class RecallCollator:

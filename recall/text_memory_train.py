@@ -106,6 +106,10 @@ class MemoryDecodingArguments(TrainingArguments):
                                          "as a plain causal-LM loss computes it (same loss, more work)"})
     compile_layers: bool = dataclasses.field(
         default=False, metadata={"help": "torch.compile each transformer block (see recall/compilation.py)"})
+    context_cache_mb: float = dataclasses.field(
+        default=2048.0, metadata={"help": "with adapter_scope 'recall': keep each context's base-model KV cache and "
+                                          "final states (fixed while training) for later epochs, up to this many MB; "
+                                          "0 = off (recall.text_embedding_train.ContextKVCache)"})
     packing: bool = dataclasses.field(
         default=False, metadata={"help": "GPU: lay each batch's samples end to end in one row, no padding, with "
                                          "variable-length attention (recall/packing.py); needs adapter_scope all"})
@@ -217,6 +221,7 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         self.loss_weights = {"lm": 1.0, "recall": 0.0, "preserve": 0.0, "kd": 0.0}
         self.head_on_all_positions = False  # the naive baseline's LM head (see MemoryDecodingArguments)
         self.adapter_scope = "all"  # "recall": an activated adapter (see hidden_states)
+        self.context_cache = None  # a ContextKVCache for the activated adapter's context pass (build_decoder_model)
 
     # -------------------------------------------------------------- forward
     def embed(self, input_ids: torch.Tensor, memory_vectors: Optional[torch.Tensor],
@@ -287,9 +292,15 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         steps = torch.arange(width, device=device)
         ctx_width = plan["ctx_width"] if plan is not None else max(int(start.max()), 1)  # int(): a host sync
         ctx_mask = (steps[None, :ctx_width] < start[:, None]).long()
-        with torch.no_grad():
-            ctx = base_context_pass(self.lm, inputs_embeds=self.token_rows(input_ids[:, :ctx_width]),
-                                    attention_mask=ctx_mask)
+        if self.context_cache is not None and self.context_cache.usable(input_ids, start):
+            # the context never sees the adapter and holds no trainable token: its KV cache and
+            # states are fixed while training, so each distinct context runs once (host syncs:
+            # the cache is keyed by token ids; off with context_cache_mb 0)
+            kv, ctx_mask, _, ctx_hidden = self.context_cache.batch(input_ids, attention_mask, start,
+                                                                   self._base_context, with_hidden=True)
+            ctx_width = ctx_mask.shape[1]
+        else:
+            kv, ctx_hidden = self._base_context(input_ids[:, :ctx_width], ctx_mask)
         tail_len = lengths - start
         tail_width = plan["tail_width"] if plan is not None else max(int(tail_len.max()), 1)
         offsets = steps[None, :tail_width]
@@ -300,14 +311,18 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
         emb = self.embed(tail_ids, memory_vectors, None if plan is None else plan["tail_pad_index"])
         with adapter_active(self.lm, [tail_width] * batch):
             tail = backbone(self.lm)(inputs_embeds=emb, attention_mask=torch.cat([ctx_mask, tail_mask], dim=1),
-                                     position_ids=start[:, None] + offsets, cache=ctx.cache,
+                                     position_ids=start[:, None] + offsets, cache=kv,
                                      use_cache=True).last_hidden_state
         d = tail.shape[-1]
-        head = F.pad(ctx.last_hidden_state, (0, 0, 0, width - ctx_width)) if width > ctx_width \
-            else ctx.last_hidden_state[:, :width]
+        head = F.pad(ctx_hidden, (0, 0, 0, width - ctx_width)) if width > ctx_width else ctx_hidden[:, :width]
         index = (steps[None] - start[:, None]).clamp(0, tail_width - 1)
         rest = tail.gather(1, index[..., None].expand(batch, width, d))
         return torch.where((steps[None] < start[:, None])[..., None], head.to(rest.dtype), rest)
+
+    def _base_context(self, input_ids, attention_mask):
+        """(KV cache, final states) of the base model over contexts (no adapter, no gradient)."""
+        ctx = base_context_pass(self.lm, inputs_embeds=self.token_rows(input_ids), attention_mask=attention_mask)
+        return ctx.cache, ctx.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits with the new tokens' trained fp32 output rows."""
@@ -421,6 +436,12 @@ def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArgum
                           "kd": args.kd_weight}
     model.head_on_all_positions = args.head_on_all_positions
     model.adapter_scope = args.adapter_scope
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if args.adapter_scope == "recall" and args.context_cache_mb > 0 and not is_deepspeed_zero3_enabled():
+        from recall.text_embedding_train import ContextKVCache
+
+        model.context_cache = ContextKVCache(lm.config, args.context_cache_mb, list(token_ids.values()))
     return model
 
 

@@ -401,3 +401,53 @@ def test_step2_index_plan_gives_the_losses_and_gradients_of_masked_positions(tok
     assert planned.keys() == masked.keys() and planned
     for name in planned:
         assert torch.allclose(planned[name], masked[name], atol=1e-5), name
+
+
+def test_step2_context_cache_gives_the_uncached_losses_and_gradients(tokenizer, tmp_path):
+    """Step 2 with the activated adapter keeps each context's base-model KV cache and final
+    states (``context_cache_mb``): a batch served from the cache, in another order and padding,
+    gives the losses and gradients of the uncached two passes."""
+    from recall.text_memory_train import DecodingCollator
+
+    model, tok, ids, bank, args, base = _activated_decoder(tokenizer, tmp_path)
+    assert model.context_cache is not None  # on by default for the activated adapter
+    _randomise_lora(model)
+    model.loss_weights.update(preserve=2.0)
+    builder = SampleBuilder(tok, FACTS, [["Tell me.", "Where do I live again?"]] * 3,
+                            [SFTExample("Say hi.", "Hi there!")], max_length=128, mix="2:1:0")
+    samples = [builder.memory_sample(0, 0), builder.sandwich_sample(1, 0), builder.memory_sample(2, 1)]
+    anchors = torch.nn.functional.normalize(torch.randn(16, 64), dim=-1)
+    collate = DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, recall_id=model.recall_id)
+    model.eval()  # no injection noise
+
+    def run(batch):
+        out = model(**batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out, grads
+
+    cache = model.context_cache
+    model.context_cache = None
+    reference = run(collate(samples))
+    model.context_cache = cache
+    run(collate(samples))  # fills the cache
+    assert cache.misses == 3 and len(cache.entries) == 3
+    again = run(collate([samples[2], samples[0], samples[1]]))  # every context from the cache
+    assert cache.hits == 3
+    order = [2, 0, 1]
+    for key in ("loss", "lm", "preserve"):
+        assert torch.allclose(reference[0][key], again[0][key], atol=1e-5), key
+    assert reference[1].keys() == again[1].keys() and reference[1]
+    for name in reference[1]:
+        assert torch.allclose(reference[1][name], again[1][name], rtol=1e-4, atol=1e-5), name
+    with torch.no_grad():  # and the states, row by row
+        a = collate(samples)
+        b = collate([samples[i] for i in order])
+        model.context_cache = None
+        ha = model.hidden_states(a["input_ids"], a["attention_mask"], a["memory_vectors"], a["plan"])
+        model.context_cache = cache
+        hb = model.hidden_states(b["input_ids"], b["attention_mask"], b["memory_vectors"], b["plan"])
+        for j, i in enumerate(order):
+            n = len(samples[i]["input_ids"])
+            assert torch.allclose(ha[i, :n], hb[j, :n], atol=1e-5)
