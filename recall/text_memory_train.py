@@ -585,19 +585,7 @@ class DecodingCollator:
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
                  "recall_targets": torch.tensor([f["recall_target"] for f in features])}
         self._extras(features, batch)
-        if self.kd is not None and any(f.get("kd", -1) >= 0 for f in features):
-            k = self.kd[0][0].shape[1]
-            idx = torch.zeros(len(features), width, k, dtype=torch.long)
-            logp = torch.zeros(len(features), width, k)
-            kd_mask = torch.zeros(len(features), width, dtype=torch.bool)
-            for b, f in enumerate(features):
-                if f.get("kd", -1) < 0:
-                    continue
-                i, lp = self.kd[f["kd"]]
-                end = len(f["input_ids"])
-                idx[b, end - len(i):end], logp[b, end - len(i):end] = i, lp
-                kd_mask[b, end - len(i):end] = True
-            batch.update(kd_indices=idx, kd_logprobs=logp, kd_mask=kd_mask)
+        self._kd_targets(features, batch, width, [(b, len(f["input_ids"])) for b, f in enumerate(features)])
         if self.recall_id is not None:
             batch["plan"] = index_plan(ids, labels, mask, self.recall_id, self.memory_pad_id, batch["recall_targets"],
                                        batch.get("recall_anchors"), batch.get("kd_mask"))
@@ -618,6 +606,25 @@ class DecodingCollator:
                                                    else self.anchors.new_zeros(self.anchors.shape[1])
                                                    for f in features])
 
+    def _kd_targets(self, features: List[dict], batch: dict, width: int, ends: List[tuple]) -> None:
+        """The KD targets (base top-k indices and log-probs, and their mask) of the samples with
+        a ``kd`` index, on their answer: the tail of sample b, which ends at ``ends[b] = (row,
+        end)`` of a batch of rows of ``width``."""
+        if self.kd is None or not any(f.get("kd", -1) >= 0 for f in features):
+            return
+        rows = 1 + max(row for row, _ in ends)
+        k = self.kd[0][0].shape[1]
+        idx = torch.zeros(rows, width, k, dtype=torch.long)
+        logp = torch.zeros(rows, width, k)
+        kd_mask = torch.zeros(rows, width, dtype=torch.bool)
+        for f, (row, end) in zip(features, ends):
+            if f.get("kd", -1) < 0:
+                continue
+            i, lp = self.kd[f["kd"]]
+            idx[row, end - len(i):end], logp[row, end - len(i):end] = i, lp
+            kd_mask[row, end - len(i):end] = True
+        batch.update(kd_indices=idx, kd_logprobs=logp, kd_mask=kd_mask)
+
     def _pack(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         ids: List[int] = []
         labels: List[int] = []
@@ -629,20 +636,8 @@ class DecodingCollator:
                  "labels": torch.tensor([labels]),
                  "recall_targets": torch.tensor([f["recall_target"] for f in features])}
         self._extras(features, batch)
-        if self.kd is not None and any(f.get("kd", -1) >= 0 for f in features):
-            k = self.kd[0][0].shape[1]
-            idx = torch.zeros(1, total, k, dtype=torch.long)
-            logp = torch.zeros(1, total, k)
-            kd_mask = torch.zeros(1, total, dtype=torch.bool)
-            end = 0
-            for f in features:
-                end += len(f["input_ids"])
-                if f.get("kd", -1) < 0:
-                    continue
-                i, lp = self.kd[f["kd"]]
-                idx[0, end - len(i):end], logp[0, end - len(i):end] = i, lp
-                kd_mask[0, end - len(i):end] = True
-            batch.update(kd_indices=idx, kd_logprobs=logp, kd_mask=kd_mask)
+        ends = torch.tensor([len(f["input_ids"]) for f in features]).cumsum(0).tolist()
+        self._kd_targets(features, batch, total, [(0, end) for end in ends])
         batch["plan"] = packed_index_plan(features, self.recall_id, self.memory_pad_id, batch["labels"],
                                           batch.get("kd_mask"), batch.get("recall_anchors"))
         return batch
