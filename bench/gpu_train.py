@@ -290,10 +290,11 @@ def build_trainer(opts, device, timer):
                                          dim=-1)
     scope = getattr(opts, "adapter_scope", "all")
     workers = getattr(opts, "workers", 0)
-    lr, clip = getattr(opts, "learning_rate", None), getattr(opts, "max_grad_norm", None)
-    common = dict(**({"learning_rate": lr} if lr is not None else {}),
-                  **({"max_grad_norm": clip} if clip is not None else {}), output_dir=opts.work, max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch,
-                  save_strategy="no", logging_steps=getattr(opts, "loss_every", 0) or 10 ** 6, report_to="none", bf16=bf16, use_cpu=device.type == "cpu",
+    overrides = {k: getattr(opts, k, None) for k in ("learning_rate", "max_grad_norm")}  # None: the trainer's own
+    common = dict(**{k: v for k, v in overrides.items() if v is not None}, output_dir=opts.work,
+                  max_steps=opts.steps + opts.warmup, per_device_train_batch_size=opts.batch, save_strategy="no",
+                  logging_steps=getattr(opts, "loss_every", 0) or 10 ** 6, report_to="none", bf16=bf16,
+                  use_cpu=device.type == "cpu",
                   disable_tqdm=True, seed=opts.seed, deepspeed=opts.deepspeed, dataloader_pin_memory=device.type == "cuda",
                   compile_layers=opts.compile_layers, dataloader_num_workers=workers)
     if opts.step == "recall":
@@ -444,12 +445,12 @@ def run(opts) -> dict:
     probe = NanProbe() if opts.nan_probe else None
     if probe is not None:
         trainer.add_callback(probe)
-    check = {}
-    if opts.check_packing and opts.step == "decode":  # the untrained model (LoRA at zero: the base)
+    check, checking = {}, opts.check_packing and opts.step == "decode"
+    if checking:  # the untrained model (LoRA at zero: the base)
         check["before_training"] = packing_check(trainer, collate, opts.check_packing)
     wall = train(trainer, device, opts.profile, skip=opts.warmup)
     collate.collect()
-    if opts.check_packing and opts.step == "decode":
+    if checking:
         check["after_training"] = packing_check(trainer, collate, opts.check_packing)
     history = trainer.state.log_history
     marks = timer.marks
