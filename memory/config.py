@@ -124,7 +124,7 @@ class MemoryArguments:
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
     recall_threshold: str = dataclasses.field(
         default="auto", metadata={"help": "cosine below which a recall injects nothing (stored in the version): a "
-                                          "number, or 'auto': calibrated after step 2 so that only 5% of the bundled "
+                                          "number, or 'auto': calibrated after step 2 so that only 5%% of the bundled "
                                           "general prompts reach it"})
     memories_per_recall: int = dataclasses.field(
         default=2, metadata={"help": "memories injected per <recall> (stored in the version): the best hits above "

@@ -97,7 +97,7 @@ class MemoryDecodingArguments(TrainingArguments):
     recall_temperature: float = 0.05
     length_grouped: bool = dataclasses.field(
         default=True, metadata={"help": "batches of similar-length samples (batch order shuffled): less padding, "
-                                        "step 2 about 20% faster. With --adapter_scope all it cost forgetting in the "
+                                        "step 2 about 20%% faster. With --adapter_scope all it cost forgetting in the "
                                         "one pipeline run measured; an activated adapter cannot forget"})
     pad_to_multiple_of: int = dataclasses.field(
         default=1, metadata={"help": "round batch widths up to this (GPU: fewer shapes for cuDNN attention)"})
