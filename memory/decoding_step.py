@@ -30,6 +30,7 @@ import torch
 
 from memory.runs import last_complete_checkpoint, raise_if_stopped
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
+from recall.model_loading import training_autocast, training_precision
 from memory.config import parse_mix
 from memory.questions import second_person
 from memory.sft_data import SFTExample, chat_prompt
@@ -171,9 +172,11 @@ class SampleBuilder:
             n += len(ctxs)
         self.sft_anchor = list(range(n, n + len(self.sft_prompts)))
 
-    def anchor_texts(self, contexts: Sequence[Sequence[str]], sft: Sequence[SFTExample]) -> List[str]:
-        """The contexts whose step-1 queries are the anchors, in anchor order."""
-        return [c for ctxs in contexts for c in ctxs] + [e.prompt for e in sft]
+    def anchor_contexts(self) -> List[List[int]]:
+        """The token ids before ``<recall>`` of every anchor, in anchor order: each memory's
+        contexts, then each SFT prompt as a sandwich sample lays it out (prompt, activation
+        phrase)."""
+        return [c for ctxs in self.contexts for c in ctxs] + [p + self.phrase for p in self.sft_prompts]
 
     def memory_sample(self, row: int, context: int) -> dict:
         return assemble([Segment(self.contexts[row][context], False), Segment([self.recall], True),
@@ -287,21 +290,6 @@ def _timed(phases: Dict[str, float], name: str):
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
 
 
-def _step1_queries(raw: RecallEngine, before: RecallEngine, eval_texts: List[str], anchor_texts: List[str]):
-    """Step 1's queries before step 2: ``before``'s for ``eval_texts`` (the "before" retrieval
-    figure) and the ``<recall>`` states themselves (``raw``) for ``anchor_texts`` as a tensor
-    (None without anchor texts). The anchor contexts are mostly cues too, so when the two
-    engines are one (no query projector) a single call encodes each distinct text once."""
-    if before is raw:
-        both = raw.query_vectors(eval_texts + anchor_texts)
-        before_queries, anchor_queries = both[:len(eval_texts)], both[len(eval_texts):]
-    else:
-        before_queries = before.query_vectors(eval_texts)
-        anchor_queries = raw.query_vectors(anchor_texts) if anchor_texts else None
-    anchors = torch.from_numpy(np.ascontiguousarray(anchor_queries)) if anchor_texts else None
-    return before_queries, anchors
-
-
 def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int], bank: np.ndarray,
                    queries: Optional[np.ndarray] = None) -> dict:
     """recall@1 and MRR of ``contexts`` against ``bank``; ``queries``: their query vectors when
@@ -352,19 +340,14 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
                                     bank.shape[1], memory_bank=torch.from_numpy(bank) if query_projector is None
                                     else None, adapter_state=adapter_state)
         query_lm = model.lm
-    raw = RecallEngine(query_lm, tok, token_ids, autocast_dtype=loaded.runtime.autocast_dtype)
-    before = raw if query_projector is None else RecallEngine(query_lm, tok, token_ids, query_projector=query_projector,
-                                                              autocast_dtype=loaded.runtime.autocast_dtype)
+    before = RecallEngine(query_lm, tok, token_ids, query_projector=query_projector,
+                          autocast_dtype=loaded.runtime.autocast_dtype)
     phases = metrics["phase_seconds"] = {"setup": time.perf_counter() - started}
     builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix,
                             answers=[second_person(r.text) for r in records],
                             question_contexts=[question_contexts(cues[r.id]) for r in records])
-    with _timed(phases, "queries"):
-        # step 1's query for every context a sample can have: the preserve term's anchors
-        anchor_texts = builder.anchor_texts(contexts, sft) if args.preserve_weight > 0 else []
-        before_queries, anchors = _step1_queries(raw, before, [c for c, _ in eval_ctx], anchor_texts)
-        metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank,
-                                                  before_queries)
+    with _timed(phases, "queries"):  # the served queries before step 2, in the runtime's precision
+        metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
     kd = None
     with _timed(phases, "kd_teacher"):
         if args.kd_weight > 0:  # the original base model (before step 1) is the teacher on SFT answers
@@ -387,13 +370,18 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
         refs = bank if reference_vectors is None else np.concatenate([bank, reference_vectors])
         model.projector.fit_center(torch.from_numpy(refs))
     model.to(loaded.runtime.device)
+    anchors = None
+    with _timed(phases, "anchors"):
+        if args.preserve_weight > 0:  # the <recall> state of every context a sample can have, as step 1 left it
+            with training_autocast(args, loaded.runtime.device):
+                anchors = model.recall_states(builder.anchor_contexts())
     # each memory after the neutral ask (the last context of every memory): what decode_exact_match decodes
     checks = [builder.memory_sample(row, len(ctxs) - 1) for row, ctxs in enumerate(builder.contexts)]
     trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank_t, tokenizer=tok,
                                         train_dataset=dataset, anchors=anchors, kd=kd, check_samples=checks,
                                         callbacks=list(callbacks))
     train_started = time.perf_counter()
-    phases["build"] = train_started - mark
+    phases["build"] = train_started - mark - phases.get("anchors", 0.0)
     resume = args.resume_from_checkpoint or last_complete_checkpoint(out_dir)
     if resume:
         logger.info("step 3.2: resuming from %s", resume)
@@ -405,7 +393,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     tokens = sum(len(x["input_ids"]) for x in dataset.items) * epochs_run
     metrics["train"] = {"loss": result.training_loss, "seconds": train_seconds, "samples_per_epoch": len(dataset),
                         "epochs_run": epochs_run, "tokens_per_second": tokens / max(train_seconds, 1e-9),
-                        "world_size": world_size(),
+                        "world_size": world_size(), "precision": training_precision(args, loaded.model.dtype),
                         # the teacher-forced check at each epoch's end (see EnhancedTextMemoryTrainer.decode_check)
                         "exact_match_by_epoch": [{"epoch": round(h["epoch"], 2), "exact_match": h["decode_exact_match"]}
                                                  for h in trainer.state.log_history if "decode_exact_match" in h]}

@@ -24,6 +24,7 @@ from memory.fileio import atomic_write_json
 from memory.runs import last_complete_checkpoint, raise_if_stopped
 from memory.sft_data import abstention_prompts
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
+from recall.model_loading import training_precision
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
 from recall.kfold import ALWAYS_TRAIN_KINDS, cross_validate, cue_key, holdout_memories, with_positives
 from recall.text_embedding_train import (ACTIVATION_PHRASE, RecallMemoryTrainer, RecallTrainingArguments,
@@ -229,6 +230,7 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     trainer.save_model(str(out))  # collective under DeepSpeed; only rank 0 writes
     metrics["seconds"] = time.perf_counter() - started
     metrics["world_size"] = world_size()
+    metrics["precision"] = training_precision(train_args, loaded.model.dtype)
     if is_main():
         _write_config(out, loaded, records, trained, token_ids, train_args, db.encoder_id)
         atomic_write_json(out / COMPLETE_MARKER, metrics)

@@ -224,6 +224,7 @@ class MemoryTrainingService:
             kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped, packing=a.decode_packing,
             context_cache_mb=a.decode_context_cache_mb,
             stop_at_exact_match=a.decode_stop_at_exact_match, deepspeed=t.deepspeed,
+            bf16=t.bf16, fp16=t.fp16,  # HF's --bf16/--fp16 (autocast) reach both trainers
             compile_layers=t.compile_layers, dataloader_num_workers=t.dataloader_num_workers,
             disable_tqdm=t.disable_tqdm)
 

@@ -140,6 +140,23 @@ def cpu_bf16_speedup(n: int = 256) -> float:
     return ratio
 
 
+def training_precision(args, weights: torch.dtype) -> str:
+    """What a trainer computes in, as a run's metrics record it: the base weights' dtype, and
+    the autocast its ``TrainingArguments`` ask for."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, str(weights))
+    cast = " + bf16 autocast" if args.bf16 else " + fp16 autocast" if args.fp16 else ""
+    return f"{name} weights{cast}"
+
+
+def training_autocast(args, device: torch.device):
+    """The autocast a ``Trainer`` with ``args`` runs its forward passes under (HF's ``--bf16`` /
+    ``--fp16`` mixed precision), or a no-op: for what is computed outside the trainer and must
+    match what it computes, such as step 2's preserve targets."""
+    from recall.get_text_embedding import autocast
+
+    return autocast(torch.device(device), torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None)
+
+
 def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """``precision``: auto | bf16 | fp32. On CPU weights stay fp32 and bf16 is used
     through autocast (fp32 master weights, bf16 matmuls) when ``auto`` measures it

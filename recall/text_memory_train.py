@@ -46,7 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from recall.activation import (adapter_active, base_context_pass, check_scope, load_lora_state, lora_config,
                                use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
-from recall.get_text_embedding import backbone
+from recall.get_text_embedding import backbone, encode_by_length
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
@@ -389,6 +389,34 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
             parts["preserve"] = (1 - (query * anchors).sum(-1)).mean()
         loss = sum(self.loss_weights[k] * v for k, v in parts.items() if self.loss_weights.get(k, 0.0) > 0)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+    @torch.no_grad()
+    def recall_states(self, contexts: Sequence[Sequence[int]], batch_size: int = 32) -> torch.Tensor:
+        """(N, d) fp32 final states at a ``<recall>`` placed after each context (token ids), by
+        the forward pass training runs, in its precision (call it under the trainer's autocast).
+        Before training these are the preserve term's targets: the state step 1 left for each
+        context a sample can have, laid out exactly as the samples lay it out. With an activated
+        adapter each context's base pass fills the context cache, so training's first epoch
+        finds it there. Each distinct context runs once, in batches of similar length."""
+        was_training = self.training
+        self.eval()  # no injection noise (there is no pad here either way)
+        device = self.token_rows.delta.device
+
+        def encode(chunk: List[tuple]) -> torch.Tensor:
+            width = max(len(c) for c in chunk) + 1
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for b, c in enumerate(chunk):
+                ids[b, :len(c) + 1] = torch.tensor([*c, self.recall_id])
+                mask[b, :len(c) + 1] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = self.hidden_states(ids, mask)
+            return hidden[torch.arange(len(chunk), device=device), mask.sum(1) - 1].float().cpu()
+
+        try:
+            return encode_by_length([tuple(c) for c in contexts], encode, batch_size)
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def merged_lm(self):

@@ -451,3 +451,37 @@ def test_step2_context_cache_gives_the_uncached_losses_and_gradients(tokenizer, 
         for j, i in enumerate(order):
             n = len(samples[i]["input_ids"])
             assert torch.allclose(ha[i, :n], hb[j, :n], atol=1e-5)
+
+
+def test_step2_anchors_are_the_models_own_recall_states_and_fill_the_context_cache(tokenizer, tmp_path):
+    """Step 2's preserve targets come from the decoder model itself before training
+    (``MemoryDecoderModel.recall_states``), through the forward pass training runs: the
+    preserve term starts at zero on every kind of sample, the anchors equal the served
+    step-1 queries of the same texts, and each context's base pass is cached for epoch 1."""
+    from recall.text_memory_train import DecodingCollator
+
+    model, tok, ids, bank, args, base = _activated_decoder(tokenizer, tmp_path)
+    _randomise_lora(model)  # step 1's adapter
+    model.eval()
+    texts = ["Tell me.", "Where do I live again?"]
+    builder = SampleBuilder(tok, FACTS, [texts] * 3, [SFTExample("Say hi.", "Hi there!")], max_length=128,
+                            mix="1:1:0")
+    contexts = builder.anchor_contexts()
+    assert len(contexts) == 3 * 2 + 1
+    anchors = model.recall_states(contexts)
+    cache = model.context_cache
+    assert cache.misses == 3 and len(cache.entries) == 3  # two distinct memory contexts and one sandwich's
+    queries = torch.from_numpy(RecallEngine(model.lm, tok, ids).query_vectors(texts))
+    assert torch.allclose(torch.nn.functional.cosine_similarity(anchors[:2], queries, dim=-1),
+                          torch.ones(2), atol=1e-5)
+    collate = DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors, recall_id=model.recall_id)
+    samples = [builder.memory_sample(0, 0), builder.memory_sample(2, 1), builder.sandwich_sample(1, 0)]
+    hits = cache.hits
+    with torch.no_grad():
+        parts = model(**collate(samples))
+    assert cache.hits == hits + 3 and cache.misses == 3  # every context from the cache
+    assert parts["preserve"] < 1e-6
+    wrong = DecodingCollator(tok.pad_token_id, bank, model.pad_id, anchors=anchors.roll(1, 0),
+                             recall_id=model.recall_id)
+    with torch.no_grad():
+        assert model(**wrong(samples))["preserve"] > 1e-3  # the term can tell

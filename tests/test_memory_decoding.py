@@ -164,9 +164,11 @@ def test_loss_and_gradients_under_bf16_autocast(tiny, tmp_path):
 
 def test_memories_decode_after_training_and_rows_change(tokenizer, tmp_path):
     # a random model with 0.02-scale weights cannot make a peaked next-token distribution
-    # (logits stay within about +-1), so this one is initialised at a larger scale
+    # (logits stay within about +-1), so this one is initialised at a larger scale. At 0.3 the
+    # run stalled at 2 of 3 memories for 2 of 5 seeds on a 2-core EPYC with AVX512-BF16; at 0.15
+    # all 5 seeds decoded all three there within 30 epochs
     tok = copy.deepcopy(tokenizer)
-    lm = make_tiny_model(tok, initializer_range=0.3)
+    lm = make_tiny_model(tok, initializer_range=0.15)
     ids = add_memory_tokens(lm, tok)
     torch.manual_seed(0)
     bank = torch.nn.functional.normalize(torch.randn(len(FACTS), 64), dim=-1)
@@ -184,7 +186,7 @@ def test_memories_decode_after_training_and_rows_change(tokenizer, tmp_path):
     assert trainer.decode_check() == 0.0  # the random model decodes nothing
     trainer.train()
     curve = [h["decode_exact_match"] for h in trainer.state.log_history if "decode_exact_match" in h]
-    assert len(curve) == round(trainer.state.epoch) and curve[-1] == 1.0 and max(curve[:-1]) < 1.0, curve
+    assert len(curve) == round(trainer.state.epoch) and curve[-1] == 1.0 and max(curve[:-1]) < 1.0, str(curve)
     assert trainer.state.epoch < 100  # stopped early
     assert not torch.equal(rows_before, model.token_rows.delta.detach())
 

@@ -1,5 +1,6 @@
 """Step 4 (publishing versions), the whole pipeline on the tiny model, chat.py and evaluate.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -164,6 +165,19 @@ def test_run_training_publishes_a_loadable_version(published, capsys):
         assert sorted(r.text for r in db.records(statuses=("active",))) == sorted(FACTS)
     metrics = json.loads((current / "metrics.json").read_text())
     assert {"recall_before", "recall_after", "decode_exact_match", "train"} <= set(metrics["decoding"])
+    assert metrics["decoding"]["train"]["precision"] == "fp32 weights"
+
+
+def test_bf16_autocast_reaches_both_trainers(tiny_model_dir, tmp_path):
+    """HF's ``--bf16`` (autocast; ``--use_cpu true`` on a CPU) trains step 1 and step 2 under it,
+    and the run's metrics say what each trained in. ``--precision`` alone sets inference."""
+    assert _run(tiny_model_dir, tmp_path, "--precision", "bf16", "--bf16", "true", "--use_cpu", "true") == 0
+    current = resolve_current(tmp_path / "out" / "models")
+    metrics = json.loads((current / "metrics.json").read_text())
+    assert metrics["decoding"]["train"]["precision"] == "fp32 weights + bf16 autocast"
+    (run,) = (tmp_path / "out" / "runs").iterdir()
+    assert json.loads((run / "recall" / "metrics.json").read_text())["precision"] == "fp32 weights + bf16 autocast"
+    assert math.isfinite(metrics["decoding"]["train"]["loss"])
 
 
 def test_chat_ask_shows_the_recall(published, capsys):
