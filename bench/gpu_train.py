@@ -514,7 +514,8 @@ def run(opts) -> dict:
     return out
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line; ``bench.speed`` takes its defaults from here too."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--step", choices=("recall", "decode"), default="decode")
     ap.add_argument("--size", choices=tuple(SIZES) + ("default",), default="1b",
@@ -566,7 +567,11 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     ap.add_argument("--seed", type=int, default=0)
-    opts = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    opts = parser().parse_args(argv)
     if opts.deepspeed:
         from recall.distributed import init_process_group
 

@@ -42,11 +42,25 @@ import torch
 RESULTS = Path("bench/results/speed.json")
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 units (the hosts here differ: some have AVX512-BF16)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "cpu"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "cpu")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, " + (" and ".join(units) if units else "no bf16 units")
+
+
 def _opts(**kw):
-    base = dict(step="decode", size="default", steps=6, warmup=2, batch=8, memories=64, precision="fp32",
-                device="cpu", deepspeed=None, lora_targets=None, tokenizer=None, peak=False, work="/tmp/bench_speed",
-                pad_multiple=1, no_cudnn_attention=False, profile=None, seed=0, naive=False,
-                length_grouping=False, compile_layers=False, adapter_scope="all")
+    """``bench.gpu_train``'s options: its command line's defaults, this benchmark's, then ``kw``."""
+    from bench.gpu_train import parser
+
+    base = vars(parser().parse_args([]))
+    base.update(step="decode", size="default", steps=6, warmup=2, batch=8, memories=64, precision="fp32",
+                device="cpu", work="/tmp/bench_speed")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -120,7 +134,7 @@ def main(argv=None) -> int:
     naive = next((r for r in rows if r["name"].startswith("step 2 naive")), None)
     for r in rows:
         r["vs_naive"] = r["tokens_per_second"] / naive["tokens_per_second"] if r["step"] == "decode" and naive else None
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or 'cpu'}, "
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_description()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "peak_tflops": peaks, "rows": rows,
               "command": command}
     print("\n| configuration | tokens/s | vs naive | TFLOP/s | MFU (own precision's peak) | MFU vs bf16 peak |")

@@ -85,3 +85,17 @@ def test_the_benchmarks_random_model_has_no_zero_embedding_row(tokenizer):
     rows = lm.get_input_embeddings().weight
     assert (rows.abs().sum(-1) > 0).all()
     assert rows[tokenizer.pad_token_id].abs().sum() > 0
+
+
+def test_every_speed_row_runs_through_gpu_train(tmp_path):
+    """``bench.speed`` drives ``bench.gpu_train.run`` with its own option set; an option
+    ``gpu_train`` gained later (``sync_census``) once crashed its first row. Every row's options,
+    on the tiny shape for one step, run and report a throughput."""
+    from bench.gpu_train import run
+    from bench.speed import SLOW_BF16, VARIANTS, _opts
+
+    for name, step, kw in VARIANTS:
+        kw = {**kw, **(SLOW_BF16 if kw.get("precision") == "bf16" else {}), "steps": 1, "warmup": 1,
+              "batch": 2, "memories": 4}
+        out = run(_opts(step=step, size="tiny", work=str(tmp_path / "w"), **kw))
+        assert out["tokens_per_second"] > 0, name
