@@ -149,7 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("pipeline_args", nargs="*", help="extra run_training.py flags (after --)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU, fp32"}
+    from bench.speed import cpu_description
+
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_description()}, {torch.get_num_threads()} threads"}
     if not args.throughput_only:
         from memory.evaluation import evaluate_version, format_table
 

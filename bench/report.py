@@ -253,7 +253,8 @@ def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in p["stage_seconds"].items() if v >= 1)
         lines += [f"Whole default pipeline (`python run_training.py` on `examples/`, measured by "
                   f"`python -m bench.memory_decoding`, {pipeline['date']}): **{p['seconds'] / 60:.1f} min** ({stages}). "
-                  f"Target ≤ 5 min: {_met(p['seconds'] <= 300)}.", ""]
+                  f"Target ≤ 5 min: {_met(p['seconds'] <= 300)}. Machine: {pipeline.get('machine', 'cpu')}. "
+                  f"{pipeline.get('note', '')}", ""]
     if pipeline and pipeline.get("throughput"):
         t = pipeline["throughput"]
         rows = {k: v for k, v in t.items() if isinstance(v, dict)}
