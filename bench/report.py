@@ -241,9 +241,9 @@ def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
                   f"{_met(best['mfu_vs_bf16_peak'] >= 0.25)}."]
         if best.get("precision") == "bf16":
             lines += ["", "This CPU has bf16 units, and the best rows train under bf16 autocast. The pipeline "
-                      "trains fp32 on a CPU unless asked (`--bf16 true --use_cpu true`): in its own runs the "
-                      "same day, bf16 training was no faster (step-2 training 174 s against 181 s in fp32, "
-                      "step 1 slower; README, \"Hardware notes\"). There each context's pass runs once, the "
+                      "trains fp32 on a CPU unless asked (`--bf16 true --use_cpu true`): in its own runs bf16 "
+                      "training was no faster (figures in README, \"Hardware notes\"). There each context's "
+                      "pass runs once, the "
                       "trained tails are short, and batch shapes change every step; which of these eats the "
                       "gain these rows show is not yet measured."]
     lines.append("")

@@ -140,12 +140,17 @@ def cpu_bf16_speedup(n: int = 256) -> float:
     return ratio
 
 
+def _training_autocast_dtype(args) -> Optional[torch.dtype]:
+    """The dtype HF's ``--bf16`` / ``--fp16`` (mixed precision) autocasts a trainer's forward to."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+
 def training_precision(args, weights: torch.dtype) -> str:
     """What a trainer computes in, as a run's metrics record it: the base weights' dtype, and
     the autocast its ``TrainingArguments`` ask for."""
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, str(weights))
-    cast = " + bf16 autocast" if args.bf16 else " + fp16 autocast" if args.fp16 else ""
-    return f"{name} weights{cast}"
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    cast = _training_autocast_dtype(args)
+    return f"{names.get(weights, str(weights))} weights" + (f" + {names[cast]} autocast" if cast else "")
 
 
 def training_autocast(args, device: torch.device):
@@ -154,7 +159,7 @@ def training_autocast(args, device: torch.device):
     match what it computes, such as step 2's preserve targets."""
     from recall.get_text_embedding import autocast
 
-    return autocast(torch.device(device), torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None)
+    return autocast(torch.device(device), _training_autocast_dtype(args))
 
 
 def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
