@@ -183,8 +183,11 @@ def _timer(warmup: int):
             if torch.cuda.is_available() and state.global_step in (warmup, state.max_steps):
                 torch.cuda.synchronize()
             self.marks.append(time.perf_counter())
-            if state.global_step == warmup and torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
+            if state.global_step == warmup:
+                cache = getattr(kwargs.get("model"), "context_cache", None)
+                self.cache_misses_at_warmup = None if cache is None else cache.misses
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
 
     return StepTimer()
 
@@ -303,6 +306,7 @@ def build_trainer(opts, device, timer):
         cache = {"context_cache_mb": opts.context_cache_mb} if getattr(opts, "context_cache_mb", None) is not None else {}
         args = RecallTrainingArguments(**common, adapter_scope=scope, lora_target_modules=opts.lora_targets or "auto",
                                        **cache)
+        args.cpu_bf16_levers = not getattr(opts, "no_bf16_levers", False)  # read by recall.cpu_bf16.applies
         model = build_recall_model(lm, tok, args, d, list(token_ids.values()))
         data = [{"text": format_query(tok, c), "target": row} for row, ctxs in enumerate(contexts) for c in ctxs]
         collate = CountingCollator(RecallCollator(tok, token_ids[RECALL_TOKEN], args.max_length),
@@ -317,6 +321,7 @@ def build_trainer(opts, device, timer):
                                    packing=getattr(opts, "packing", False),
                                    length_grouped=getattr(opts, "length_grouping", False) and not naive,
                                    adapter_scope=scope, **({"lora_target_modules": targets} if targets else {}))
+    args.cpu_bf16_levers = not getattr(opts, "no_bf16_levers", False)  # read by recall.cpu_bf16.applies
     if scope == "recall":  # as memory.decoding_step runs it: no pure SFT samples, no KD on them
         args.mix, args.kd_weight = ":".join(args.mix.split(":")[:2] + ["0"]), 0.0
     builder = SampleBuilder(tok, memories, contexts, sft, args.max_length, mix=args.mix)
@@ -464,8 +469,13 @@ def run(opts) -> dict:
     forward = 2 * body * tokens + 2 * attn + head
     flops = 2 * forward + 4 * trainable * tokens  # frozen base: activation grads; trainables: + weight grads
     flops_6n = 3 * forward
+    cache = getattr(trainer.model, "context_cache", None)
+    # every context of the timed steps came from the context cache: their forward pass was not run
+    cached = cache is not None and getattr(timer, "cache_misses_at_warmup", None) == cache.misses
     if all("tail_tokens" in b for b in timed):  # activated adapter: the context is forward only
         tail = sum(b["tail_tokens"] for b in timed)
+        if cached:  # only the tails ran (their attention reads the cached keys)
+            forward = 2 * body * tail + 2 * attn * tail / max(tokens, 1) + head
         backward = 2 * (2 * body * tail + 2 * attn * tail / max(tokens, 1) + head)
         flops = forward + backward + 4 * trainable * tail
         flops_6n = forward + 2 * (2 * body * tail + head)
@@ -479,7 +489,7 @@ def run(opts) -> dict:
            "workers": getattr(opts, "workers", 0),
            "adapter_scope": getattr(opts, "adapter_scope", "all"), "timed_steps": len(timed), "seconds": round(seconds, 3),
            "wall_seconds": round(wall, 1), "params_body": body, "params_trainable": trainable,
-           "tokens_per_second": round(tokens * n / seconds, 1),
+           "tokens_per_second": round(tokens * n / seconds, 1), "contexts_cached": cached,
            "padding_fraction": round(1 - tokens / max(sum(b["padded"] for b in timed), 1), 3),
            "tflops_per_second": round(flops * n / seconds / 1e12, 4)}
     if device.type == "cuda":
@@ -555,6 +565,8 @@ def parser() -> argparse.ArgumentParser:
                     help="data-loader worker processes (batches are collated ahead of the step that needs them)")
     ap.add_argument("--no_cudnn_attention", action="store_true", help="SDPA without its cuDNN backend")
     ap.add_argument("--profile", default=None, help="write a torch.profiler operator table to this file")
+    ap.add_argument("--no_bf16_levers", action="store_true",
+                    help="CPU bf16 autocast without recall/cpu_bf16.py (bf16 weight copies, fp32 attention)")
     ap.add_argument("--no_index_plan", action="store_true",
                     help="step 2: no collator index plan (the forward finds positions on the device)")
     ap.add_argument("--nan_filter", action="store_true", help="HF's logging_nan_inf_filter (a host sync per step)")

@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--adapter_scope", default=RecallTrainingArguments.adapter_scope,
                     help="where the LoRA acts: recall | all")
     ap.add_argument("--lora_target_modules", default="auto")
+    ap.add_argument("--train_precision", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="the trainer's autocast (auto: bf16 where this CPU's bf16 matmuls measure faster)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
@@ -82,13 +84,14 @@ def main():
                                     vector_distill_weight=args.vector_distill_weight,
                                     abstention=args.abstention == "true",
                                     adapter_scope=args.adapter_scope, lora_target_modules=args.lora_target_modules)
-    service = MemoryTrainingService(ModelArguments(), margs, targs)
+    service = MemoryTrainingService(ModelArguments(train_precision=args.train_precision), margs, targs)
     start = time.perf_counter()
     sessions = service.load_chat_sessions().sessions
     service.import_memories(margs.memories)
     metrics = service.train_recall_token(sessions)
     train_seconds = time.perf_counter() - start
     loaded = service.loaded
+    precision = "bf16 autocast" if service.train_args.bf16 else "fp32"
     service.close()
     from memory.evaluation import find_model_dir
     report = evaluate_retrieval(work, find_model_dir(work), "examples/questions.json", precision="fp32")
@@ -96,7 +99,7 @@ def main():
                                           "bf16_autocast": throughput(loaded, torch.bfloat16, steps=1)}
     k = metrics.get("kfold", {})
     print(f"\nstep 1 on {metrics['memories']} memories, {metrics['cues']} cues, {metrics['unlabelled_texts']} "
-          f"unlabelled texts; {train_seconds:.0f}s for cues + K-fold + final training\n")
+          f"unlabelled texts; {train_seconds:.0f}s for cues + K-fold + final training, in {precision}\n")
     if k:
         print(f"{k['k']}-fold held-out cues: recall@1 {k['recall_at_1_mean']:.3f} ± {k['recall_at_1_std']:.3f}, "
               f"recall@5 {k['recall_at_5_mean']:.3f} ± {k['recall_at_5_std']:.3f}, "
@@ -108,7 +111,8 @@ def main():
     print("\n| training precision | tokens/s | s/step |\n|---|---|---|")
     for name, s in speed.items():
         print(f"| {name} | {s['tokens_per_s']:.1f} | {s['seconds_per_step']:.2f} |")
-    out = {"options": vars(args), "metrics": metrics, "train_seconds": train_seconds, "throughput": speed,
+    out = {"options": vars(args), "trained_in": precision, "metrics": metrics, "train_seconds": train_seconds,
+           "throughput": speed,
            "questions": {n: {k2: v for k2, v in report[n].items() if k2 != "per_question"}
                          for n in ("trained_recall", "untrained_last_token", "minilm_rag")}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

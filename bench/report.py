@@ -363,6 +363,14 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     tr = sorted((v["memories"], v["seconds"]) for v in scale["training"].values())
     ex = sorted((v["user_turns"], v["seconds"]) for v in scale["extraction"].values())
     if tr:
+        first = next(iter(scale["training"].values()))
+        if first.get("machine"):
+            prec = first.get("precision") or {}
+            lines += [f"Training cycles measured {first.get('date', '')} on {first['machine']}; step 1 trained in "
+                      f"{prec.get('step1', '?')}, step 2 in {prec.get('step2', '?')}. "
+                      + ("Earlier series (other hosts or defaults) are kept in the JSON under "
+                         + ", ".join(f"`{k}`" for k in scale if k.startswith("training_")) + "."
+                         if any(k.startswith("training_") for k in scale) else ""), ""]
         lines += ["| memories | wall time of one default training cycle (s) | stages (s) | step-1 cues | "
                   "step-2 samples per epoch | step-2 epochs run | step-2 s per sample drawn | decode exact match |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -53,7 +53,11 @@ def cycle_work(out: Path) -> dict:
     run_dir = sorted(out.glob("runs/*/decode/metrics.json"))[-1].parent.parent
     recall = json.loads((run_dir / "recall" / "metrics.json").read_text())
     decode = json.loads((run_dir / "decode" / "metrics.json").read_text())
-    return {"step1_cues": recall.get("cues"), "step1_epochs": recall.get("final_train_set", {}).get("epoch"),
+    from bench.speed import cpu_description
+
+    return {"date": time.strftime("%Y-%m-%d"), "machine": cpu_description(),
+            "precision": {"step1": recall.get("precision"), "step2": decode["train"].get("precision")},
+            "step1_cues": recall.get("cues"), "step1_epochs": recall.get("final_train_set", {}).get("epoch"),
             "step2_samples_per_epoch": decode["train"].get("samples_per_epoch"),
             "step2_epochs": decode["train"].get("epochs_run"),
             "step2_tokens_per_second": decode["train"].get("tokens_per_second"),

@@ -74,6 +74,16 @@ VARIANTS = [  # (name, step, options)
     ("step 2 default + pad to multiple of 8", "decode", dict(pad_multiple=8)),
     ("step 2 default + bf16 autocast", "decode", dict(precision="bf16")),
     ("step 2 activated adapter + bf16 autocast", "decode", dict(adapter_scope="recall", precision="bf16")),
+    # as the pipeline trains after its preserve-target pass: every context already in the context
+    # cache (8 memories, so the warm-up steps have seen them all), only the tails run, in
+    # length-grouped batches; the CPU bf16 levers of recall/cpu_bf16.py (bf16 weight copies, fp32
+    # attention) are measured on and off
+    ("step 2 activated adapter, contexts cached: fp32", "decode",
+     dict(adapter_scope="recall", memories=8, warmup=8, steps=10, length_grouping=True)),
+    ("step 2 activated adapter, contexts cached: bf16 autocast without the CPU bf16 levers", "decode",
+     dict(adapter_scope="recall", memories=8, warmup=8, steps=10, length_grouping=True, precision="bf16", no_bf16_levers=True)),
+    ("step 2 activated adapter, contexts cached: bf16 autocast + CPU bf16 levers (pipeline default)", "decode",
+     dict(adapter_scope="recall", memories=8, warmup=8, steps=10, length_grouping=True, precision="bf16")),
     ("step 1 default: fp32, no LM head", "recall", dict(batch=16)),
     # the context cache off, so every context's forward pass (counted in the FLOPs) is really run;
     # the backward pass is counted at <recall> alone (bench.gpu_train.CountingCollator, query=True):

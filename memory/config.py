@@ -45,6 +45,14 @@ class ModelArguments:
     gguf_file: Optional[str] = dataclasses.field(default=None, metadata={"help": "GGUF file inside model_name_or_path"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     precision: str = dataclasses.field(default="auto", metadata={"help": "auto | bf16 | fp32 (auto measures bf16 on CPU)"})
+    train_precision: str = dataclasses.field(default="auto", metadata={
+        "help": "auto | bf16 | fp32: the trainers' autocast on a CPU (fp32 weights either way). auto: bf16 autocast "
+                "where --precision chose it for inference (auto: where this CPU's bf16 matmuls measure faster). "
+                "HF's --bf16/--fp16, when given, decide instead; on a GPU the weights' dtype does"})
+
+    def __post_init__(self):
+        if self.train_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--train_precision: expected auto, bf16 or fp32, got {self.train_precision!r}")
 
 
 @dataclasses.dataclass

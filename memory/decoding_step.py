@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from memory.runs import last_complete_checkpoint, raise_if_stopped
+from recall.cpu_bf16 import bf16_cpu_training
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
 from recall.model_loading import training_autocast, training_precision
 from memory.config import parse_mix
@@ -373,7 +374,8 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     anchors = None
     with _timed(phases, "anchors"):
         if args.preserve_weight > 0:  # the <recall> state of every context a sample can have, as step 1 left it
-            with training_autocast(args, loaded.runtime.device):
+            device = loaded.runtime.device  # the forward training runs: its autocast and CPU bf16 levers
+            with training_autocast(args, device), bf16_cpu_training(model, args, device):
                 anchors = model.recall_states(builder.anchor_contexts())
     # each memory after the neutral ask (the last context of every memory): what decode_exact_match decodes
     checks = [builder.memory_sample(row, len(ctxs) - 1) for row, ctxs in enumerate(builder.contexts)]

@@ -131,6 +131,11 @@ class MemoryTrainingService:
             self._loaded = load_model_and_tokenizer(
                 self.model_args.model_name_or_path, gguf_file=self.model_args.gguf_file,
                 device=self.model_args.device, precision=self.model_args.precision)
+            from recall.model_loading import resolve_training_precision
+
+            # the trainers' autocast follows the inference runtime on a CPU (--train_precision)
+            self.train_args = resolve_training_precision(self.train_args, self._loaded.runtime,
+                                                         self.model_args.train_precision)
         return self._loaded
 
     def close(self) -> None:
@@ -183,7 +188,8 @@ class MemoryTrainingService:
 
             turns += read_prompts()
         plan = plan or {}
-        return train_recall_token(self.loaded, self.db, self.store, self.args, self.train_args, run_dir, turns,
+        loaded = self.loaded  # first: loading resolves the training precision into self.train_args
+        return train_recall_token(loaded, self.db, self.store, self.args, self.train_args, run_dir, turns,
                                   bank_ids=plan.get("bank_ids"), train_ids=plan.get("memory_ids"),
                                   start_lm=start[0] if start else None, query_projector=start[2] if start else None,
                                   start_adapter=start[3] if start else None, callbacks=self._callbacks("recall"))
@@ -213,6 +219,7 @@ class MemoryTrainingService:
     def decoding_arguments(self, out_dir: Path):
         from recall.text_memory_train import MemoryDecodingArguments
 
+        self.loaded  # resolves the training precision (--train_precision)
         a, t = self.args, self.train_args
         return MemoryDecodingArguments(
             output_dir=str(out_dir), seed=t.seed, use_cpu=t.use_cpu, logging_steps=t.logging_steps,

@@ -153,6 +153,22 @@ def training_precision(args, weights: torch.dtype) -> str:
     return f"{names.get(weights, str(weights))} weights" + (f" + {names[cast]} autocast" if cast else "")
 
 
+def resolve_training_precision(args, runtime: Runtime, choice: str = "auto"):
+    """``args`` (a ``TrainingArguments``) with HF's bf16 autocast switched on for a CPU run when
+    ``choice`` asks for it: ``bf16``, or ``auto`` where the inference runtime autocasts to bf16
+    (``--precision auto`` measured this CPU's bf16 matmuls faster). Unchanged on a GPU, with
+    ``fp32``, when ``--bf16``/``--fp16`` were given (HF's own flags decide), and under DeepSpeed
+    (its config's ``bf16: auto`` would cast the whole model to bf16, not autocast)."""
+    if choice not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train_precision: expected auto, bf16 or fp32, got {choice!r}")
+    if args.bf16 or args.fp16 or runtime.device.type != "cpu" or choice == "fp32" or args.deepspeed:
+        return args
+    if choice == "bf16" or runtime.autocast_dtype == torch.bfloat16:
+        # through replace: TrainingArguments derives its mixed-precision mode when it is built
+        return dataclasses.replace(args, bf16=True, use_cpu=True)
+    return args
+
+
 def training_autocast(args, device: torch.device):
     """The autocast a ``Trainer`` with ``args`` runs its forward passes under (HF's ``--bf16`` /
     ``--fp16`` mixed precision), or a no-op: for what is computed outside the trainer and must

@@ -396,9 +396,12 @@ class RecallMemoryTrainer(SmallStateTrainerMixin, Trainer):
         return (loss, queries) if return_outputs else loss
 
     def train(self, resume_from_checkpoint=None, **kwargs):
+        from recall.cpu_bf16 import bf16_cpu_training
+
         if resume_from_checkpoint is None:
             self.init_abstain_level()
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with bf16_cpu_training(self.model, self.args, self.args.device):  # CPU bf16 autocast: recall/cpu_bf16.py
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @torch.no_grad()
     def init_abstain_level(self, sample: int = 128) -> Optional[float]:

@@ -816,6 +816,12 @@ class EnhancedTextMemoryTrainer(SmallStateTrainerMixin, Trainer):
             return torch.utils.data.SequentialSampler(dataset)  # the epoch is already laid out in batches
         return super()._get_train_sampler(train_dataset)
 
+    def train(self, *args, **kwargs):
+        from recall.cpu_bf16 import bf16_cpu_training
+
+        with bf16_cpu_training(self.model, self.args, self.args.device):  # CPU bf16 autocast: recall/cpu_bf16.py
+            return super().train(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parts = model(**inputs)
         loss = parts.pop("loss")
