@@ -240,12 +240,12 @@ def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
         lines += ["", f"Target {TARGETS['mfu']}: best step-2 configuration {best['mfu_vs_bf16_peak']:.3f}, "
                   f"{_met(best['mfu_vs_bf16_peak'] >= 0.25)}."]
         if best.get("precision") == "bf16":
-            lines += ["", "This CPU has bf16 units, and the best rows train under bf16 autocast. The pipeline "
-                      "trains fp32 on a CPU unless asked (`--bf16 true --use_cpu true`): in its own runs bf16 "
-                      "training was no faster (figures in README, \"Hardware notes\"). There each context's "
-                      "pass runs once, the "
-                      "trained tails are short, and batch shapes change every step; which of these eats the "
-                      "gain these rows show is not yet measured."]
+            lines += ["", "This CPU has bf16 units, and the best rows train under bf16 autocast. So does the "
+                      "pipeline since 2026-12-03 (`--train_precision auto`), with two CPU levers (bf16 copies "
+                      "of the frozen weights, fp32 attention: `recall/cpu_bf16.py`). In the pipeline each "
+                      "context's pass runs once and only the short tails train, where autocast's weight casts "
+                      "and bf16 attention backward cost most; `python -m bench.cpu_bf16_levers` measures that "
+                      "shape (figures in README, \"Hardware notes\")."]
     lines.append("")
     pipeline = _load(results / "memory_decoding.json")
     if pipeline and pipeline.get("pipeline"):
