@@ -403,6 +403,12 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
                   f"memories (`python -m bench.scale --memories 1000 --sessions ''`). At the largest measured "
                   f"size's {top_s / top_n:.1f} s per memory, 1,000 would take about {top_s / top_n * 1000 / 3600:.1f} h "
                   "here: an extrapolation, not a measurement.", ""]
+    part = scale.get("partial_1000")
+    if part:
+        lines += [f"Partly measured, {part['date']}: 1,000 memories ({part['imported']} after de-duplication). "
+                  f"Step 1 trained {part['step1_cues']} cues in {part['step1_seconds']:.0f} s; step 2 "
+                  f"({part['step2_samples_per_epoch']} samples an epoch) ran its set-up and first two epochs in "
+                  f"{part['step2_setup_plus_two_epochs_seconds']:.0f} s, then was {part['stopped']}.", ""]
     curves = {"training cycle vs memories": tr, "extraction vs user turns": ex}
     png = _line(out_dir / "benchmarks_scale.png", "Wall time vs size", curves, "memories / user turns", "seconds")
     return lines + [f"![scale]({png})", ""]
