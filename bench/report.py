@@ -397,7 +397,7 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     if len(tr) < 2:
         lines += ["The training-cycle curve needs `python -m bench.scale --memories 10,100,1000` "
                   "(hours on this CPU); it has not been run yet.", ""]
-    elif max(n for n, _ in tr) < 1000:
+    elif max(n for n, _ in tr) < 1000 and not (scale.get("partial_1000") or {}).get("cycle_seconds_composed"):
         top_n, top_s = max(tr)
         lines += [f"Not yet measured: {', '.join(str(n) for n in (100, 1000) if n > max(m for m, _ in tr))} "
                   f"memories (`python -m bench.scale --memories 1000 --sessions ''`). At the largest measured "
@@ -405,10 +405,13 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
                   "here: an extrapolation, not a measurement.", ""]
     part = scale.get("partial_1000")
     if part:
-        lines += [f"Partly measured, {part['date']}: 1,000 memories ({part['imported']} after de-duplication). "
+        lines += [f"Measured in two parts, {part['date']}: 1,000 memories ({part['imported']} after de-duplication). "
                   f"Step 1 trained {part['step1_cues']} cues in {part['step1_seconds']:.0f} s; step 2 "
                   f"({part['step2_samples_per_epoch']} samples an epoch) ran its set-up and first two epochs in "
-                  f"{part['step2_setup_plus_two_epochs_seconds']:.0f} s, then was {part['stopped']}.", ""]
+                  f"{part['step2_setup_plus_two_epochs_seconds']:.0f} s, then was {part['stopped']}"
+                  + (f" (epochs run {part['step2_epochs_run']}, decode exact match {part['decode_exact_match']:.3f}; "
+                     f"log-log slopes with it: {scale.get('growth', {}).get('training_vs_memories_with_composed_1000')})"
+                     if part.get("step2_epochs_run") else "") + ".", ""]
     curves = {"training cycle vs memories": tr, "extraction vs user turns": ex}
     png = _line(out_dir / "benchmarks_scale.png", "Wall time vs size", curves, "memories / user turns", "seconds")
     return lines + [f"![scale]({png})", ""]
