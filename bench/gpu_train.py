@@ -86,8 +86,21 @@ def matmul_peak(device, dtype=torch.bfloat16, n: int = 8192, reps: int = 10, tri
     best of ``trials`` timings, so a momentarily busy machine does not lower the ceiling (and
     inflate MFU)."""
     warmup = 3
-    if device.type == "cpu":  # without AMX, bf16 runs ~1 GFLOP/s here: one 1024^3 product per trial
-        n, reps, warmup, trials = (2048, 3, 1, 5) if dtype == torch.float32 else (1024, 1, 1, 2)
+    if device.type == "cpu":
+        # CPUs differ 100x in bf16 (1 GFLOP/s without bf16 units, ~0.8 TFLOP/s with AMX/AVX512-BF16
+        # on 2 cores): time one 2048^3 product (one 1024^3 where that is slow), then repeat it for
+        # about half a second per trial; a few-millisecond trial read the peak 25% low
+        n = 2048
+        a = torch.randn(n, n, dtype=dtype)
+        t = time.perf_counter()
+        a @ a
+        if time.perf_counter() - t > 1.0:
+            n = 1024
+        a = torch.randn(n, n, dtype=dtype)
+        t = time.perf_counter()
+        a @ a
+        once = time.perf_counter() - t
+        reps, warmup, trials = max(1, min(50, int(0.5 / max(once, 1e-6)))), 1, (5 if once < 0.5 else 2)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(warmup):
@@ -170,6 +183,25 @@ class CountingCollator:
         return record
 
 
+def _count_context_passes(model) -> Optional[list]:
+    """With the activated adapter, record the real tokens of every context pass the model
+    runs (a device tensor each, read after timing): with a context cache, only misses and
+    batches the cache cannot serve run one, and only those are counted as FLOPs."""
+    for name in ("_base_context", "_context_pass"):  # step 2's, step 1's
+        inner = getattr(model, name, None)
+        if inner is None:
+            continue
+        record = []
+
+        def counted(input_ids, attention_mask, _inner=inner):
+            record.append(attention_mask.sum())
+            return _inner(input_ids, attention_mask)
+
+        setattr(model, name, counted)
+        return record
+    return None
+
+
 def _timer(warmup: int):
     from transformers import TrainerCallback
 
@@ -186,6 +218,7 @@ def _timer(warmup: int):
             if state.global_step == warmup:
                 cache = getattr(kwargs.get("model"), "context_cache", None)
                 self.cache_misses_at_warmup = None if cache is None else cache.misses
+                self.context_passes_at_warmup = len(getattr(self, "context_passes", None) or [])
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
 
@@ -440,6 +473,7 @@ def run(opts) -> dict:
         torch.backends.cuda.enable_cudnn_sdp(False)
     timer = _timer(opts.warmup)
     trainer, collate, lm = build_trainer(opts, device, timer)
+    timer.context_passes = _count_context_passes(trainer.model)
     if collate.attach:
         collate.count_steps(trainer)
     if device.type == "cuda":
@@ -471,11 +505,17 @@ def run(opts) -> dict:
     flops_6n = 3 * forward
     cache = getattr(trainer.model, "context_cache", None)
     # every context of the timed steps came from the context cache: their forward pass was not run
-    cached = cache is not None and getattr(timer, "cache_misses_at_warmup", None) == cache.misses
+    at_warmup = getattr(timer, "cache_misses_at_warmup", None)
+    timed_misses = None if cache is None or at_warmup is None else cache.misses - at_warmup
+    cached = timed_misses == 0
+    context_run = None
     if all("tail_tokens" in b for b in timed):  # activated adapter: the context is forward only
         tail = sum(b["tail_tokens"] for b in timed)
-        if cached:  # only the tails ran (their attention reads the cached keys)
-            forward = 2 * body * tail + 2 * attn * tail / max(tokens, 1) + head
+        passes = getattr(timer, "context_passes", None)
+        if passes is not None:  # the context tokens the timed steps really ran (cache misses, uncached batches)
+            context_run = int(sum(int(t) for t in passes[getattr(timer, "context_passes_at_warmup", 0):]))
+            ran = tail + context_run
+            forward = 2 * body * ran + 2 * attn * ran / max(tokens, 1) + head
         backward = 2 * (2 * body * tail + 2 * attn * tail / max(tokens, 1) + head)
         flops = forward + backward + 4 * trainable * tail
         flops_6n = forward + 2 * (2 * body * tail + head)
@@ -490,6 +530,7 @@ def run(opts) -> dict:
            "adapter_scope": getattr(opts, "adapter_scope", "all"), "timed_steps": len(timed), "seconds": round(seconds, 3),
            "wall_seconds": round(wall, 1), "params_body": body, "params_trainable": trainable,
            "tokens_per_second": round(tokens * n / seconds, 1), "contexts_cached": cached,
+           "context_cache_misses_timed": timed_misses, "context_tokens_run": context_run,
            "padding_fraction": round(1 - tokens / max(sum(b["padded"] for b in timed), 1), 3),
            "tflops_per_second": round(flops * n / seconds / 1e12, 4)}
     if device.type == "cuda":

@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--lora_target_modules", default="auto")
     ap.add_argument("--train_precision", default="auto", choices=("auto", "bf16", "fp32"),
                     help="the trainer's autocast (auto: bf16 where this CPU's bf16 matmuls measure faster)")
+    ap.add_argument("--seed", type=int, default=42, help="training seed (cue order, LoRA init, fold split)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
@@ -80,7 +81,7 @@ def main():
                             k_folds=args.k_folds, embedding_model=args.embedding_model,
                             cue_questions=args.cue_questions, cue_templates=args.cue_templates == "true",
                             recall_general_prompts=args.general_prompts)
-    targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs,
+    targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs, seed=args.seed,
                                     vector_distill_weight=args.vector_distill_weight,
                                     abstention=args.abstention == "true",
                                     adapter_scope=args.adapter_scope, lora_target_modules=args.lora_target_modules)

@@ -126,6 +126,18 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
 
 _DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
 OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
+    ("full_when", "Whole conversation 0 (19 sessions, 184 facts, 121 questions), the defaults of 2026-12-03",
+     "python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_when"),
+    ("sessions5_all_when", "All 10 conversations, first 5 sessions of each, the defaults of 2026-12-03 (rule-made "
+                           "questions with \"when\" for past events and main-clause questions for long facts; bf16 "
+                           "autocast training on an AVX512-BF16 host)",
+     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
+     "bench/results/locomo/sessions5_all_when"),
+    ("sessions5_all_old_rules", "Same, 2026-12-03, with the rule-made questions of 2026-11-27 (`memory/questions.py` "
+                                "before the \"when\" and main-clause rules): the A/B of the rules on the same host "
+                                "and precision",
+     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
+     "bench/results/locomo/sessions5_all_old_rules (with memory/questions.py of commit 63e3a23)"),
     ("sessions5_all", "All 10 conversations, first 5 sessions of each, the defaults of 2026-11-27 evening (rule-made "
                       "questions, \"no memory\"); conversation 0 is the quick mode's, the other 9 were never used "
                       "while choosing settings",
@@ -214,7 +226,7 @@ def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
         return lines + ["(no speed results yet)", ""]
     peaks = speed["peak_tflops"]
     lines += [f"Command: {_command(log, 'speed', speed.get('command', 'python -m bench.speed'))}; "
-              f"{speed['date']}; {speed['machine']}. Measured matmul peak in the same run (2048³, torch): "
+              f"{speed['date']}; {speed['machine']}. Best matmul peak measured in the same run (2048³, torch, before every row): "
               f"fp32 **{peaks['fp32']:.3f}** TFLOP/s, bf16 **{peaks['bf16']:.3f}** TFLOP/s. Method: "
               "`bench/speed.py` docstring (real trainers, the real default model, useful FLOPs only).", "",
               "| configuration | tokens/s | vs naive | TFLOP/s | MFU (own precision's peak) | MFU vs bf16 peak |",

@@ -18,7 +18,11 @@ rule-based question generation (wh-movement over the sentence's chunks):
   object ("What did I get as a present?"), a named thing ("Which company do I work for?",
   "What is my dog called?");
 - the subject of a sentence about someone else ("Who lives in Madrid?"), with and without
-  the name the user gave ("Where does my sister live?").
+  the name the user gave ("Where does my sister live?");
+- a past event, when it happened, without the sentence's own time words ("Melanie ran a charity
+  race last Saturday." -> "When did Melanie run a charity race?"): the memory's date answers it;
+- a long sentence (a comma, a second clause) is asked about its main clause only: its object
+  ("What did Caroline attend recently?") and, for an event, when.
 
 A question is kept only if it still holds a content word of the memory, and a question the
 rules give for two memories of the same user is dropped from both (it cannot tell them
@@ -333,6 +337,38 @@ def _wh_questions(chunks: List[Tuple[str, str]], lead: Tuple[str, ...], copula: 
     return out
 
 
+_TIME_TAIL = re.compile(r"\s*(?:,\s*)?(?:(?:last|this|next|that|one|every) \w+|yesterday|today|tonight|recently|lately|"
+                        r"earlier|(?:\w+ )?(?:days?|weeks?|months?|years?) ago|(?:on|in|at|during|since|before|after|"
+                        r"over|by) (?:the |a |an |this |that |last |next )?\S+(?: \S+)?)$", re.I)
+
+
+def _strip_time(rest: str) -> str:
+    """``rest`` without its trailing time phrases: "a charity race last Saturday" -> "a charity race"."""
+    while True:
+        m = _TIME_TAIL.search(rest)
+        if not m or (m.group(0).split()[0].lower() in ("on", "in", "at", "over", "by")
+                     and not _TIME_WORD.search(m.group(0))):
+            return rest.strip()
+        rest = rest[:m.start()]
+
+
+def _main_clause(rest: str) -> Tuple[str, str]:
+    """(the words before the first comma or subordinate/coordinate clause, their trailing
+    "recently"/"now"-like word): "an LGBTQ support group recently and found the stories
+    inspiring" -> ("an LGBTQ support group", "recently")."""
+    cut = min([i for i in (rest.find(","), _first_clause(rest)) if i >= 0], default=len(rest))
+    head = rest[:cut].strip()
+    m = _TRAIL.search(" " + head)
+    if m:
+        return (" " + head)[:m.start()].strip(), m.group(1)
+    return head, ""
+
+
+def _first_clause(rest: str) -> int:
+    m = _CLAUSE.search(f" {rest} ")
+    return -1 if m is None else max(m.start() - 1, 0)
+
+
 def _questions_from(sentence: str) -> List[str]:
     """Questions for one first-person sentence (or one about a named person)."""
     trail, core = "", sentence
@@ -375,11 +411,22 @@ def _questions_from(sentence: str) -> List[str]:
     if neg:
         return out  # a negated fact gets its yes/no question only
     lead = (aux, subj, adv, main)
+    copula = verb in _BE and not main
     chunks = _split_chunks(rest)
     if len(chunks) <= 3 and "," not in rest and not _CLAUSE.search(f" {rest} "):
-        out += _wh_questions(chunks, lead, verb in _BE and not main, trail)  # else the yes/no question alone
-    if _ONE_TIME.match(trail):
-        out.append(_join("When", *lead, rest) + "?")
+        out += _wh_questions(chunks, lead, copula, trail)
+        main_rest, main_trail = rest, trail
+    else:  # a long fact: its main clause (before the first comma or clause) still has an object to ask for
+        main_rest, main_trail = _main_clause(rest)
+        main_chunks = _split_chunks(main_rest) if main_rest else []
+        if main_chunks and main_chunks[0][0] == "" and not copula and " to" not in f" {main}":
+            out += _wh_questions(main_chunks[:1], lead, False, main_trail)  # "What did Caroline attend recently?"
+    if _ONE_TIME.match(main_trail) or (aux == "did" and not any(q.startswith("When ") for q in out)):
+        # a past event: the user may ask when it happened ("When did Caroline attend an LGBTQ support
+        # group?"), and the memory's date answers it; its own time words stay out of the question
+        event = _strip_time(main_rest)
+        if event:
+            out.append(_join("When", *lead, event) + "?")
     # the subject of a sentence about someone else: "Who lives in Madrid?"
     if subj != "I" and re.search(r"\b[A-Z][a-z]+$", subj):
         out.append(_join("Who", " ".join(words[verb_at:]), trail) + "?")

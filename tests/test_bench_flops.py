@@ -99,3 +99,19 @@ def test_every_speed_row_runs_through_gpu_train(tmp_path):
               "batch": 2, "memories": 4}
         out = run(_opts(step=step, size="tiny", work=str(tmp_path / "w"), **kw))
         assert out["tokens_per_second"] > 0, name
+
+
+def test_flops_count_the_context_tokens_that_ran_and_no_cached_ones(tmp_path):
+    """With the activated adapter the context runs forward only, and with the context cache it
+    runs once per distinct context: MFU counts the context tokens the timed steps really ran
+    (a row once counted every context while the cache served most of them, and read MFU 1.15)."""
+    from bench.gpu_train import run
+    from bench.speed import _opts
+
+    common = dict(step="recall", size="tiny", adapter_scope="recall", batch=2, memories=4, steps=2)
+    off = run(_opts(**common, warmup=1, context_cache_mb=0, work=str(tmp_path / "off")))
+    assert off["context_cache_misses_timed"] is None and off["context_tokens_run"] > 0
+    on = run(_opts(**common, warmup=12, context_cache_mb=64, work=str(tmp_path / "on")))
+    assert on["context_cache_misses_timed"] == 0 and on["contexts_cached"]
+    assert on["context_tokens_run"] == 0
+    assert on["tflops_per_second"] / on["tokens_per_second"] < off["tflops_per_second"] / off["tokens_per_second"]

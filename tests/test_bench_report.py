@@ -63,3 +63,15 @@ def test_report_states_targets_and_writes_plots(tmp_path):
     assert "That run's training loss became NaN" in text and "| plain, packed | 64 |" in text
     for png in ("benchmarks_locomo_retrieval_full.png", "benchmarks_speed.png"):
         assert (docs.parent / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_precision_seeds_summarises_each_precision_over_its_own_runs():
+    from bench.precision_seeds import summary
+
+    rows = [{"precision": "bf16", "trained_recall_at_1": 0.7, "train_seconds": 10.0},
+            {"precision": "fp32", "trained_recall_at_1": 0.9, "train_seconds": 20.0},
+            {"precision": "bf16", "trained_recall_at_1": 0.8, "train_seconds": 12.0}]
+    bf16 = summary(rows, "bf16")
+    assert bf16["runs"] == 2 and bf16["trained_recall_at_1"]["values"] == [0.7, 0.8]
+    assert abs(bf16["trained_recall_at_1"]["mean"] - 0.75) < 1e-9 and abs(bf16["trained_recall_at_1"]["std"] - 0.05) < 1e-9
+    assert summary(rows, "fp32")["train_seconds"]["mean"] == 20.0 and "kfold_recall_at_1" not in bf16

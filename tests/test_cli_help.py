@@ -8,6 +8,7 @@ import pytest
 import chat
 import evaluate
 import run_training
+from bench.precision_seeds import main as precision_seeds_main
 from memory.__main__ import main as memory_main
 
 
@@ -16,7 +17,8 @@ from memory.__main__ import main as memory_main
     (evaluate.main, ["--output_dir", "--questions"]),
     (chat.main, ["--model_dir", "--ask"]),
     (memory_main, ["show"]),
-], ids=["run_training", "evaluate", "chat", "python -m memory"])
+    (precision_seeds_main, ["--seeds", "--k_folds"]),
+], ids=["run_training", "evaluate", "chat", "python -m memory", "python -m bench.precision_seeds"])
 def test_help_prints_every_option(main, expected):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:

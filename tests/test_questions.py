@@ -83,9 +83,30 @@ def test_every_question_keeps_a_content_word_of_the_fact():
     assert "What do I have?" not in template_questions("The user has mild asthma.")
 
 
-def test_long_or_clausal_sentences_get_no_wh_question():
+def test_a_clausal_sentence_is_asked_about_its_main_clause_only():
     made = template_questions("The user got a temp job to help cover expenses while they look for investors.")
-    assert made == ["Did I get a temp job to help cover expenses while I look for investors?"]
+    assert made == ["Did I get a temp job to help cover expenses while I look for investors?",
+                    "When did I get a temp job to help cover expenses?"]
+    made = template_questions("Caroline attended an LGBTQ support group recently and found the transgender "
+                              "stories inspiring.")
+    assert "What did Caroline attend recently?" in made
+    assert "When did Caroline attend an LGBTQ support group?" in made
+    assert not any("found" in q for q in made if q.startswith(("What", "When")))
+
+
+def test_a_past_event_gets_a_when_question_without_its_own_time_words():
+    made = template_questions("Melanie ran a charity race for mental health last Saturday.")
+    assert "When did Melanie run a charity race for mental health?" in made
+    assert template_questions("The user sold their car and doesn't have a car anymore.")[-1] == "When did I sell my car?"
+    # a state, not an event: no "when"
+    assert not any(q.startswith("When") for q in template_questions("The user lives in Porto."))
+
+
+def test_a_long_sentence_about_a_feeling_gets_no_garbled_object_question():
+    # "be" + an adjective: the old rules' object question would read "What are Melanie's kids about summer break?"
+    made = template_questions("Melanie's kids are excited about summer break and they are considering going "
+                              "camping next month.")
+    assert made == ["Are Melanie's kids excited about summer break and they are considering going camping next month?"]
 
 
 def _rec(i, text, user="alex", cues=()):
