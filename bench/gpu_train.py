@@ -84,7 +84,8 @@ def random_model(size: str, tokenizer, dtype, device):
 def matmul_peak(device, dtype=torch.bfloat16, n: int = 8192, reps: int = 10, trials: int = 3) -> float:
     """Measured TFLOP/s of an n^3 matmul (after warm-up), the ceiling this run can reach: the
     best of ``trials`` timings, so a momentarily busy machine does not lower the ceiling (and
-    inflate MFU)."""
+    inflate MFU). On a CPU, n is 2048 (1024 where that is slow) and each trial lasts about half a
+    second."""
     warmup = 3
     if device.type == "cpu":
         # CPUs differ 100x in bf16 (1 GFLOP/s without bf16 units, ~0.8 TFLOP/s with AMX/AVX512-BF16
