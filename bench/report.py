@@ -126,10 +126,10 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
 
 _DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
 OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
-    ("full_when", "Whole conversations 0-2 (70 sessions, 677 facts, 318 questions), the defaults of 2026-12-03; "
-                  "conversations 1 and 2 were never used while choosing settings",
+    ("full_when", "Whole conversations 0-4 (127 sessions, 1,210 facts), the defaults of 2026-12-03; "
+                  "conversations 1-4 were never used while choosing settings",
      "python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_when; then "
-     "--conversations 1,2"),
+     "--conversations 1,2, then --conversations 3,4"),
     ("sessions5_all_when", "All 10 conversations, first 5 sessions of each, the defaults of 2026-12-03 (rule-made "
                            "questions with \"when\" for past events and main-clause questions for long facts; bf16 "
                            "autocast training on an AVX512-BF16 host)",
