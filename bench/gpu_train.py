@@ -91,16 +91,13 @@ def matmul_peak(device, dtype=torch.bfloat16, n: int = 8192, reps: int = 10, tri
         # CPUs differ 100x in bf16 (1 GFLOP/s without bf16 units, ~0.8 TFLOP/s with AMX/AVX512-BF16
         # on 2 cores): time one 2048^3 product (one 1024^3 where that is slow), then repeat it for
         # about half a second per trial; a few-millisecond trial read the peak 25% low
-        n = 2048
-        a = torch.randn(n, n, dtype=dtype)
-        t = time.perf_counter()
-        a @ a
-        if time.perf_counter() - t > 1.0:
-            n = 1024
-        a = torch.randn(n, n, dtype=dtype)
-        t = time.perf_counter()
-        a @ a
-        once = time.perf_counter() - t
+        for n in (2048, 1024):
+            a = torch.randn(n, n, dtype=dtype)
+            t = time.perf_counter()
+            a @ a
+            once = time.perf_counter() - t
+            if once <= 1.0:
+                break
         reps, warmup, trials = max(1, min(50, int(0.5 / max(once, 1e-6)))), 1, (5 if once < 0.5 else 2)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -505,7 +502,8 @@ def run(opts) -> dict:
     flops = 2 * forward + 4 * trainable * tokens  # frozen base: activation grads; trainables: + weight grads
     flops_6n = 3 * forward
     cache = getattr(trainer.model, "context_cache", None)
-    # every context of the timed steps came from the context cache: their forward pass was not run
+    # contexts_cached: every context of the timed steps came from the context cache (informational;
+    # the FLOPs below count the context tokens that really ran)
     at_warmup = getattr(timer, "cache_misses_at_warmup", None)
     timed_misses = None if cache is None or at_warmup is None else cache.misses - at_warmup
     cached = timed_misses == 0
