@@ -53,6 +53,31 @@ def throughput(loaded, autocast_dtype, batch=8, length=48, steps=2, budget_s=240
     return {"tokens_per_s": done * batch * length / seconds, "seconds_per_step": seconds / done, "steps": done}
 
 
+def training_overrides(pairs) -> dict:
+    """``FIELD=VALUE`` strings to typed ``RecallTrainingArguments`` keyword arguments."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(RecallTrainingArguments)}
+    out = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a RecallTrainingArguments field")
+        default = fields[name].default
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false"):
+                raise SystemExit(f"--set {pair!r}: {name} takes true or false")
+            out[name] = raw.lower() == "true"
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            try:
+                out[name] = type(default)(raw)
+            except ValueError:
+                raise SystemExit(f"--set {pair!r}: {name} takes a {type(default).__name__}") from None
+        else:
+            out[name] = raw
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k_folds", type=int, default=5)
@@ -74,6 +99,8 @@ def main():
     ap.add_argument("--train_precision", default="auto", choices=("auto", "bf16", "fp32"),
                     help="the trainer's autocast (auto: bf16 where this CPU's bf16 matmuls measure faster)")
     ap.add_argument("--seed", type=int, default=42, help="training seed (cue order, LoRA init, fold split)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any other RecallTrainingArguments field, e.g. --set distill_weight=3 (repeatable)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
@@ -84,7 +111,8 @@ def main():
     targs = RecallTrainingArguments(output_dir=str(work), num_train_epochs=args.epochs, seed=args.seed,
                                     vector_distill_weight=args.vector_distill_weight,
                                     abstention=args.abstention == "true",
-                                    adapter_scope=args.adapter_scope, lora_target_modules=args.lora_target_modules)
+                                    adapter_scope=args.adapter_scope, lora_target_modules=args.lora_target_modules,
+                                    **training_overrides(args.set))
     service = MemoryTrainingService(ModelArguments(train_precision=args.train_precision), margs, targs)
     start = time.perf_counter()
     sessions = service.load_chat_sessions().sessions

@@ -130,6 +130,11 @@ OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
                   "conversations 1-4 were never used while choosing settings",
      "python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_when; then "
      "--conversations 1,2, then --conversations 3,4"),
+    ("sessions5_all_agreement", "All 10 conversations, first 5 sessions of each, the defaults of 2026-12-03 midday "
+                                "(rule-made questions with subject-verb agreement for plural subjects, \"who\" for "
+                                "people, \"how old\", bare plural objects asked for by their noun)",
+     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
+     "bench/results/locomo/sessions5_all_agreement"),
     ("sessions5_all_when", "All 10 conversations, first 5 sessions of each, the defaults of 2026-12-03 (rule-made "
                            "questions with \"when\" for past events and main-clause questions for long facts; bf16 "
                            "autocast training on an AVX512-BF16 host)",

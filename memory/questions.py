@@ -259,11 +259,41 @@ def _subject(words: List[str]) -> Optional[Tuple[str, int]]:
         return " ".join(words[:name]), name  # "Caroline joined ..."
     j = 1 if words[0] == "My" else name
     start = j
-    while j < len(words) and not (words[j].lower() in _ADVERBS or (j > start and _is_verb(words[j]))
-                                  or (j > start and words[j - 1][:1].isupper() and words[j][:1].islower())):
+    while j < len(words) and not (words[j].lower() in _ADVERBS
+                                  or (j > start and words[j][:1].islower() and _is_verb(words[j]))
+                                  or (j > start and words[j - 1][:1].isupper() and words[j][:1].islower())
+                                  or (j > start and _plural_noun(words[j - 1]) and _plain_verb(words[j]))):
         j += 1
     head = "my" if words[0] == "My" else " ".join(words[:name])
     return _join(head, *words[start:j]), j
+
+
+_DETERMINERS = frozenset("a an the my his her their our your this that these those some any every each no all both "
+                         "and or of".split())
+# nouns for people: a capitalised complement after one of them is a person ("My boyfriend is Tiago" -> "Who ...")
+_PERSON_NOUNS = frozenset(
+    "boyfriend girlfriend partner husband wife fiance fiancé fiancee fiancée spouse sister brother sibling mother "
+    "father mum mom dad mummy daddy parent son daughter child kid baby grandmother grandfather grandma grandpa granny "
+    "grandson granddaughter aunt uncle cousin niece nephew friend flatmate roommate housemate neighbour neighbor "
+    "colleague coworker boss manager mentor teacher tutor coach doctor dentist therapist author writer singer "
+    "artist actor actress player hero idol landlord landlady".split())
+
+
+_PRONOUNS = frozenset("i me you he him she her it we us they them who whom which that what whose".split())
+
+
+def _plural_noun(word: str) -> bool:
+    """A lower-case plural noun ("parents", "kids"), not "bus" or "glass"."""
+    return word.isalpha() and word.islower() and len(word) > 3 and word.endswith("s") and not word.endswith(
+        ("ss", "us", "is"))
+
+
+def _plain_verb(word: str) -> bool:
+    """A lower-case word that can be a plural subject's verb ("live", "love", "moved"): not a
+    preposition, determiner or adverb."""
+    low = word.lower()
+    return (word.isalpha() and word.islower() and low not in _DETERMINERS and low not in _ADVERBS
+            and low not in _PRONOUNS and low not in {p for p in _PREPS if " " not in p})
 
 
 def _verb_group(verb: str, tail: List[str], subj: str, singular: bool, neg: bool):
@@ -309,9 +339,17 @@ def _wh_questions(chunks: List[Tuple[str, str]], lead: Tuple[str, ...], copula: 
             if k != 0 or (len(phrase.split()) == 1 and phrase.lower().endswith("ing")):
                 continue
             if copula:
+                if re.match(r"^(?:\d+|an?|one|\w+ty(?:-\w+)?) years? old$", phrase, re.I):
+                    out.append(_join("How old", *lead, others, trail) + "?")  # "How old am I?"
+                    continue
+                if re.match(r"^(?:called|named) ", phrase, re.I):
+                    out.append(_join("What", *lead, phrase.split()[0].lower(), others, trail) + "?")
+                    continue  # "My sister is called Marta" -> "What is my sister called?"
                 if subj == "I":
                     continue  # "I am pescatarian" -> "What am I?" asks nothing
-                wh = "Who" if phrase[:1].isupper() and subj.split()[-1][:1].isupper() else "What"
+                head = subj.split()[-1]
+                person = head[:1].isupper() or head.lower() in _PERSON_NOUNS
+                wh = "Who" if phrase[:1].isupper() and person else "What"
                 out.append(_join(wh, *lead, others, trail) + "?")
                 continue
             called = _CALLED.match(phrase)
@@ -321,6 +359,16 @@ def _wh_questions(chunks: List[Tuple[str, str]], lead: Tuple[str, ...], copula: 
                 out.append(_join("Which", noun, *lead, others, trail) + "?")
                 continue
             if phrase[:1].isdigit():
+                continue
+            if len(chunks) > 1 and chunks[1][0] in ("to", "of"):
+                # "a trip to Iceland": the chunk belongs to the object that is asked for
+                others = " ".join(_join(p if p != "~" else "", ph) for n, (p, ph) in enumerate(chunks) if n > 1)
+            ws = phrase.split()
+            if 1 < len(ws) <= 3 and _plural_noun(ws[-1]) and all(
+                    w.isalpha() and w.lower() not in _DETERMINERS and w.lower() not in _STOP
+                    and not w.lower().endswith("ing") and not _is_verb(w) for w in ws[:-1]):
+                # a bare plural object: "works normal office hours" -> "What hours do I work?"
+                out.append(_join("What", ws[-1], *lead, others, trail) + "?")
                 continue
             out.append(_join("What", *lead, others, trail) + "?")
             continue

@@ -39,3 +39,13 @@ def test_step2_arguments_print_their_help():
         HfArgumentParser(MemoryDecodingArguments).parse_args_into_dataclasses(["--help"])
     assert stop.value.code == 0
     assert "about 20% faster" in " ".join(out.getvalue().split())
+
+
+def test_recall_bench_set_takes_typed_training_fields_and_refuses_unknown_ones():
+    from bench.recall_step1 import training_overrides
+
+    assert training_overrides(["distill_weight=3", "lora_r=32", "learn_temperature=false"]) == {
+        "distill_weight": 3.0, "lora_r": 32, "learn_temperature": False}
+    for bad in (["no_such_field=1"], ["lora_r"], ["lora_r=abc"], ["abstention=maybe"]):
+        with pytest.raises(SystemExit):
+            training_overrides(bad)

@@ -73,6 +73,30 @@ def test_questions_made_by_rule(fact, expected):
         assert q in made, (fact, made)
 
 
+@pytest.mark.parametrize("fact, expected, not_expected", [
+    # a plural subject takes a plain verb; a capitalised word ("Leeds") is never the verb
+    ("The user's parents live in Leeds.", ["Do my parents live in Leeds?", "Where do my parents live?"],
+     ["Does my parents live in leed?"]),
+    ("The user's sister is called Marta.", ["What is my sister called?"], ["What is my sister?"]),
+    # a name after a noun for a person is asked for with "who", after other nouns with "what"
+    ("The user's boyfriend is Tiago.", ["Who is my boyfriend?"], ["What is my boyfriend?"]),
+    ("The user's favourite band is Big Thief.", ["What is my favourite band?"], ["Who is my favourite band?"]),
+    ("The user is 30 years old.", ["How old am I?"], []),
+    # a bare plural object is asked for by its noun ("What do I work?" asks nothing)
+    ("The user works normal office hours.", ["What hours do I work?"], ["What do I work?"]),
+    # "a trip to Iceland": the "to" chunk belongs to the object that is asked for
+    ("The user is planning a trip to Iceland in June.", ["What am I planning in June?"],
+     ["What am I planning to Iceland in June?"]),
+    ("Joanna's characters she wrote came alive on screen.", [], ["What do Joanna's characters she?"]),
+])
+def test_agreement_person_names_ages_and_objects(fact, expected, not_expected):
+    made = template_questions(fact)
+    for q in expected:
+        assert q in made, (fact, made)
+    for q in not_expected:
+        assert q not in made, (fact, made)
+
+
 def test_a_negated_fact_gets_its_yes_no_question_only():
     assert template_questions("The user doesn't have a car anymore.") == ["Do I have a car anymore?"]
 
