@@ -54,28 +54,23 @@ def throughput(loaded, autocast_dtype, batch=8, length=48, steps=2, budget_s=240
 
 
 def training_overrides(pairs) -> dict:
-    """``FIELD=VALUE`` strings to typed ``RecallTrainingArguments`` keyword arguments."""
-    import dataclasses
+    """``FIELD=VALUE`` strings to ``RecallTrainingArguments`` keyword arguments, typed and checked
+    by the same ``HfArgumentParser`` that reads ``run_training.py``'s flags."""
+    from transformers import HfArgumentParser
 
-    fields = {f.name: f for f in dataclasses.fields(RecallTrainingArguments)}
-    out = {}
+    argv, names = [], []
     for pair in pairs:
         name, sep, raw = pair.partition("=")
-        if not sep or name not in fields:
+        if not sep:
             raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a RecallTrainingArguments field")
-        default = fields[name].default
-        if isinstance(default, bool):
-            if raw.lower() not in ("true", "false"):
-                raise SystemExit(f"--set {pair!r}: {name} takes true or false")
-            out[name] = raw.lower() == "true"
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            try:
-                out[name] = type(default)(raw)
-            except ValueError:
-                raise SystemExit(f"--set {pair!r}: {name} takes a {type(default).__name__}") from None
-        else:
-            out[name] = raw
-    return out
+        argv += [f"--{name}", raw]
+        names.append(name)
+    try:
+        (parsed,) = HfArgumentParser(RecallTrainingArguments).parse_args_into_dataclasses(
+            args=["--output_dir", "unused", *argv])
+    except ValueError as err:  # a name that is no field ("not used by the HfArgumentParser")
+        raise SystemExit(f"--set: {err}") from None
+    return {name: getattr(parsed, name) for name in names}
 
 
 def main():

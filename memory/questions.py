@@ -288,12 +288,13 @@ def _plural_noun(word: str) -> bool:
         ("ss", "us", "is"))
 
 
+_NOT_A_VERB = _DETERMINERS | _PRONOUNS | frozenset(p for p in _PREPS if " " not in p)
+
+
 def _plain_verb(word: str) -> bool:
     """A lower-case word that can be a plural subject's verb ("live", "love", "moved"): not a
-    preposition, determiner or adverb."""
-    low = word.lower()
-    return (word.isalpha() and word.islower() and low not in _DETERMINERS and low not in _ADVERBS
-            and low not in _PRONOUNS and low not in {p for p in _PREPS if " " not in p})
+    preposition, determiner, pronoun or adverb."""
+    return word.isalpha() and word.islower() and word not in _NOT_A_VERB and word not in _ADVERBS
 
 
 def _verb_group(verb: str, tail: List[str], subj: str, singular: bool, neg: bool):
@@ -333,8 +334,11 @@ def _wh_questions(chunks: List[Tuple[str, str]], lead: Tuple[str, ...], copula: 
     ``copula``: the verb is "be" with no main verb ("My name is Alex")."""
     out: List[str] = []
     subj = lead[1]
+    def said(skip) -> str:  # the other chunks as they read in the question
+        return " ".join(_join(p if p != "~" else "", ph) for n, (p, ph) in enumerate(chunks) if n not in skip)
+
     for k, (prep, phrase) in enumerate(chunks):
-        others = " ".join(_join(p if p != "~" else "", ph) for n, (p, ph) in enumerate(chunks) if n != k)
+        others = said({k})
         if prep == "":
             if k != 0 or (len(phrase.split()) == 1 and phrase.lower().endswith("ing")):
                 continue
@@ -362,7 +366,7 @@ def _wh_questions(chunks: List[Tuple[str, str]], lead: Tuple[str, ...], copula: 
                 continue
             if len(chunks) > 1 and chunks[1][0] in ("to", "of"):
                 # "a trip to Iceland": the chunk belongs to the object that is asked for
-                others = " ".join(_join(p if p != "~" else "", ph) for n, (p, ph) in enumerate(chunks) if n > 1)
+                others = said({0, 1})
             ws = phrase.split()
             if 1 < len(ws) <= 3 and _plural_noun(ws[-1]) and all(
                     w.isalpha() and w.lower() not in _DETERMINERS and w.lower() not in _STOP
