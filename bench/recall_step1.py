@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ def throughput(loaded, autocast_dtype, batch=8, length=48, steps=2, budget_s=240
     """tokens/s of LoRA training steps on the real model (random tokens, fixed shape)."""
     ids = add_memory_tokens(loaded.model, loaded.tokenizer)
     args = RecallTrainingArguments(output_dir="/tmp/unused", lora_target_modules="q_proj,v_proj")
-    model = build_recall_model(copy.deepcopy(loaded.model), loaded.tokenizer, args, 576, list(ids.values()))
+    model = build_recall_model(copy.deepcopy(loaded.model), loaded.tokenizer, args,
+                               loaded.model.config.hidden_size, list(ids.values()))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randint(100, 40000, (batch, length))
     mask = torch.ones_like(x)
@@ -73,12 +75,35 @@ def training_overrides(pairs) -> dict:
     return {name: getattr(parsed, name) for name in names}
 
 
-def main():
+def with_sources(memories: str, facts: str, out: Path) -> Path:
+    """``memories`` with ``session_id``/``message_index`` of each text's first annotated mention."""
+    first = {}
+    for fact in json.loads(Path(facts).read_text()):
+        first.setdefault(fact["fact"], fact)
+    lines = []
+    for no, line in enumerate(Path(memories).read_text().splitlines(), 1):
+        if line.strip():
+            item = json.loads(line)
+            if item["text"] not in first:
+                raise SystemExit(f"{memories}:{no}: text {item['text']!r} has no annotated mention in {facts}")
+            item.update(session_id=first[item["text"]]["session_id"], message_index=first[item["text"]]["message_index"])
+            lines.append(json.dumps(item))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k_folds", type=int, default=5)
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--json", default="bench/results/recall_step1.json")
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--memories", default="examples/memories.jsonl",
+                    help="memory entries (JSON lines, as for run_training.py --memories)")
+    ap.add_argument("--sources", action="store_true",
+                    help="give each memory the chat message it was said in (first mention, from "
+                         "examples/expected_facts.json), so step 1 also trains on its source turn")
     ap.add_argument("--embedding_model", default="chat", help="memory vectors: chat | minilm")
     ap.add_argument("--no_throughput", action="store_true")
     ap.add_argument("--cue_questions", type=int, default=MemoryArguments.cue_questions)
@@ -91,15 +116,20 @@ def main():
     ap.add_argument("--adapter_scope", default=RecallTrainingArguments.adapter_scope,
                     help="where the LoRA acts: recall | all")
     ap.add_argument("--lora_target_modules", default="auto")
+    ap.add_argument("--model_name_or_path", default=ModelArguments.model_name_or_path,
+                    help="the chat model: HF hub id, local directory, .gguf file, or 'default' (SmolLM2-135M)")
+    ap.add_argument("--gguf_file", default=None, help="GGUF file inside --model_name_or_path")
     ap.add_argument("--train_precision", default="auto", choices=("auto", "bf16", "fp32"),
                     help="the trainer's autocast (auto: bf16 where this CPU's bf16 matmuls measure faster)")
     ap.add_argument("--seed", type=int, default=42, help="training seed (cue order, LoRA init, fold split)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="any other RecallTrainingArguments field, e.g. --set distill_weight=3 (repeatable)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
-    margs = MemoryArguments(chats_dir="examples/chats", memories="examples/memories.jsonl", stage="recall",
+    memories = str(with_sources(args.memories, "examples/expected_facts.json", work / "memories_sources.jsonl")) \
+        if args.sources else args.memories
+    margs = MemoryArguments(chats_dir="examples/chats", memories=memories, stage="recall",
                             k_folds=args.k_folds, embedding_model=args.embedding_model,
                             cue_questions=args.cue_questions, cue_templates=args.cue_templates == "true",
                             recall_general_prompts=args.general_prompts)
@@ -108,7 +138,8 @@ def main():
                                     abstention=args.abstention == "true",
                                     adapter_scope=args.adapter_scope, lora_target_modules=args.lora_target_modules,
                                     **training_overrides(args.set))
-    service = MemoryTrainingService(ModelArguments(train_precision=args.train_precision), margs, targs)
+    service = MemoryTrainingService(ModelArguments(model_name_or_path=args.model_name_or_path, gguf_file=args.gguf_file,
+                                                   train_precision=args.train_precision), margs, targs)
     start = time.perf_counter()
     sessions = service.load_chat_sessions().sessions
     service.import_memories(margs.memories)
@@ -141,7 +172,8 @@ def main():
                          for n in ("trained_recall", "untrained_last_token", "minilm_rag")}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -126,11 +126,11 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
 
 _DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
 OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
-    ("full_agreement", "Whole conversations 5-7 (conv-44, 47, 48: 87 sessions, 836 facts, 403 questions), the "
-                       "defaults of 2026-12-03 midday (agreement rules); never used while choosing settings; "
-                       "conversations 8-9 not run yet",
+    ("full_agreement", "Whole conversations 5-9 (conv-44, 47, 48, 49, 50: 142 sessions, 1,331 facts, 680 "
+                       "questions), the defaults of 2026-12-03 midday (agreement rules); never used while choosing "
+                       "settings",
      "python -m bench.locomo --conversations 5,6,7,8,9 --parts retrieval --results bench/results/locomo/full_agreement "
-     "(stopped after conversation 7; rerun to resume)"),
+     "(run as 5-7, then resumed for 8-9 by the same command)"),
     ("full_when", "Whole conversations 0-4 (127 sessions, 1,210 facts), the defaults of 2026-12-03; "
                   "conversations 1-4 were never used while choosing settings",
      "python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_when; then "

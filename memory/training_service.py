@@ -168,6 +168,12 @@ class MemoryTrainingService:
         from memory.import_memories import read_memories_jsonl
 
         candidates = read_memories_jsonl(path, self.args.default_user_id)
+        named = {c.session_id for c in candidates if c.session_id is not None}
+        missing = sorted(s for s in named if self.store is None or not self.store.path_for(s).is_file())
+        if missing:
+            logger.warning("%s: %d of the sessions named by session_id are not in the chat store (%s), so those "
+                           "memories get no source cue: %s", path, len(missing),
+                           self.store.directory if self.store else "no --chats_dir", ", ".join(missing[:5]))
         report = ingest_candidates(self.db, candidates, self.vectorizer(),
                                    near_duplicate_cosine=self.args.near_duplicate_cosine,
                                    secret_filter=self.secret_filter)

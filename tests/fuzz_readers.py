@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 KEYS = ["session_id", "user_id", "messages", "conversations", "role", "content", "from", "value", "created_at",
         "timestamp", "title", "text", "prompt", "completion", "instruction", "output", "input", "question",
-        "expected", "id", "date", "meta", "metadata"]
+        "expected", "id", "date", "meta", "metadata", "message_index"]
 ROLES = ["user", "assistant", "system", "human", "gpt", "tool", "USER", ""]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),

@@ -82,6 +82,63 @@ def test_memories_jsonl_errors_name_file_and_line(tmp_path):
         read_memories_jsonl(_jsonl(tmp_path / "bad2.jsonl", [{"text": ""}]))
 
 
+def test_memories_jsonl_source_fields_go_together_and_are_checked(tmp_path):
+    ok = _jsonl(tmp_path / "src.jsonl", [{"text": "The user lives in Porto.", "session_id": "s-1", "message_index": 2},
+                                         {"text": "The user has a dog."}])
+    first, second = read_memories_jsonl(ok)
+    assert (first.session_id, first.message_index) == ("s-1", 2)
+    assert (second.session_id, second.message_index) == (None, None)
+    exported = _jsonl(tmp_path / "export.jsonl", [{  # one line as `python -m memory export` writes it
+        "id": 4, "user_id": "alex", "status": "active", "text": "The user lives in Porto.", "source": "extraction",
+        "session_id": "s-1", "message_index": 2, "said_at": "2026-05-09T10:00:00+00:00",
+        "created_at": "2026-06-01T08:00:00+00:00", "superseded_by": None}])
+    (back,) = read_memories_jsonl(exported)
+    assert (back.session_id, back.message_index, back.timestamp[:10]) == ("s-1", 2, "2026-05-09")
+    for line, field in [({"text": "t", "session_id": "s-1"}, "message_index"),
+                        ({"text": "t", "message_index": 0}, "session_id"),
+                        ({"text": "t", "session_id": "../x", "message_index": 0}, "session_id"),
+                        ({"text": "t", "session_id": 7, "message_index": 0}, "session_id"),
+                        ({"text": "t", "session_id": "s", "message_index": -1}, "message_index"),
+                        ({"text": "t", "session_id": "s", "message_index": True}, "message_index"),
+                        ({"text": "t", "session_id": "s", "message_index": "3"}, "message_index")]:
+        with pytest.raises(ChatFormatError, match=f"bad.jsonl:2: {field}"):
+            read_memories_jsonl(_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, line]))
+
+
+def test_imported_memory_with_a_source_gets_its_chat_message_as_a_cue(tiny_model_dir, tmp_path, caplog):
+    from memory.config import MemoryArguments, ModelArguments
+    from memory.cues import ensure_cues, memory_cues
+    from memory.training_service import MemoryTrainingService
+    from recall.text_embedding_train import RecallTrainingArguments
+
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    said = "Big news: I moved to Porto two weeks ago!"
+    (chats / "s-1.json").write_text(json.dumps({"session_id": "s-1", "user_id": "alex", "messages": [
+        {"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": said}]}))
+    mem = _jsonl(tmp_path / "m.jsonl", [{"text": FACTS[0], "user_id": "alex", "session_id": "s-1", "message_index": 2},
+                                        {"text": FACTS[1], "user_id": "alex", "session_id": "gone", "message_index": 0},
+                                        {"text": FACTS[2], "user_id": "alex", "session_id": "s-1", "message_index": 9}])
+    service = MemoryTrainingService(ModelArguments(model_name_or_path=str(tiny_model_dir), precision="fp32"),
+                                    MemoryArguments(chats_dir=str(chats)),
+                                    RecallTrainingArguments(output_dir=str(tmp_path / "out")))
+    try:
+        service.import_memories(str(mem))
+        assert "m.jsonl: 1 of the sessions named by session_id are not in the chat store" in caplog.text
+        assert "gone" in caplog.text
+        records = service.db.records()
+        assert {(r.session_id, r.message_index) for r in records} == {("s-1", 2), ("gone", 0), ("s-1", 9)}
+        ensure_cues(service.db, records, None, None, service.store, n_questions=0)
+        cues = {r.text: c for r, c in zip(records, memory_cues([service.db.get(r.id) for r in records],
+                                                                  templates=False).values())}
+    finally:
+        service.close()
+    assert cues[FACTS[0]] == [Cue("text", FACTS[0]), Cue("source", said)]
+    assert cues[FACTS[1]] == [Cue("text", FACTS[1])]  # a session the store lacks gives no cue
+    assert cues[FACTS[2]] == [Cue("text", FACTS[2])]  # nor does an index past the session's end
+
+
 def test_question_filter():
     assert is_good_question("Where do I live?", "The user lives in Porto.")
     assert not is_good_question("Where does the user live?", "x")
@@ -278,3 +335,32 @@ def test_no_memory_prompts_are_at_most_one_per_cue_and_never_also_unlabelled(tok
     raws = [d["raw"] for d in out]
     assert all(raws.count(t) == 1 for t in no_memory)  # not also an unlabelled text
     assert sum(d["target"] == -1 for d in out) == sum(d["target"] == -1 for d in data) - len(no_memory)
+
+
+def test_recall_bench_runs_any_model_and_trains_on_the_annotated_source_turns(tiny_model_dir, tmp_path, capsys):
+    """``python -m bench.recall_step1 --model_name_or_path M --sources`` end to end on the tiny model:
+    every annotated memory gets its first mention's chat message as one more cue."""
+    from bench.recall_step1 import main as bench_main, with_sources
+
+    annotated = with_sources("examples/memories.jsonl", "examples/expected_facts.json", tmp_path / "m.jsonl")
+    lines = [json.loads(x) for x in annotated.read_text().splitlines()]
+    assert len(lines) == 42 and all(isinstance(x["message_index"], int) and x["session_id"] for x in lines)
+    common = ["--model_name_or_path", str(tiny_model_dir), "--k_folds", "0", "--epochs", "1", "--no_throughput",
+              "--train_precision", "fp32", "--set", "per_device_train_batch_size=32"]
+    counts = {}
+    for name, extra in (("plain", []), ("sources", ["--sources"])):
+        out = tmp_path / f"{name}.json"
+        assert bench_main(common + ["--work", str(tmp_path / name), "--json", str(out)] + extra) == 0
+        result = json.loads(out.read_text())
+        assert set(result["questions"]) == {"trained_recall", "untrained_last_token", "minilm_rag"}
+        assert result["questions"]["minilm_rag"]["n"] == 49
+        counts[name] = result["metrics"]["cues"]
+    assert counts["sources"] > counts["plain"], counts
+    with MemoryVectorDB(tmp_path / "sources" / "memory_db") as db:  # every memory stored its source turn
+        sources = [[c.text for c in map(Cue.decode, r.cues) if c.kind == "source"] for r in db.records()]
+    # (the tiny model's random vectors may merge a near-duplicate pair or so on import)
+    assert len(sources) >= 40 and all(len(s) == 1 for s in sources)
+    assert ["Hi! I moved to Porto two weeks ago."] in sources
+    bad = _jsonl(tmp_path / "unknown.jsonl", [{"text": "The user owns a yacht."}])
+    with pytest.raises(SystemExit, match="unknown.jsonl:1"):
+        with_sources(str(bad), "examples/expected_facts.json", tmp_path / "x.jsonl")
