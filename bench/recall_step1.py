@@ -93,7 +93,7 @@ def with_sources(memories: str, facts: str, out: Path) -> Path:
     return out
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k_folds", type=int, default=5)
     ap.add_argument("--epochs", type=float, default=8)
@@ -124,7 +124,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=42, help="training seed (cue order, LoRA init, fold split)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="any other RecallTrainingArguments field, e.g. --set distill_weight=3 (repeatable)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-recall-"))
     memories = str(with_sources(args.memories, "examples/expected_facts.json", work / "memories_sources.jsonl")) \

@@ -9,6 +9,7 @@ import chat
 import evaluate
 import run_training
 from bench.precision_seeds import main as precision_seeds_main
+from bench.recall_step1 import main as recall_step1_main
 from memory.__main__ import main as memory_main
 
 
@@ -18,7 +19,9 @@ from memory.__main__ import main as memory_main
     (chat.main, ["--model_dir", "--ask"]),
     (memory_main, ["show"]),
     (precision_seeds_main, ["--seeds", "--k_folds"]),
-], ids=["run_training", "evaluate", "chat", "python -m memory", "python -m bench.precision_seeds"])
+    (recall_step1_main, ["--sources", "--model_name_or_path", "--set FIELD=VALUE"]),
+], ids=["run_training", "evaluate", "chat", "python -m memory", "python -m bench.precision_seeds",
+        "python -m bench.recall_step1"])
 def test_help_prints_every_option(main, expected):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
