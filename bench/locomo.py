@@ -25,9 +25,10 @@ Parts, per conversation:
   other than the speaker's name ("The user" is read as the speaker). Unsupported: an
   extracted fact whose best cosine to any gold fact of its speaker is < 0.4.
 - **e2e**: step 2 and publishing continue the retrieval part's run; each question is answered
-  by the recall loop (forced recall, top 1) and by the RAG peer (MiniLM top 3, and top 1,
-  pasted into the prompt of the same base model), and by the base model with no memory; every answer is cut
-  the same way (``short_answer``: first line, at most 30 words); LoCoMo's F1.
+  by the recall loop with ``chat.py``'s defaults (recall auto) and with recall forced, by the RAG
+  peer (MiniLM top 1 and top 3 pasted into the prompt of the same base model), and by the base
+  model with no memory; every answer is cut the same way (``short_answer``: first line, at most
+  30 words); LoCoMo's F1 per category, context tokens and seconds per answer.
 """
 from __future__ import annotations
 
@@ -204,59 +205,67 @@ def short_answer(text: str, max_words: int = 30) -> str:
     return " ".join(lines[0].split()[:max_words]) if lines else ""
 
 
-def run_e2e(conv: Conversation, work: Path, max_new_tokens: int = 24) -> dict:
-    from memory.evaluation import _base_model
+E2E_SYSTEMS = ("chat", "chat_forced", "rag_top1", "rag_top3", "no_memory")
+E2E_NAMES = {"chat": "recall loop, chat.py defaults (recall auto)", "chat_forced": "recall loop, recall forced",
+             "rag_top1": "RAG peer, MiniLM top 1 in the prompt", "rag_top3": "RAG peer, MiniLM top 3 in the prompt",
+             "no_memory": "no memory (the base model alone)"}
+
+
+def run_e2e(conv: Conversation, work: Path) -> dict:
+    """The version of the retrieval part's run answers every question with ``chat.py``'s
+    defaults and with recall forced; the same base model answers with MiniLM's top 1 and top 3
+    memories in the prompt (``memory.evaluation.rag_prompt``) and with none. Every system gets
+    the same question (with ``INSTRUCTION``), greedy decoding, the same token budget, and the
+    same cut (``short_answer``); LoCoMo's F1 per question."""
+    import dataclasses
+
+    from memory.evaluation import _base_model, chat_figures, rag_figures
     from memory.publish import resolve_current
-    from memory.sft_data import chat_prompt, greedy_answers
     from memory.vector_db import MemoryVectorDB
-    from memory.vectors import SentenceEncoderVectorizer
-    from recall.published import db_search, load_recall_model
+    from recall.generation import CHAT_DEFAULTS
+    from recall.published import load_recall_model
 
     started = time.perf_counter()
     version = resolve_current(work / "models")
     model = load_recall_model(version, precision="fp32")
     base = _base_model(version, "auto", "fp32")
     questions = _questions(conv)
-    asked = [f"{q['question']} {INSTRUCTION}" for q in questions]
+    asked = [{**q, "question": f"{q['question']} {INSTRUCTION}"} for q in questions]
     db = MemoryVectorDB(Path(version) / "memory_db")
     try:
         threshold = model.config.get("recall_threshold", 0.0)
-        t0 = time.perf_counter()
-        per_recall = int(model.config.get("memories_per_recall", 1))  # the version's, as chat.py uses it
-        answers = model.engine.generate(asked, db_search(db, conv.sample_id, per_recall), force_recall=True,
-                                        max_new_tokens=max_new_tokens + 48 * per_recall, threshold=threshold,
-                                        max_recalls=1, memories_per_recall=per_recall)
-        recall_seconds = time.perf_counter() - t0
-        records = db.records(user_id=conv.sample_id, statuses=("active",))
-        minilm = SentenceEncoderVectorizer("minilm")
-        scores = minilm.encode([q["question"] for q in questions]) @ minilm.encode([r.text for r in records]).T
-        def rag_prompts(k):
-            return [chat_prompt(base.tokenizer, "What you remember:\n" + "\n".join(
-                f"- {records[i].text}" for i in np.argsort(-s)[:k]) + f"\n\n{q}") for q, s in zip(asked, scores)]
+        k = int(model.config.get("memories_per_recall", 1))  # the version's, as chat.py uses it
+        from memory.vectors import SentenceEncoderVectorizer
 
-        t0 = time.perf_counter()
-        rag = greedy_answers(base.model, base.tokenizer, rag_prompts(3), max_new_tokens)
-        rag_seconds = time.perf_counter() - t0
-        rag1 = greedy_answers(base.model, base.tokenizer, rag_prompts(1), max_new_tokens)
-        plain = greedy_answers(base.model, base.tokenizer, [chat_prompt(base.tokenizer, p) for p in asked],
-                               max_new_tokens)
+        minilm = SentenceEncoderVectorizer("minilm")
+        figures = {"chat": chat_figures(model.engine, db, asked, threshold, k, encoder=minilm),
+                   "chat_forced": chat_figures(model.engine, db, asked, threshold, k, encoder=minilm,
+                                               defaults=dataclasses.replace(CHAT_DEFAULTS, recall="force"))}
+        peer = rag_figures(base, db, asked, ks=(0, 1, 3), minilm=minilm)
+        figures.update(rag_top1=peer["1"], rag_top3=peer["3"], no_memory=peer["0"])
     finally:
         db.close()
     rows = []
-    for q, a, r, r1, p in zip(questions, answers, rag, rag1, plain):
-        a_final, r, r1, p = short_answer(a.final), short_answer(r), short_answer(r1), short_answer(p)
-        rows.append({"question": q["question"], "answer": q["expected"], "category": q["category"],
-                     "recall_loop": a_final, "recalled": [x.decoded for x in a.recalls], "rag": r, "rag_top1": r1,
-                     "no_memory": p, "f1_rag_top1": answer_f1(r1, q["expected"], q["category"]),
-                     "f1_recall_loop": answer_f1(a_final, q["expected"], q["category"]),
-                     "f1_rag": answer_f1(r, q["expected"], q["category"]),
-                     "f1_no_memory": answer_f1(p, q["expected"], q["category"])})
+    for i, q in enumerate(questions):
+        row = {"question": q["question"], "answer": q["expected"], "category": q["category"]}
+        for name in E2E_SYSTEMS:
+            got = figures[name]["per_question"][i]
+            row[name] = short_answer(got["final"])
+            row[f"f1_{name}"] = answer_f1(row[name], q["expected"], q["category"])
+        row["recalled"] = figures["chat"]["per_question"][i]["recalled"]
+        rows.append(row)
     out = {"sample_id": conv.sample_id, "version": str(version), "questions": len(rows),
-           "seconds": {"recall_loop": recall_seconds, "rag": rag_seconds, "total": time.perf_counter() - started},
+           "threshold": threshold, "memories_per_recall": k, "seconds": {"total": time.perf_counter() - started},
            "per_question": rows}
-    for key in ("recall_loop", "rag", "rag_top1", "no_memory"):
-        out[f"f1_{key}"] = float(np.mean([r[f"f1_{key}"] for r in rows])) if rows else 0.0
-        out[f"by_category_f1_{key}"] = _per_category(rows, questions, f"f1_{key}")
+    for name in E2E_SYSTEMS:
+        f = figures[name]
+        out[f"f1_{name}"] = float(np.mean([r[f"f1_{name}"] for r in rows])) if rows else 0.0
+        out[f"by_category_f1_{name}"] = _per_category(rows, questions, f"f1_{name}")
+        out[f"context_tokens_{name}"] = f["context_tokens"]
+        out[f"seconds_per_answer_{name}"] = f["seconds_per_answer"]
+        if "asked_rate" in f:
+            out[f"asked_rate_{name}"] = f["asked_rate"]
+            out[f"invented_recall_rate_{name}"] = f["invented_recall_rate"]
     return out
 
 
@@ -359,13 +368,34 @@ def summarize(results: Path) -> str:
                          f"{e['unsupported_rate']:.3f} | {e['seconds']['extract']:.0f} |")
         lines.append("")
     e2e = [json.loads(p.read_text()) for p in sorted(results.glob("e2e-*.json"))]
+    e2e = [e for e in e2e if "f1_chat" in e]  # the current report's shape
     if e2e:
-        lines += ["| conversation | questions | F1 recall loop (top 1) | F1 RAG peer, MiniLM top 3 in the prompt | "
-                  "F1 RAG peer, top 1 | F1 no memory |", "|---|---|---|---|---|---|"]
-        for e in e2e:
-            lines.append(f"| {e['sample_id']} | {e['questions']} | {e['f1_recall_loop']:.3f} | {e['f1_rag']:.3f} | "
-                         f"{e.get('f1_rag_top1', float('nan')):.3f} | {e['f1_no_memory']:.3f} |")
+        lines += e2e_table(e2e)
     return "\n".join(lines)
+
+
+def e2e_table(e2e: List[dict]) -> List[str]:
+    """One row per system, pooled over the conversations' questions: F1 overall and per category,
+    context tokens and seconds per answer (question-weighted means)."""
+    cats = sorted({c for e in e2e for c in e["by_category_f1_chat"]})
+    n = sum(e["questions"] for e in e2e)
+    lines = [f"{n} questions of {', '.join(e['sample_id'] for e in e2e)}", "",
+             "| system | F1 | " + " | ".join(f"F1 {c}" for c in cats) + " | recalled | context tokens | s/answer |",
+             "|---|---|" + "---|" * len(cats) + "---|---|---|"]
+    for name in E2E_SYSTEMS:
+        def pooled(key):
+            return sum(e[key] * e["questions"] for e in e2e) / max(n, 1)
+
+        per_cat = []
+        for c in cats:
+            parts = [(e[f"by_category_f1_{name}"][c]["mean"], e[f"by_category_f1_{name}"][c]["n"]) for e in e2e
+                     if c in e[f"by_category_f1_{name}"] and e[f"by_category_f1_{name}"][c]["n"]]
+            total = sum(k for _, k in parts)
+            per_cat.append(f"{sum(m * k for m, k in parts) / total:.3f}" if total else "–")
+        asked = f"{pooled(f'asked_rate_{name}'):.3f}" if f"asked_rate_{name}" in e2e[0] else ""
+        lines.append(f"| {E2E_NAMES[name]} | {pooled(f'f1_{name}'):.3f} | " + " | ".join(per_cat) +
+                     f" | {asked} | {pooled(f'context_tokens_{name}'):.0f} | {pooled(f'seconds_per_answer_{name}'):.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

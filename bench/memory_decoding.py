@@ -4,10 +4,14 @@
     python -m bench.memory_decoding --throughput_only
     python -m bench.memory_decoding --from_step1 WORK -- --decode_mix 2:1:2   # step 2 variants
     python -m bench.memory_decoding --json R.json --no_throughput -- --adapter_scope recall  # a variant pipeline
+    python -m bench.memory_decoding --no_throughput --questions examples/test/questions.json \
+        --json bench/results/memory_decoding_test_set.json -- --chats_dir examples/test/chats   # the test set
 
 1. runs ``python run_training.py`` (the default configuration) in a fresh work directory
    and records the wall time per stage;
-2. evaluates the published version on ``examples/questions.json``: retrieval (trained
+2. evaluates the published version on ``examples/questions.json`` (``--questions``): the answer a
+   ``chat.py`` user reads next to the RAG peer and no memory, false recalls on general prompts,
+   retrieval (trained
    ``<recall>`` vs the untrained base and MiniLM, same run), ``decode_exact_match``,
    ``answer_hit_rate``, how often the model asks unprompted, and forgetting on held-out prompts;
 3. measures step-2 training throughput (tokens/s) of the default configuration (the
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="where to write the results (default: bench/results/"
                                                  "memory_decoding.json, or memory_decoding_variant.json with --from_step1)")
     ap.add_argument("--no_throughput", action="store_true", help="skip the default-vs-naive throughput check")
+    ap.add_argument("--questions", default=str(ROOT / "examples" / "questions.json"),
+                    help="questions the published version is evaluated on (with -- --chats_dir DIR for other chats)")
     ap.add_argument("pipeline_args", nargs="*", help="extra run_training.py flags (after --)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -160,8 +166,7 @@ def main(argv=None) -> int:
         else:
             work = Path(args.work or tempfile.mkdtemp(prefix="bench-decoding-"))
             result["pipeline"] = run_pipeline(work, args.pipeline_args)
-        report = evaluate_version(result["pipeline"]["version"], ROOT / "examples" / "questions.json",
-                                  precision="fp32")
+        report = evaluate_version(result["pipeline"]["version"], args.questions, precision="fp32")
         result["evaluation"] = report
         print("\n".join(result["pipeline"]["lines"]))
         print(format_table(report))

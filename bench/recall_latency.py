@@ -58,7 +58,8 @@ class _Clock:
 def main(argv=None) -> int:
     from memory.evaluation import load_questions
     from memory.vector_db import MemoryVectorDB
-    from recall.published import db_search, load_recall_model
+    from memory.search import db_search
+    from recall.published import load_recall_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--version", required=True, help="a published version directory (models/current)")

@@ -104,19 +104,10 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
              "Rules: the docstring of "
              "`bench/locomo.py` (bank = the conversation's `observation` facts; questions = categories 1–4 whose "
              "evidence an observation cites; a hit = a retrieved fact cites an evidence turn; step 1 never sees "
-             "LoCoMo's questions; every answer is cut the same way before LoCoMo's F1).", ""]
+             "LoCoMo's questions; every answer is cut the same way before LoCoMo's F1). Conversations 5-9 are a "
+             "test set, never used while choosing settings; conversation 0 is development data.", ""]
     found = False
-    for mode, title in (("full", "Whole conversations (adapter at every position, the default until 2026-11-27)"),
-                        ("quick", "Quick mode (`--quick`: conversation 0, first 5 sessions; adapter at every "
-                                  "position, the default until 2026-11-27)")):
-        folder = results / "locomo" / mode
-        if any(folder.glob("*.json")):
-            found = True
-            key, fallback = ("locomo", "python -m bench.locomo") if mode == "full" else \
-                ("locomo_quick", "python -m bench.locomo --quick --parts retrieval,extraction,e2e")
-            lines += [f"### {title}", "", f"Command: {_command(log, key, fallback)}.", ""] + \
-                _locomo_folder(folder, out_dir, mode)
-    for mode, title, command in OPT_IN_LOCOMO:  # not part of run_all: run by hand, rendered when present
+    for mode, title, command in CURRENT_LOCOMO:
         folder = results / "locomo" / mode
         if any(folder.glob("*.json")):
             found = True
@@ -124,63 +115,16 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     return lines if found else lines + ["(no LoCoMo results yet)", ""]
 
 
-_DISTILL = "--embedding_model minilm --vector_distill_weight 1 --recall_general_prompts true"
-OPT_IN_LOCOMO = (  # runs made by hand (not by run_all), rendered when present
-    ("full_agreement", "Whole conversations 5-9 (conv-44, 47, 48, 49, 50: 142 sessions, 1,331 facts, 680 "
-                       "questions), the defaults of 2026-12-03 midday (agreement rules); never used while choosing "
-                       "settings",
+CURRENT_LOCOMO = (  # (results folder, title, command): the figures of today's defaults
+    ("e2e_test_sessions5", "Test: conversations 5-9 (conv-44, 47, 48, 49, 50), first 5 sessions of each: "
+                           "retrieval and the answer end to end",
+     "python -m bench.locomo --conversations 5,6,7,8,9 --max_sessions 5 --parts retrieval,e2e "
+     "--results bench/results/locomo/e2e_test_sessions5"),
+    ("full_agreement", "Test: conversations 5-9 whole (142 sessions, 1,331 facts, 680 questions): retrieval",
      "python -m bench.locomo --conversations 5,6,7,8,9 --parts retrieval --results bench/results/locomo/full_agreement "
      "(run as 5-7, then resumed for 8-9 by the same command)"),
-    ("full_when", "Whole conversations 0-4 (127 sessions, 1,210 facts), the defaults of 2026-12-03; "
-                  "conversations 1-4 were never used while choosing settings",
-     "python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_when; then "
-     "--conversations 1,2, then --conversations 3,4"),
-    ("sessions5_all_agreement", "All 10 conversations, first 5 sessions of each, the defaults of 2026-12-03 midday "
-                                "(rule-made questions with subject-verb agreement for plural subjects, \"who\" for "
-                                "people, \"how old\", bare plural objects asked for by their noun)",
-     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
-     "bench/results/locomo/sessions5_all_agreement"),
-    ("sessions5_all_when", "All 10 conversations, first 5 sessions of each, the defaults of 2026-12-03 (rule-made "
-                           "questions with \"when\" for past events and main-clause questions for long facts; bf16 "
-                           "autocast training on an AVX512-BF16 host)",
-     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
-     "bench/results/locomo/sessions5_all_when"),
-    ("sessions5_all_old_rules", "Same, 2026-12-03, with the rule-made questions of 2026-11-27 (`memory/questions.py` "
-                                "before the \"when\" and main-clause rules): the A/B of the rules on the same host "
-                                "and precision",
-     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
-     "bench/results/locomo/sessions5_all_old_rules (with memory/questions.py of commit 63e3a23)"),
-    ("sessions5_all", "All 10 conversations, first 5 sessions of each, the defaults of 2026-11-27 evening (rule-made "
-                      "questions, \"no memory\"); conversation 0 is the quick mode's, the other 9 were never used "
-                      "while choosing settings",
-     "python -m bench.locomo --conversations all --max_sessions 5 --parts retrieval --results "
-     "bench/results/locomo/sessions5_all"),
-    ("quick_rules_abstention", "Activated adapter with rule-made questions and \"no memory\" (the defaults since "
-                               "2026-11-27 evening), quick mode",
-     "python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_rules_abstention"),
-    ("quick_activated", "Activated adapter without them (3 model questions per memory, no rule-made questions, no "
-                        "\"no memory\"), quick mode; reproduced the same day: the same figures",
-     'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_activated --pipeline '
-     '"--cue_questions 3 --cue_templates false --abstention false"'),
-    ("full_activated_distill", "Activated adapter + opt-in MiniLM memory vectors and vector distillation, "
-                               "conversation 0",
-     f'python -m bench.locomo --conversations 0 --parts retrieval --results '
-     f'bench/results/locomo/full_activated_distill --pipeline "{_DISTILL}"'),
-    ("quick_activated_distill", "Activated adapter + opt-in MiniLM memory vectors and vector distillation, quick mode",
-     f'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_activated_distill '
-     f'--pipeline "{_DISTILL}"'),
-    ("full_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, conversation 0 (adapter at every "
-                            "position)",
-     f'python -m bench.locomo --conversations 0 --parts retrieval --results bench/results/locomo/full_minilm_distill '
-     f'--pipeline "{_DISTILL}"'),
-    ("full_model_extraction", "Extraction with the model (`--extraction_method model`, the default until "
-                              "2026-11-27), conversation 0",
-     'python -m bench.locomo --conversations 0 --parts extraction --results '
-     'bench/results/locomo/full_model_extraction --pipeline "--extraction_method model"'),
-    ("quick_minilm_distill", "Opt-in: MiniLM memory vectors + vector distillation, quick mode (adapter at every "
-                             "position)",
-     f'python -m bench.locomo --quick --parts retrieval --results bench/results/locomo/quick_minilm_distill '
-     f'--pipeline "{_DISTILL}"'),
+    ("e2e_dev_quick", "Development: conversation 0, first 5 sessions (`--quick`): retrieval and the answer end to end",
+     "python -m bench.locomo --quick --parts retrieval,e2e --results bench/results/locomo/e2e_dev_quick"),
 )
 
 
@@ -191,6 +135,7 @@ def _locomo_folder(folder: Path, out_dir: Path, mode: str) -> List[str]:
     others = [json.loads(p.read_text()) for p in sorted(folder.glob("*-*.json"))]
     lines = [f"Conversations: {', '.join(sorted({r['sample_id'] for r in others}))}; "
              f"date {others[0].get('date', '?')}.", "", summarize(folder), ""]
+    lines += _e2e_plot([r for r in others if "f1_chat" in r], out_dir, mode)
     if not ret:
         return lines
     pooled = {}
@@ -229,6 +174,69 @@ def _locomo_folder(folder: Path, out_dir: Path, mode: str) -> List[str]:
         timing.append(f"{part} {r['sample_id']} {r.get('wall_seconds', 0):.0f} s{extra}{rss}{note}")
     lines += ["Runtime and memory: " + "; ".join(timing) + ".", ""]
     return lines
+
+
+def _e2e_plot(e2e: List[dict], out_dir: Path, mode: str) -> List[str]:
+    """F1 of each end-to-end system, pooled over the conversations' questions."""
+    if not e2e:
+        return []
+    from bench.locomo import E2E_NAMES, E2E_SYSTEMS
+
+    n = sum(e["questions"] for e in e2e)
+    f1 = {E2E_NAMES[k]: [sum(e[f"f1_{k}"] * e["questions"] for e in e2e) / max(n, 1)] for k in E2E_SYSTEMS}
+    png = _bar(out_dir / f"benchmarks_locomo_e2e_{mode}.png", f"LoCoMo end to end, F1 ({mode}, {n} questions)",
+               ["F1"], f1, "LoCoMo F1")
+    return [f"![LoCoMo end to end, {mode}]({png})", ""]
+
+
+ANSWER_SETS = (  # (results file, data set, command)
+    ("memory_decoding.json", "development: `examples/` (49 questions of 2 users)", "python -m bench.memory_decoding"),
+    ("memory_decoding_test_set.json", "test: `examples/test/` (an independent writer's 13 sessions of 3 users, "
+                                      "59 questions; never used to choose)",
+     "python -m bench.memory_decoding --no_throughput --questions examples/test/questions.json "
+     "--json bench/results/memory_decoding_test_set.json -- --chats_dir examples/test/chats"),
+)
+
+
+def answers_section(results: Path, out_dir: Path) -> List[str]:
+    """The answer a chat.py user reads, next to the RAG peer, on each data set's default pipeline."""
+    lines = ["## 0. The answer the user reads", "",
+             "The default pipeline on the data set's chats, then `evaluate.py`'s report on the published version "
+             "(keys `chat`, `rag_peer`, `no_memory`, `general`; rules in `docs/recall.md`). `chat.py`'s defaults: "
+             "every turn probed, the version's calibrated threshold, fused ranking, verified spans, greedy.", ""]
+    bars, found = {}, False
+    for name, data, command in ANSWER_SETS:
+        r = _load(results / name)
+        if not r or "chat" not in r.get("evaluation", {}):
+            continue
+        found = True
+        e = r["evaluation"]
+        c, g, peer = e["chat"], e["general"], e["rag_peer"]
+        lines += [f"### {data}", "", f"Command: `{command}`; {r['date']}; {r['machine']}. Pipeline "
+                  f"{r['pipeline']['seconds'] / 60:.1f} min, {e['decoding']['n']} memories.", "",
+                  "| system | final hit rate | recalled | invented spans | context tokens | s/answer |",
+                  "|---|---|---|---|---|---|",
+                  f"| `chat.py` defaults | **{c['final_hit_rate']:.3f}** | {c['asked_rate']:.3f} | "
+                  f"{c['invented_recall_rate']:.3f} | {c['context_tokens']:.0f} | {c['seconds_per_answer']:.2f} |"]
+        for k, v in peer["by_k"].items():
+            lines.append(f"| RAG peer, MiniLM top {k} in the prompt | {v['final_hit_rate']:.3f} | | | "
+                         f"{v['context_tokens']:.0f} | {v['seconds_per_answer']:.2f} |")
+        m = e["no_memory"]
+        lines += [f"| no memory | {m['final_hit_rate']:.3f} | | | {m['context_tokens']:.0f} | "
+                  f"{m['seconds_per_answer']:.2f} |", "",
+                  f"General prompts never trained on ({g['n']}): false recall rate **{g['false_recall_rate']:.3f}**. "
+                  f"Retrieval recall@1: trained `<recall>` {e['trained_recall']['recall_at_1']:.3f}, fused with MiniLM "
+                  f"{e.get('fused_recall_minilm', {}).get('recall_at_1', float('nan')):.3f}, MiniLM "
+                  f"{e['minilm_rag']['recall_at_1']:.3f}. Decode exact match {e['decoding']['decode_exact_match']:.3f}.",
+                  ""]
+        bars[data.split(":")[0]] = [c["final_hit_rate"], peer["final_hit_rate"], m["final_hit_rate"]]
+    if not found:
+        return lines + ["(no results yet)", ""]
+    series = {k: [v[i] for v in bars.values()] for i, k in enumerate(("chat.py defaults", "RAG peer (best k)",
+                                                                        "no memory"))}
+    png = _bar(out_dir / "benchmarks_answers.png", "The answer contains the expected fact", list(bars), series,
+               "final hit rate")
+    return lines + [f"![the answer the user reads]({png})", ""]
 
 
 def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
@@ -488,6 +496,7 @@ def render(results: Path, docs: Path, log: dict, quick: bool = False) -> None:
     if quick:
         out += ["**Quick mode**: one LoCoMo conversation's first sessions, few steps — a smoke check of the "
                 "harness, not the figures to quote.", ""]
+    out += answers_section(results, docs.parent)
     out += locomo_section(results, docs.parent, log)
     out += speed_section(results, docs.parent, log)
     out += gpu_section(results)

@@ -34,7 +34,8 @@ def measure(version: str, questions_path: str) -> dict:
     from memory.decoding_step import calibrate_threshold
     from memory.evaluation import by_user
     from memory.sft_data import HELDOUT_PROMPTS, calibration_prompts, read_prompts
-    from recall.published import db_search, open_version
+    from memory.search import db_search
+    from recall.published import open_version
 
     model, db = open_version(version, precision="fp32")
     try:

@@ -135,8 +135,10 @@ class MemoryArguments:
                                           "number, or 'auto': calibrated after step 2 so that only 5%% of the bundled "
                                           "general prompts reach it"})
     memories_per_recall: int = dataclasses.field(
-        default=2, metadata={"help": "memories injected per <recall> (stored in the version): the best hits above "
-                                     "the threshold, each decoded in its own recall span"})
+        default=1, metadata={"help": "memories injected per <recall> (stored in the version): the best hits above "
+                                     "the threshold, each decoded in its own recall span. 1: the answer says back "
+                                     "the one memory it read (with 2 the 135M model restated the last span, "
+                                     "right or not)"})
     # incremental retraining (see memory.training_service.plan_cycle)
     full: bool = dataclasses.field(
         default=False, metadata={"help": "retrain from the base model on every live memory instead of continuing "

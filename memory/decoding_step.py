@@ -33,7 +33,7 @@ from recall.cpu_bf16 import bf16_cpu_training
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
 from recall.model_loading import training_autocast, training_precision
 from memory.config import parse_mix
-from memory.questions import second_person
+from memory.questions import said_back
 from memory.sft_data import SFTExample, chat_prompt
 from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
                                   memory_token_ids, neutralize)
@@ -345,7 +345,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
                           autocast_dtype=loaded.runtime.autocast_dtype)
     phases = metrics["phase_seconds"] = {"setup": time.perf_counter() - started}
     builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix,
-                            answers=[second_person(r.text) for r in records],
+                            answers=[said_back(r.text) for r in records],
                             question_contexts=[question_contexts(cues[r.id]) for r in records])
     with _timed(phases, "queries"):  # the served queries before step 2, in the runtime's precision
         metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
@@ -436,7 +436,7 @@ def epochs_for_min_steps(samples_per_epoch: int, args) -> float:
 
 
 def calibrate_threshold(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int],
-                        unrelated: Sequence[str], bank: np.ndarray, false_positive_rate: float = 0.05,
+                        unrelated: Sequence[str], bank: np.ndarray, false_positive_rate: float = 0.025,
                         miss_rate: float = 0.05, context_queries: Optional[np.ndarray] = None) -> dict:
     """The recall threshold for ``recall_threshold auto``, from two score samples: the best
     memory cosine of each ``unrelated`` prompt (general questions no memory answers) and that
@@ -447,7 +447,9 @@ def calibrate_threshold(engine: RecallEngine, contexts: Sequence[str], targets: 
     prompts reach, and the one all but ``miss_rate`` of the correct contexts reach. The report
     says which bound decided and how often each sample passes. Cosines depend on the encoder
     (chat-model vectors and MiniLM's sit at very different levels), which is why a fixed
-    default fits neither. No evaluation question is used."""
+    default fits neither. No evaluation question is used. ``false_positive_rate`` is half the
+    5% a user would accept: the calibration prompts are not the prompts a user sends (on the
+    development set, 0.05 here let 0.062 of the held-out general prompts recall)."""
     unit = bank / np.linalg.norm(bank, axis=1, keepdims=True).clip(1e-12)
     neg = (engine.query_vectors(list(unrelated)) @ unit.T).max(1)
     scores = (engine.query_vectors(list(contexts)) if context_queries is None else context_queries) @ unit.T
@@ -458,8 +460,8 @@ def calibrate_threshold(engine: RecallEngine, contexts: Sequence[str], targets: 
     value = min(reject, keep)
     return {"value": value,
             "decided_by": "correct contexts" if keep < reject else "unrelated prompts",
-            "rule": f"min({1 - false_positive_rate:.0%} quantile of unrelated prompts' best score, "
-                    f"{miss_rate:.0%} quantile of correct contexts' score)",
+            "rule": f"min({(1 - false_positive_rate) * 100:g}% quantile of unrelated prompts' best score, "
+                    f"{miss_rate * 100:g}% quantile of correct contexts' score)",
             "unrelated": len(neg), "unrelated_pass": float((neg >= value).mean()),
             "correct_contexts": len(pos), "correct_pass": float((pos >= value).mean()) if len(pos) else None,
             "unrelated_best_median": float(np.median(neg)),

@@ -102,14 +102,15 @@ def _metrics(rows) -> Dict[str, float]:
 
 
 def _compare_retrievers(report: dict, questions, db: MemoryVectorDB, trained, base_embed,
-                        is_hit: Callable[[dict, object], bool] = expected_in_text, extra: Sequence = ()) -> dict:
+                        is_hit: Callable[[dict, object], bool] = expected_in_text, extra: Sequence = (),
+                        minilm=None) -> dict:
     """Fill ``report`` with the retrievers' ranks, in the same run: ``trained(texts,
     records)`` scores, the base model's PromptEOL vectors (``base_embed(texts)``, the same
     space as the default keys), all-MiniLM-L6-v2 on question and memory text, and any
     ``extra`` ``(name, scorer)`` pairs."""
     from memory.vectors import SentenceEncoderVectorizer
 
-    minilm = SentenceEncoderVectorizer("minilm")
+    minilm = minilm or SentenceEncoderVectorizer("minilm")
 
     def untrained(texts, records):
         return base_embed(texts) @ base_embed([r.text for r in records]).T
@@ -178,7 +179,9 @@ def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", 
 def format_table(report: dict) -> str:
     lines = [f"{report['n']} questions, model {report['model_dir']}", "",
              "| retriever | recall@1 | recall@5 | MRR |", "|---|---|---|---|"]
-    for name in ("trained_recall", "untrained_last_token", "minilm_rag"):
+    for name in ("trained_recall", "untrained_last_token", "minilm_rag", "fused_recall_minilm"):
+        if name not in report:
+            continue
         m = report[name]
         lines.append(f"| {name} | {m['recall_at_1']:.3f} | {m['recall_at_5']:.3f} | {m['mrr']:.3f} |")
     if "decoding" in report:
@@ -196,7 +199,26 @@ def format_table(report: dict) -> str:
                   f"| forgetting: greedy agreement with base ({f['prompts']} held-out prompts) | "
                   f"{f['greedy_agreement']:.3f} |",
                   f"| forgetting: mean KL(base, trained) per token | {f['mean_kl']:.4f} |"]
+    if "chat" in report:
+        lines += ["", answer_table(report)]
     return "\n".join(line for line in lines if line is not None)
+
+
+def answer_table(report: dict) -> str:
+    """The answer a user reads: chat.py's defaults next to the RAG peer and no memory, one run."""
+    c, g = report["chat"], report["general"]
+    lines = [f"The answer the user reads ({c['n']} questions; general prompts: {g['n']})", "",
+             "| system | final_hit_rate | asked_rate | invented_recall_rate | context tokens | s/answer |",
+             "|---|---|---|---|---|---|",
+             f"| chat.py defaults (recall {c.get('recall', 'auto')}) | {c['final_hit_rate']:.3f} | {c['asked_rate']:.3f} | "
+             f"{c['invented_recall_rate']:.3f} | {c['context_tokens']:.0f} | {c['seconds_per_answer']:.2f} |"]
+    for k, v in report["rag_peer"]["by_k"].items():
+        lines.append(f"| RAG peer, MiniLM top {k} in the prompt | {v['final_hit_rate']:.3f} | | | "
+                     f"{v['context_tokens']:.0f} | {v['seconds_per_answer']:.2f} |")
+    m = report["no_memory"]
+    lines += [f"| no memory | {m['final_hit_rate']:.3f} | | | {m['context_tokens']:.0f} | {m['seconds_per_answer']:.2f} |",
+              "", f"general prompts: false_recall_rate {g['false_recall_rate']:.3f}"]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ published versions
@@ -229,7 +251,7 @@ def answer_hit_rate(engine, db: MemoryVectorDB, questions, threshold: float, for
     ``memories_per_recall``) contains ``expected``; ``final_hit_rate``: when the answer the
     user reads (the text after the recall spans) contains it."""
     from recall.generation import NO_REPEAT_NGRAM
-    from recall.published import db_search
+    from memory.search import db_search
 
     rows = []
     for user, qs in by_user(questions).items():
@@ -285,8 +307,9 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
     from recall.get_text_embedding import TEMPLATES, extract_last_token_embedding
     from recall.published import load_recall_model
 
-    questions = load_questions(questions_path)
     model = load_recall_model(version_dir, device=device, precision=precision)
+    default_user = model.config.get("default_user_id", "default")  # a question without user_id asks as this user
+    questions = [{**q, "user_id": q.get("user_id", default_user)} for q in load_questions(questions_path)]
     engine = model.engine
     base = _base_model(version_dir, device, precision)
     db = MemoryVectorDB(Path(version_dir) / "memory_db")
@@ -300,8 +323,18 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
             return extract_last_token_embedding(base.model, base.tokenizer, texts, template=TEMPLATES["prompteol"],
                                                 autocast_dtype=base.runtime.autocast_dtype).numpy()
 
+        from memory.search import _standardised
+        from memory.vectors import SentenceEncoderVectorizer
+
+        minilm = SentenceEncoderVectorizer("minilm")
+
+        def fused(texts, records):  # memory.search.FusedSearch's order (chat.py --retrieval fused)
+            return _standardised(trained(texts, records)) + _standardised(
+                minilm.encode(texts) @ minilm.encode([r.text for r in records]).T)
+
         report = {"model_dir": str(version_dir), "questions": str(questions_path), "n": len(questions), "k": K}
-        _compare_retrievers(report, questions, db, trained, base_embed)
+        _compare_retrievers(report, questions, db, trained, base_embed, extra=[("fused_recall_minilm", fused)],
+                            minilm=minilm)
         start = time.perf_counter()
         report["decoding"] = decode_exact_match(engine, db)
         threshold = model.config.get("recall_threshold", 0.0)
@@ -310,7 +343,15 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
         if k > 1:  # the single best memory, in the same run
             report["answers_top1"] = answer_hit_rate(engine, db, questions, threshold, memories_per_recall=1)
         report["answers_unforced"] = _asked_rate(engine, db, questions, threshold)
+        # the answer the user reads, next to the peer a user would pick instead, in the same run
+        report["chat"] = chat_figures(engine, db, questions, threshold, k, encoder=minilm)
+        peer = rag_figures(base, db, questions, ks=(0, 1, 2, 3), minilm=minilm)
+        no_memory = peer.pop("0")
+        report["rag_peer"] = {"final_hit_rate": max(v["final_hit_rate"] for v in peer.values()),
+                              "n": len(questions), "by_k": peer}
+        report["no_memory"] = no_memory
         prompts = heldout_prompts if heldout_prompts is not None else read_prompts(HELDOUT)
+        report["general"] = general_figures(engine, db, list(by_user(questions)), prompts, threshold, encoder=minilm)
         report["forgetting"] = forgetting(base, model.loaded.model, engine.tokenizer, prompts)
         report["decoding_seconds"] = time.perf_counter() - start
         return report
@@ -318,9 +359,150 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
         db.close()
 
 
+RAG_HEADER = "What you remember:"
+
+
+def rag_prompt(tokenizer, memories: Sequence[str], question: str) -> str:
+    """The RAG peer's prompt: the memories pasted into the user turn above the question (the
+    stronger of the two layouts measured on the dev set: a system message with the same list
+    answered 0.347 against 0.551 with the top memory)."""
+    from memory.sft_data import chat_prompt
+
+    if not memories:
+        return chat_prompt(tokenizer, question)
+    return chat_prompt(tokenizer, RAG_HEADER + "\n" + "\n".join(f"- {m}" for m in memories) + f"\n\n{question}")
+
+
+def _hit(question: dict, text: str) -> bool:
+    return question["expected"].lower() in text.lower()
+
+
+def chat_figures(engine, db: MemoryVectorDB, questions, threshold: float, memories_per_recall: int = 1,
+                 defaults=None, encoder=None) -> dict:
+    """The answer a ``chat.py`` user reads, with its defaults (``CHAT_DEFAULTS``: recall "auto",
+    nothing forced), per question: ``final_hit`` (``expected`` in the text after the recall
+    spans), ``asked`` (a recall span showed a memory) and ``invented`` (a span whose text,
+    whitespace-normalised, is no stored memory of that user: read from the generated text)."""
+    from memory.decoding_step import normalize_ws
+    from memory.search import make_search
+    from recall.generation import CHAT_DEFAULTS, recall_spans
+
+    d = defaults or CHAT_DEFAULTS
+    rows, seconds = [], 0.0
+    for user, qs in by_user(questions).items():
+        stored = {normalize_ws(neutralize(r.text, engine.tokenizer))
+                  for r in db.records(user_id=user, statuses=("active",))}
+        search = make_search(db, user, max(d.top_k, memories_per_recall), d.retrieval, encoder)
+        if hasattr(search, "bank"):
+            search.bank()  # the encoder's vectors of the memories: an index's work, not an answer's
+        start = time.perf_counter()
+        answers = engine.generate([q["question"] for q in qs], search,
+                                  recall=d.recall, threshold=threshold, memories_per_recall=memories_per_recall,
+                                  max_new_tokens=d.max_new_tokens, no_repeat_ngram=d.no_repeat_ngram, verify=d.verify)
+        seconds += time.perf_counter() - start
+        for q, a in zip(qs, answers):
+            spans = recall_spans(a.text)
+            rows.append({"question": q["question"], "expected": q["expected"], "final": a.final,
+                         "recalled": [r.decoded for r in a.recalls if r.memory_id is not None],
+                         "verified": [r.verified for r in a.recalls if r.memory_id is not None],
+                         "probe_score": None if a.probe is None else a.probe.score,
+                         "final_hit": _hit(q, a.final), "asked": a.recalled(),
+                         "invented": any(normalize_ws(x) not in stored for x in spans),
+                         "context_tokens": a.context_tokens})
+    return _rates(rows, seconds, recall=d.recall, retrieval=d.retrieval)
+
+
+def _rates(rows: List[dict], seconds: float, **extra) -> dict:
+    n = max(len(rows), 1)
+    out = {"final_hit_rate": sum(r["final_hit"] for r in rows) / n}
+    if rows and "asked" in rows[0]:
+        out["asked_rate"] = sum(r["asked"] for r in rows) / n
+        out["invented_recall_rate"] = sum(r["invented"] for r in rows) / n
+    out.update(n=len(rows), context_tokens=sum(r["context_tokens"] for r in rows) / n,
+               seconds_per_answer=seconds / n, **extra, per_question=rows)
+    return out
+
+
+def rag_figures(base, db: MemoryVectorDB, questions, ks: Sequence[int] = (1, 2, 3), max_new_tokens: Optional[int] = None,
+                minilm=None) -> Dict[str, dict]:
+    """The simplest thing a user would pick instead: the same base model with the top-k
+    all-MiniLM-L6-v2 memories of the question's user pasted into the prompt (``rag_prompt``),
+    greedy, for each k (0: no memory). Times include encoding the questions, not the memories
+    (an index holds them, as the memory DB holds the recall loop's vectors)."""
+    from recall.generation import CHAT_DEFAULTS
+
+    from memory.vectors import SentenceEncoderVectorizer
+
+    minilm = minilm or SentenceEncoderVectorizer("minilm")
+    tok = base.tokenizer
+    max_new_tokens = max_new_tokens or CHAT_DEFAULTS.max_new_tokens
+    groups = []
+    for user, qs in by_user(questions).items():
+        records = db.records(user_id=user, statuses=("active",))
+        keys = minilm.encode([r.text for r in records]) if records else None
+        groups.append((qs, records, keys))
+    out = {}
+    for k in ks:
+        rows, seconds = [], 0.0
+        for qs, records, keys in groups:
+            start = time.perf_counter()
+            texts = [q["question"] for q in qs]
+            if k and records:
+                scores = minilm.encode(texts) @ keys.T
+                picked = [[records[i].text for i in np.argsort(-s, kind="stable")[:k]] for s in scores]
+            else:
+                picked = [[] for _ in qs]
+            prompts = [rag_prompt(tok, m, t) for m, t in zip(picked, texts)]
+            answers = _greedy(base, prompts, max_new_tokens)
+            seconds += time.perf_counter() - start
+            for q, p, m, a in zip(qs, prompts, picked, answers):
+                rows.append({"question": q["question"], "expected": q["expected"], "memories": m, "final": a,
+                             "final_hit": _hit(q, a), "context_tokens": len(tok(p, add_special_tokens=False)["input_ids"])})
+        out[str(k)] = _rates(rows, seconds, k=k)
+    return out
+
+
+@torch.no_grad()
+def _greedy(loaded, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> List[str]:
+    """Plain greedy answers of a loaded model to ready-made prompts, in order."""
+    from recall.get_text_embedding import autocast
+
+    tok, model = loaded.tokenizer, loaded.model
+    eos = [t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(t, int) and t >= 0]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tok(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True, padding_side="left",
+                  add_special_tokens=False).to(loaded.runtime.device)
+        with autocast(loaded.runtime.device, loaded.runtime.autocast_dtype):
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id)
+        out += [tok.decode(g[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for g in gen]
+    return out
+
+
+def general_figures(engine, db: MemoryVectorDB, users: Sequence[Optional[str]], prompts: Sequence[str],
+                    threshold: float, defaults=None, encoder=None) -> dict:
+    """``chat.py``'s defaults on general prompts no memory answers (never trained on), asked by
+    each user: ``false_recall_rate``, the share whose answer showed a recalled memory."""
+    from memory.search import make_search
+    from recall.generation import CHAT_DEFAULTS
+
+    d = defaults or CHAT_DEFAULTS
+    recalled = []
+    for user in users:
+        search = make_search(db, user, d.top_k, d.retrieval, encoder)
+        answers = engine.generate(list(prompts), search, recall=d.recall, threshold=threshold,
+                                  max_new_tokens=1)  # the probe decides; the first token shows what it did
+        recalled += [{"prompt": p, "user_id": user, "recalled": a.recalled(),
+                      "probe_score": None if a.probe is None else a.probe.score} for p, a in zip(prompts, answers)]
+    n = max(len(recalled), 1)
+    return {"false_recall_rate": sum(r["recalled"] for r in recalled) / n, "n": len(recalled),
+            "per_prompt": recalled}
+
+
 def _asked_rate(engine, db, questions, threshold) -> dict:
     """Without --force-recall: how often the model emits <recall> by itself."""
-    from recall.published import db_search
+    from memory.search import db_search
 
     asked = 0
     for user, qs in by_user(questions).items():

@@ -542,4 +542,11 @@ def second_person(fact: str) -> Optional[str]:
     return " ".join(out) + "."
 
 
-__all__: Sequence[str] = ("first_person", "second_person", "template_questions", "template_cues")
+def said_back(fact: str) -> str:
+    """What the answer after a recall says: the fact in the second person when it is about the
+    user ("Your sister Marta lives in Madrid."), else the fact as stored ("Caroline went to a
+    support group on 7 May 2023."). Either way nothing that is not in the memory."""
+    return second_person(fact) or fact.strip()
+
+
+__all__: Sequence[str] = ("first_person", "second_person", "said_back", "template_questions", "template_cues")

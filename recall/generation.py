@@ -24,7 +24,26 @@ the KV cache:
    Greedy decoding of a 135M model otherwise loops ("She lives in Madrid. She lives in Madrid.
    ...") until the token limit. ``chat.py`` and ``evaluate.py`` use ``NO_REPEAT_NGRAM``.
 
-``force_recall`` starts every answer with the activation phrase and ``<recall>``.
+Three ways to recall (``generate(recall=...)``; ``RECALL_MODES``):
+
+- ``"auto"`` (the default, what ``chat.py`` answers with): every user turn is *probed*: the
+  ``<recall>`` query after the turn and the activation phrase is computed and searched
+  (``probe``). When the best memory reaches ``threshold`` (the version's calibrated level:
+  step 1's learned "no memory" class puts general prompts below it), the answer is generated
+  after that recall, as with ``"force"``; otherwise the turn is answered by the model alone,
+  with no recall span and ``<recall>`` never chosen: ordinary chat, exactly the base model
+  with an activated adapter;
+- ``"force"``: every answer starts with the activation phrase and ``<recall>``;
+- ``"model"``: the model has to emit ``<recall>`` by itself.
+
+**Verified spans** (``verify``, default on): a recall span shows exactly one stored memory.
+While the model decodes an injected memory, each greedy token is checked against the stored
+text's tokens (the tokenisation step 2 trains on); at the first token that differs, the
+stored token is forced instead and the span is marked ``verified=False`` with the model's
+token kept for the trace (``Recall.diverged_at``, ``Recall.model_token``). So a span never
+shows a detail that is in no memory, it ends at the memory's end with ``</recall>``, and the
+answer goes on from the true memory. ``decode_memories`` (what ``decode_exact_match``
+measures) decodes without this check.
 
 With an activated adapter (``recall.activation``: a PEFT model whose LoRA acts from
 ``<recall>`` on), each row's adapter switches on at the step that feeds its ``<recall>``
@@ -45,8 +64,25 @@ from recall.activation import adapter_active, is_activated, use_fast_forward
 from recall.get_text_embedding import autocast, backbone, encode_by_length
 
 NOT_FOUND = " (nothing found in memory)"
-NO_REPEAT_NGRAM = 4  # what chat.py and evaluate.py answer with (see the module docstring)
+NO_REPEAT_NGRAM = 0  # chat.py's and evaluate.py's default: plain greedy decoding (see the module docstring)
 NEUTRAL_CONTEXT = "What do you remember about me?"
+RECALL_MODES = ("auto", "force", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatDefaults:
+    """What ``chat.py`` answers with unless told otherwise; ``evaluate.py``'s "chat" figures
+    use the same, so they measure what a user of ``chat.py`` reads."""
+
+    recall: str = "auto"
+    top_k: int = 3  # memories searched per <recall>
+    max_new_tokens: int = 128
+    no_repeat_ngram: int = NO_REPEAT_NGRAM
+    verify: bool = True  # recall spans checked against the stored memory (see the module docstring)
+    retrieval: str = "fused"  # memory.search: "recall" (<recall> alone) | "fused" (<recall> + MiniLM ranking)
+
+
+CHAT_DEFAULTS = ChatDefaults()
 
 
 @dataclasses.dataclass
@@ -63,8 +99,13 @@ class Recall:
     memory_id: Optional[int]
     score: Optional[float]
     stored_text: Optional[str]
-    decoded: str = ""
+    decoded: str = ""  # the span's text as shown (with ``verify``: the stored text, always)
     rank: int = 1  # the hit's rank in its search: > 1 for a follow-on memory (``memories_per_recall``)
+    # with ``verify``: True when the model decoded the stored text itself; False when it diverged
+    # and the stored text was forced from token ``diverged_at`` on (``model_token``: its choice there)
+    verified: Optional[bool] = None
+    diverged_at: Optional[int] = None
+    model_token: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -74,12 +115,36 @@ class Answer:
     recalls: List[Recall]
     final: str  # the answer without the recall spans
     tokens: List[int] = dataclasses.field(default_factory=list)  # every generated (or forced) token id
+    # recall auto/force: the probe's best-scoring memory (its score decided; it is kept even when below
+    # the threshold)
+    probe: Optional[Hit] = None
+    context_tokens: int = 0  # tokens the model had read when its answer text began (prompt and recall spans)
 
     def asked(self) -> bool:
         return bool(self.recalls)
 
+    def recalled(self) -> bool:
+        """A recall span showed a memory."""
+        return any(r.memory_id is not None for r in self.recalls)
+
 
 SearchFn = Callable[[np.ndarray], List[List[Hit]]]
+
+
+def passes(hits: Sequence[Hit], threshold: float) -> bool:
+    """Whether a search's hits recall anything: the best ``score`` (the ``<recall>`` cosine)
+    reaches the threshold. The first hit is the one injected; a search may order its hits by
+    something else (``memory.search.FusedSearch``), which decides *which* memory, not *whether*."""
+    return bool(hits) and max(h.score for h in hits) >= threshold
+
+
+def recall_spans(text: str) -> List[str]:
+    """The memory spans in a generated text (special tokens kept): what follows each
+    ``<|memory_pad|>`` up to its ``</recall>`` (or the end), whitespace-stripped. Read from the
+    text itself, not from the engine's bookkeeping, so a check built on it sees what a user sees."""
+    from memory.token_manager import MEMORY_PAD_TOKEN, RECALL_END_TOKEN
+
+    return [part.split(RECALL_END_TOKEN, 1)[0].strip() for part in text.split(MEMORY_PAD_TOKEN)[1:]]
 
 
 class _Row:
@@ -95,6 +160,9 @@ class _Row:
         self.done = False
         self.forced = False  # the prompt ended in <recall> (--force-recall): generation starts inside a recall
         self.active = False  # an activated adapter acts on this row (it has fed <recall>)
+        self.expect: Optional[List[int]] = None  # verify: the rest of the injected memory's tokens, then </recall>
+        self.span_at = 0  # verify: tokens of the current span decoded so far
+        self.context_tokens = 0  # tokens fed before the first token of the answer text
 
 
 class RecallEngine:
@@ -160,17 +228,34 @@ class RecallEngine:
         distinct context once, batched by length (``encode_by_length``)."""
         from recall.text_embedding_train import format_query
 
+        return self.prompt_queries([format_query(self.tokenizer, c, self.activation_phrase) for c in contexts],
+                                   batch_size)
+
+    @torch.no_grad()
+    def prompt_queries(self, prompts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """The query at the last token of each prompt (a text ending in ``<recall>``), batched
+        by length."""
         def encode(batch: List[str]) -> torch.Tensor:
-            texts = [format_query(self.tokenizer, c, self.activation_phrase) for c in batch]
-            enc = self.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left",
+            enc = self.tokenizer(batch, add_special_tokens=False, padding=True, padding_side="left",
                                  return_tensors="pt").to(self.device)
             hidden = self._forward(self.lm.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"], None,
-                                   [1] * len(texts))[0][:, -1]
+                                   [1] * len(batch))[0][:, -1]
             return self._query(hidden).float().cpu()
 
-        if not len(contexts):
+        if not len(prompts):
             return np.zeros((0, 0), np.float32)
-        return encode_by_length(list(contexts), encode, batch_size).numpy()
+        return encode_by_length(list(prompts), encode, batch_size).numpy()
+
+    def probe(self, user_texts: Sequence[str], search: SearchFn, history: Sequence[dict] = ()
+              ) -> List[List[Hit]]:
+        """Recall "auto"'s first half: the search results of the ``<recall>`` query after each
+        user turn (with ``history`` before it) and the activation phrase, best first."""
+        prompts = [self.prompt_text(t, history, force_recall=True) for t in user_texts]
+        if not prompts:
+            return []
+        queries = self.prompt_queries(prompts)
+        # a search that also ranks by the turn's text (``reads_texts``, e.g. a fused ranking) gets it
+        return search(queries, list(user_texts)) if getattr(search, "reads_texts", False) else search(queries)
 
     # ----------------------------------------------------------- decoding
     @torch.no_grad()
@@ -183,20 +268,58 @@ class RecallEngine:
             hits = [[Hit(-1, 1.0, "", v)] for v in chunk]
             prompts = [self.prompt_text(context, force_recall=True)] * len(chunk)
             answers = self.generate_prompts(prompts, search=lambda q, h=hits: h[: len(q)], max_new_tokens=max_new_tokens,
-                                            stop_after_recall=True, max_recalls=1, threshold=-1.0)
+                                            stop_after_recall=True, max_recalls=1, threshold=-1.0, verify=False)
             texts += [a.recalls[0].decoded if a.recalls else "" for a in answers]
         return texts
 
     @torch.no_grad()
-    def generate(self, user_texts: Sequence[str], search: SearchFn, *, force_recall: bool = False,
-                 history: Sequence[dict] = (), **kwargs) -> List[Answer]:
-        prompts = [self.prompt_text(t, history, force_recall) for t in user_texts]
-        return self.generate_prompts(prompts, search, **kwargs)
+    def generate(self, user_texts: Sequence[str], search: SearchFn, *, recall: str = "auto",
+                 force_recall: Optional[bool] = None, history: Sequence[dict] = (), threshold: float = 0.0,
+                 **kwargs) -> List[Answer]:
+        """Answers to ``user_texts`` (each after ``history``) with ``recall`` one of
+        ``RECALL_MODES`` (see the module docstring); ``force_recall``, when given, is the older
+        spelling of ``recall="force"`` (True) or ``"model"`` (False)."""
+        if force_recall is not None:
+            recall = "force" if force_recall else "model"
+        if recall not in RECALL_MODES:
+            raise ValueError(f"recall: expected one of {RECALL_MODES}, got {recall!r}")
+        if recall == "model":
+            prompts = [self.prompt_text(t, history) for t in user_texts]
+            return self.generate_prompts(prompts, search, threshold=threshold, **kwargs)
+        results = self.probe(user_texts, search, history)
+        if recall == "auto":
+            found = [i for i, hits in enumerate(results) if passes(hits, threshold)]
+        else:  # force: every turn recalls; below the threshold the span says nothing was found
+            found = list(range(len(user_texts)))
+        chosen = set(found)
+        rest = [i for i in range(len(user_texts)) if i not in chosen]
+        answers: List[Optional[Answer]] = [None] * len(user_texts)
+        if found:  # answered after the probe's recall: its hits, with no second search
+            replay = [results[i] for i in found]
+
+            def replayed(queries):
+                if len(queries) != len(replay):
+                    raise RuntimeError("recall: the probe's rows and the recalling rows disagree")
+                return replay
+
+            prompts = [self.prompt_text(user_texts[i], history, force_recall=True) for i in found]
+            kwargs_found = {**kwargs, "max_recalls": 1}
+            for i, a in zip(found, self.generate_prompts(prompts, replayed, threshold=threshold, **kwargs_found)):
+                answers[i] = a
+        if rest:  # nothing to recall: the model alone, which may not ask either
+            prompts = [self.prompt_text(user_texts[i], history) for i in rest]
+            for i, a in zip(rest, self.generate_prompts(prompts, search, threshold=threshold,
+                                                        **{**kwargs, "max_recalls": 0})):
+                answers[i] = a
+        for i, a in enumerate(answers):  # the hit whose <recall> score decided
+            a.probe = max(results[i], key=lambda h: h.score) if results[i] else None
+        return answers  # type: ignore[return-value]
 
     @torch.no_grad()
     def generate_prompts(self, prompts: Sequence[str], search: SearchFn, *, max_new_tokens: int = 96,
                          threshold: float = 0.0, max_recalls: int = 2, stop_after_recall: bool = False,
-                         memories_per_recall: int = 1, no_repeat_ngram: int = 0) -> List[Answer]:
+                         memories_per_recall: int = 1, no_repeat_ngram: int = 0, verify: bool = True
+                         ) -> List[Answer]:
         """Batched greedy decoding with the recall loop (see the module docstring)."""
         if memories_per_recall < 1:
             raise ValueError(f"memories_per_recall must be >= 1, got {memories_per_recall}")
@@ -206,12 +329,13 @@ class RecallEngine:
         rows = [_Row() for _ in prompts]
         not_found = tok(NOT_FOUND, add_special_tokens=False)["input_ids"] + [self.end_id]
         fed = ids[:, -1].tolist()
-        for row, last in zip(rows, fed):
+        for row, last, n in zip(rows, fed, mask.sum(1).tolist()):
             row.forced = row.active = last == self.recall_id
+            row.context_tokens = int(n)
         hidden, logits, past = self._forward(self._embed(ids, {}), mask, None, [int(r.active) for r in rows])
         for _ in range(max_new_tokens + 1):
             self._handle_queries(rows, fed, hidden[:, -1], search, threshold, not_found, mask.shape[1] - 1,
-                                 memories_per_recall, prompts)
+                                 memories_per_recall, prompts, verify)
             next_ids, vectors = [], {}
             for b, row in enumerate(rows):
                 choice = self._next_input(row, logits[b], max_recalls, stop_after_recall, no_repeat_ngram)
@@ -241,7 +365,7 @@ class RecallEngine:
             return []
         by_row = [[h] for h in hits]
         answers = self.generate_prompts(list(contexts), search=lambda q: by_row[: len(q)], max_new_tokens=max_new_tokens,
-                                        stop_after_recall=True, max_recalls=1, threshold=float("-inf"))
+                                        stop_after_recall=True, max_recalls=1, threshold=float("-inf"), verify=False)
         out = []
         for a in answers:  # the span's own ids: from after the injected pad up to </recall> or a stop
             ids = a.tokens[a.tokens.index(self.pad_id) + 1:] if self.pad_id in a.tokens else []
@@ -249,8 +373,14 @@ class RecallEngine:
             out.append(ids[:cut])
         return out
 
+    def memory_ids(self, text: str) -> List[int]:
+        """A stored memory's token ids as a span decodes them (step 2 trains on exactly these)."""
+        from memory.token_manager import neutralize
+
+        return self.tokenizer(neutralize(text, self.tokenizer), add_special_tokens=False)["input_ids"]
+
     def _handle_queries(self, rows, fed, last_hidden, search, threshold, not_found, position,
-                        memories_per_recall: int = 1, prompts: Sequence[str] = ()):
+                        memories_per_recall: int = 1, prompts: Sequence[str] = (), verify: bool = False):
         asking = []
         for b, t in enumerate(fed):
             row = rows[b]
@@ -269,22 +399,26 @@ class RecallEngine:
             row = rows[b]
             row.asks += 1
             best = hits[0] if hits else None
-            if best is not None and best.score >= threshold:
-                row.recalls.append(Recall(position, best.memory_id, best.score, best.text))
+            if passes(hits, threshold):
+                row.recalls.append(Recall(position, best.memory_id, best.score, best.text,
+                                          verified=True if verify else None))
                 row.queue.append(self._vec(best))
                 row.in_memory = True
+                row.expect = self.memory_ids(best.text) + [self.end_id] if verify else None
+                row.span_at = 0
                 extra = [h for h in hits[1:memories_per_recall] if h.score >= threshold]
                 if extra:  # the context of this <recall>: the prompt and what the row generated so far
                     context = prompts[b] + self.tokenizer.decode(row.generated, skip_special_tokens=False) \
                         if row.generated else prompts[b]
                     follow += [(row, h, context) for h in extra]
             else:
-                row.recalls.append(Recall(position, None, best.score if best else None, None, NOT_FOUND.strip()))
+                top = max((h.score for h in hits), default=None)
+                row.recalls.append(Recall(position, None, top, None, NOT_FOUND.strip()))
                 row.queue.extend(not_found)
         if follow:
             decoded = self.decode_follow_ons([c for _, _, c in follow], [h for _, h, _ in follow])
             for (row, hit, _), ids in zip(follow, decoded):
-                row.pending.append((hit, ids, position))
+                row.pending.append((hit, ids, position, verify))
 
     @staticmethod
     def _repeats(tokens: List[int], n: int) -> List[int]:
@@ -315,17 +449,25 @@ class RecallEngine:
             for t in self._repeats(row.answer, no_repeat_ngram):
                 logits[t] = float("-inf")
         choice = int(logits.argmax())
+        if row.in_memory and row.expect is not None:
+            choice = self._verified(row, choice)
         row.generated.append(choice)
         if not row.in_memory and choice not in (self.recall_id, self.end_id):
+            if not row.answer:  # the answer text begins: what the model has read so far is its context
+                row.context_tokens += len(row.generated) - 1
             row.answer.append(choice)
         if row.in_memory and choice != self.end_id:
             row.recalls[-1].decoded += self.tokenizer.decode([choice])
         if choice == self.end_id:
             row.in_memory = False
-            for hit, ids, position in row.pending:  # the search's further hits, each in its own span
+            row.expect = None
+            for hit, ids, position, verify in row.pending:  # the search's further hits, each in its own span
                 rank = row.recalls[-1].rank + 1
-                row.recalls.append(Recall(position, hit.memory_id, hit.score, hit.text,
-                                          self.tokenizer.decode(ids), rank=rank))
+                recall = Recall(position, hit.memory_id, hit.score, hit.text, rank=rank)
+                if verify:  # the side pass's decode, checked against the stored text like a first memory
+                    ids = self._verified_ids(recall, ids, self.memory_ids(hit.text))
+                recall.decoded = self.tokenizer.decode(ids)
+                row.recalls.append(recall)
                 row.queue += [self.recall_id, self._vec(hit), *ids, self.end_id]
                 row.quiet_recalls += 1
             row.pending = []
@@ -334,6 +476,28 @@ class RecallEngine:
         if choice in self.stop_ids:
             row.done = True
         return choice
+
+    def _verified(self, row: _Row, choice: int) -> int:
+        """The next span token under ``verify``: the model's ``choice`` when it is the stored
+        text's next token (or ``</recall>`` after its last), else that token, forced, with the
+        span marked unverified at its first difference."""
+        want = row.expect.pop(0) if row.expect else self.end_id
+        recall = row.recalls[-1]
+        if choice != want and recall.verified:
+            recall.verified, recall.diverged_at = False, row.span_at
+            recall.model_token = self.tokenizer.decode([choice])
+        row.span_at += 1
+        return want
+
+    def _verified_ids(self, recall: Recall, decoded: List[int], stored: List[int]) -> List[int]:
+        """A follow-on span's ids under ``verify``: always ``stored``; ``recall`` records
+        whether the side pass decoded them (and where it first differed)."""
+        recall.verified = decoded == stored
+        if not recall.verified:
+            at = next((i for i, (a, b) in enumerate(zip(decoded, stored)) if a != b), min(len(decoded), len(stored)))
+            recall.diverged_at = at
+            recall.model_token = self.tokenizer.decode(decoded[at:at + 1]) if at < len(decoded) else "</recall>"
+        return list(stored)
 
     def _answer(self, prompt: str, row: _Row) -> Answer:
         text = self.tokenizer.decode(row.generated, skip_special_tokens=False)
@@ -349,4 +513,5 @@ class RecallEngine:
             r.decoded = r.decoded.strip()
         final = self.tokenizer.decode(final_ids, skip_special_tokens=True).strip()
         final = final.replace(self.activation_phrase, "").strip()
-        return Answer(prompt, text, row.recalls, final, list(row.generated))
+        context = row.context_tokens + (0 if row.answer else len(row.generated))
+        return Answer(prompt, text, row.recalls, final, list(row.generated), context_tokens=context)

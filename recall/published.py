@@ -91,21 +91,6 @@ def load_recall_model(directory, *, device: str = "auto", precision: str = "auto
     return RecallModel(engine, cfg, loaded, directory)
 
 
-def db_search(db, user_id: Optional[str], top_k: int = 3):
-    """A ``RecallEngine`` search callback over a ``MemoryVectorDB``'s active memories."""
-    from recall.generation import Hit
-
-    def search(queries):
-        results = db.search(queries, k=top_k, user_id=user_id, statuses=("active",))
-        out = []
-        for hits in results:
-            vectors = db.vectors([h.record.id for h in hits]) if hits else []
-            out.append([Hit(h.record.id, float(h.score), h.record.text, v) for h, v in zip(hits, vectors)])
-        return out
-
-    return search
-
-
 def open_version(models_dir_or_version, *, device: str = "auto", precision: str = "auto"):
     """``(RecallModel, MemoryVectorDB of its snapshot)`` for a version directory, or for
     ``current`` when given the ``models/`` directory."""

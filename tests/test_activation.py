@@ -207,13 +207,13 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
     assert {"setup", "queries", "build", "merge", "recall_after", "threshold", "decode_check"} <= set(phases)
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) < metrics["seconds"]
     # the version keeps its recall loop settings
-    assert json.loads((current / "recall_config.json").read_text())["memories_per_recall"] == 2
+    assert json.loads((current / "recall_config.json").read_text())["memories_per_recall"] == 1
     # recall_threshold auto: the version keeps the calibrated cosine, the lower of two bounds: at least
-    # 95% of the correct training cues and at least 5% of the 67 calibration prompts (never trained) reach it
+    # 95% of the correct training cues and at least 2.5% of the 67 calibration prompts (never trained) reach it
     calibrated = metrics["threshold"]
     assert json.loads((current / "recall_config.json").read_text())["recall_threshold"] == calibrated["value"]
     assert calibrated["unrelated"] == 67 and calibrated["correct_contexts"] > 0
-    assert calibrated["correct_pass"] >= 0.95 and calibrated["unrelated_pass"] >= 0.05
+    assert calibrated["correct_pass"] >= 0.95 and calibrated["unrelated_pass"] >= 0.025
     plain = AutoModelForCausalLM.from_pretrained(current)  # ordinary chat: the base model plus the memory tokens
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     x = torch.tensor([[1, 2, 3, 4]])

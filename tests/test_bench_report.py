@@ -21,8 +21,8 @@ def test_report_states_targets_and_writes_plots(tmp_path):
     from bench.report import render
 
     results = tmp_path / "results"
-    (results / "locomo" / "full").mkdir(parents=True)
-    (results / "locomo" / "full" / "retrieval-c1.json").write_text(json.dumps(_retrieval("c1", [1, 2, 7, 0], [1, 1, 1, 9])))
+    (results / "locomo" / "full_agreement").mkdir(parents=True)
+    (results / "locomo" / "full_agreement" / "retrieval-c1.json").write_text(json.dumps(_retrieval("c1", [1, 2, 7, 0], [1, 1, 1, 9])))
     speed_rows = [
         {"name": "step 2 naive", "step": "decode", "tokens_per_second": 100, "tflops_per_second": 0.05, "mfu": 0.33,
          "mfu_vs_bf16_peak": 50, "vs_naive": 1.0, "padding_fraction": 0.3, "precision": "fp32"},
@@ -48,7 +48,7 @@ def test_report_states_targets_and_writes_plots(tmp_path):
     assert "best 1.70×, **missed**" in text
     assert "= **1.50×**" in text and "Target (recall ≤ 1.2× a plain step): **missed**" in text
     assert "step 2 reaches **0.56** (step 2 default), **met**" in text  # against the fp32 peak: bf16 is slower here
-    assert "`python -m bench.locomo`, 2026-11-26 10:00, 5 s wall" in text
+    assert "`python -m bench.locomo --conversations 5,6,7,8,9 --parts retrieval" in text
     assert "(no scale results yet)" in text
     assert "| decode | earlier | plain | 64 | yes | 1 | 0 | 50,103 |" in text
     assert "best 0.207 of useful FLOPs (NVIDIA H100 80GB HBM3), **missed**; by the 6N count 0.31" in text
@@ -61,7 +61,7 @@ def test_report_states_targets_and_writes_plots(tmp_path):
     text = docs.read_text()
     assert "best 0.424 of useful FLOPs (NVIDIA H200), **met**" in text and "Best on an H100: 0.207." in text
     assert "That run's training loss became NaN" in text and "| plain, packed | 64 |" in text
-    for png in ("benchmarks_locomo_retrieval_full.png", "benchmarks_speed.png"):
+    for png in ("benchmarks_locomo_retrieval_full_agreement.png", "benchmarks_speed.png"):
         assert (docs.parent / png).stat().st_size > 1000 and f"]({png})" in text
 
 
@@ -75,3 +75,27 @@ def test_precision_seeds_summarises_each_precision_over_its_own_runs():
     assert bf16["runs"] == 2 and bf16["trained_recall_at_1"]["values"] == [0.7, 0.8]
     assert abs(bf16["trained_recall_at_1"]["mean"] - 0.75) < 1e-9 and abs(bf16["trained_recall_at_1"]["std"] - 0.05) < 1e-9
     assert summary(rows, "fp32")["train_seconds"]["mean"] == 20.0 and "kfold_recall_at_1" not in bf16
+
+
+def test_the_answer_section_puts_chat_next_to_the_peer_for_each_data_set(tmp_path):
+    from bench.report import render
+
+    def rates(hit, **extra):
+        return {"final_hit_rate": hit, "n": 10, "context_tokens": 40.0, "seconds_per_answer": 0.5, **extra}
+
+    evaluation = {"chat": rates(0.8, asked_rate=0.9, invented_recall_rate=0.0),
+                  "rag_peer": {"final_hit_rate": 0.6, "n": 10, "by_k": {"1": rates(0.6), "2": rates(0.5), "3": rates(0.4)}},
+                  "no_memory": rates(0.1), "general": {"false_recall_rate": 0.05, "n": 40},
+                  "trained_recall": {"recall_at_1": 0.7}, "minilm_rag": {"recall_at_1": 0.65},
+                  "fused_recall_minilm": {"recall_at_1": 0.75}, "decoding": {"n": 12, "decode_exact_match": 1.0}}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "memory_decoding_test_set.json").write_text(json.dumps(
+        {"date": "2026-12-05", "machine": "cpu", "pipeline": {"seconds": 300}, "evaluation": evaluation}))
+    docs = tmp_path / "docs" / "BENCHMARKS.md"
+    render(results, docs, {})
+    text = docs.read_text()
+    assert "### test: `examples/test/`" in text and "### development" not in text  # only what was measured
+    assert "| `chat.py` defaults | **0.800** | 0.900 | 0.000 | 40 | 0.50 |" in text
+    assert "| RAG peer, MiniLM top 3 in the prompt | 0.400 |" in text and "false recall rate **0.050**" in text
+    assert (docs.parent / "benchmarks_answers.png").stat().st_size > 1000

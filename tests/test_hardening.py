@@ -105,7 +105,7 @@ def test_a_malicious_pickle_in_a_model_directory_is_refused_not_run(tmp_path, ti
 def test_recall_for_one_user_never_returns_another_users_memory(tmp_path):
     from memory.schema import MemoryCandidate
     from memory.vector_db import MemoryVectorDB
-    from recall.published import db_search
+    from memory.search import db_search
 
     v = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
     with MemoryVectorDB(tmp_path / "db") as db:

@@ -157,3 +157,33 @@ def test_evaluation_ranks_with_a_custom_hit_rule(tmp_path):
         assert rows[0]["rank"] == 3
     finally:
         db.close()
+
+
+def test_the_end_to_end_part_answers_with_every_system_and_renders_one_row_each(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """bench.locomo --parts e2e on a two-session conversation with the tiny model: the five systems
+    answer every question, the report holds F1 per category, context tokens and seconds per answer
+    for each, and the table pools them."""
+    import bench.locomo as bl
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in [
+        ("Say hi.", "Hi there!"), ("Name a colour.", "Blue.")]) + "\n")
+    monkeypatch.setattr(bl, "PIPELINE_FLAGS", [
+        "--model_name_or_path", str(tiny_model_dir), "--precision", "fp32", "--per_device_train_batch_size", "4",
+        "--lora_r", "4", "--cue_questions", "0", "--sft_data", str(sft), "--sft_self_distill", "false",
+        "--decode_epochs", "1", "--decode_min_steps", "0", "--decode_lora_r", "4", "--decode_projector_hidden", "32",
+        "--disable_tqdm", "true"])
+    [conv] = load_locomo(_write(tmp_path, [_conversation()]))
+    work = tmp_path / "work"
+    bl.run_retrieval(conv, work, 1, "all")
+    report = bl.run_e2e(conv, work)
+    assert report["questions"] == 2 and len(report["per_question"]) == 2
+    for name in bl.E2E_SYSTEMS:
+        assert 0.0 <= report[f"f1_{name}"] <= 1.0 and report[f"context_tokens_{name}"] > 0
+        assert report[f"seconds_per_answer_{name}"] > 0 and "single-hop" in report[f"by_category_f1_{name}"]
+    assert report["invented_recall_rate_chat_forced"] == 0.0 and report["invented_recall_rate_chat"] == 0.0
+    # the memories in the peer's prompt cost context: top 3 reads more than top 1, which reads more than none
+    assert report["context_tokens_rag_top3"] > report["context_tokens_rag_top1"] > report["context_tokens_no_memory"]
+    table = "\n".join(bl.e2e_table([report]))
+    assert all(bl.E2E_NAMES[n] in table for n in bl.E2E_SYSTEMS)

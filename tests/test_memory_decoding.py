@@ -253,7 +253,7 @@ def test_recall_loop_searches_exactly_when_recall_is_generated(tiny, monkeypatch
 
     monkeypatch.setattr(engine, "_forward", scripted_forward)
     search = _CountingSearch(bank)
-    [answer] = engine.generate(["hello"], search, max_new_tokens=20, threshold=0.5)
+    [answer] = engine.generate(["hello"], search, recall="model", max_new_tokens=20, threshold=0.5)
     assert search.calls == [1]
     assert len(answer.recalls) == 1 and answer.recalls[0].memory_id == 7
     gen = tok(answer.text, add_special_tokens=False)["input_ids"]
@@ -263,7 +263,7 @@ def test_recall_loop_searches_exactly_when_recall_is_generated(tiny, monkeypatch
     step["n"] = 0
     script.clear()
     search = _CountingSearch(bank)
-    engine.generate(["hello"], search, max_new_tokens=5)
+    engine.generate(["hello"], search, recall="model", max_new_tokens=5)
     assert search.calls == []
 
 
@@ -302,7 +302,7 @@ def test_follow_on_memories_are_injected_in_their_own_spans_without_a_new_search
         injected.extend(vectors.values())
         return real_embed(ids_, vectors)
 
-    state = {"forwards": 0}
+    state = {"forwards": -1}  # the probe's pass comes first
 
     def scripted_forward(emb, mask, past, *rest):  # the model closes its span at once, then ends
         hidden, logits, past = real_forward(emb, mask, past, *rest)
@@ -321,7 +321,7 @@ def test_follow_on_memories_are_injected_in_their_own_spans_without_a_new_search
         return [list(hits) for _ in queries]
 
     [answer] = engine.generate(["hello"], search, force_recall=True, max_new_tokens=24, threshold=0.5,
-                               memories_per_recall=4)
+                               memories_per_recall=4, verify=False)  # the side pass's own decodes
     assert calls == [1]
     prompt = engine.prompt_text("hello", force_recall=True)
     assert side == [([prompt, prompt], [2, 3])]  # both follow-ons decoded from the first memory's context
@@ -334,8 +334,8 @@ def test_follow_on_memories_are_injected_in_their_own_spans_without_a_new_search
     assert gen.count(ids[RECALL_TOKEN]) == 2 and gen.count(ids[MEMORY_PAD_TOKEN]) == 3
     assert answer.final == ""
 
-    state["forwards"], injected[:], calls[:], side[:] = 0, [], [], []
-    [answer] = engine.generate(["hello"], search, force_recall=True, max_new_tokens=12, threshold=0.5)
+    state["forwards"], injected[:], calls[:], side[:] = -1, [], [], []
+    [answer] = engine.generate(["hello"], search, force_recall=True, max_new_tokens=12, threshold=0.5, verify=False)
     assert calls == [1] and side == [] and [r.memory_id for r in answer.recalls] == [1] and len(injected) == 1
     with pytest.raises(ValueError, match="memories_per_recall"):
         engine.generate(["hello"], search, memories_per_recall=0)
@@ -362,10 +362,10 @@ def test_no_repeat_ngram_stops_an_answer_loop_but_not_a_memory_span(tiny, monkey
 
     monkeypatch.setattr(engine, "_forward", looping_forward)
     no_search = lambda q: [[] for _ in q]  # noqa: E731
-    [free] = engine.generate(["hello"], no_search, max_new_tokens=12)
+    [free] = engine.generate(["hello"], no_search, recall="model", max_new_tokens=12)
     assert free.tokens[:6] == loop * 3  # the loop, unguarded
     state["n"] = 0
-    [guarded] = engine.generate(["hello"], no_search, max_new_tokens=12, no_repeat_ngram=3)
+    [guarded] = engine.generate(["hello"], no_search, recall="model", max_new_tokens=12, no_repeat_ngram=3)
     grams = [tuple(guarded.tokens[i:i + 3]) for i in range(len(guarded.tokens) - 2)]
     assert len(grams) == len(set(grams)) and guarded.tokens[:3] == [loop[0], loop[1], loop[0]]
     assert RecallEngine._repeats([1, 2, 3, 1, 2], 3) == [3] and RecallEngine._repeats([1, 2], 3) == []
@@ -437,7 +437,7 @@ def test_a_forced_recall_span_is_not_part_of_the_final_answer(tiny, monkeypatch)
     word = tok("Paris", add_special_tokens=False)["input_ids"][0]
     answer_word = tok(" Lisbon", add_special_tokens=False)["input_ids"][0]
     script = {1: word, 2: ids[RECALL_END_TOKEN], 3: answer_word, 4: tok.convert_tokens_to_ids("<|im_end|>")}
-    step = {"n": 0}
+    step = {"n": -1}  # the probe's pass comes first
     real_forward = engine._forward
 
     def scripted_forward(emb, mask, past, *rest):
@@ -452,7 +452,7 @@ def test_a_forced_recall_span_is_not_part_of_the_final_answer(tiny, monkeypatch)
                                max_new_tokens=8, threshold=0.5)
     assert answer.recalls[0].decoded == "Paris"
     assert answer.final == "Lisbon"
-    step["n"] = 2  # nothing found: the span is the notice, then the answer
+    step["n"] = 1  # the probe's pass, then nothing found: the span is the notice, then the answer
     [answer] = engine.generate(["hello"], lambda q: [[Hit(1, 0.1, "Paris", vec)]], force_recall=True,
                                max_new_tokens=12, threshold=0.5)
     assert "nothing found" not in answer.final

@@ -188,7 +188,16 @@ def test_chat_ask_shows_the_recall(published, capsys):
     assert chat.main(["--model_dir", models, "--ask", "Where do I live?", "--force-recall", "--user", "alex",
                       "--threshold", "-1", "--max_new_tokens", "8", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
-    assert "[recall] score" in out and "stored: The user" in out
+    assert "[recall] score" in out and "| The user" in out  # a verified span shows the stored memory
+    # the default (--recall auto) probes the turn: a memory above the threshold is recalled, ...
+    assert chat.main(["--output_dir", str(published / "out"), "--ask", "Where do I live?", "--user", "alex",
+                      "--threshold", "-1", "--max_new_tokens", "8", "--precision", "fp32"]) == 0
+    assert "[recall] score" in capsys.readouterr().out
+    # ... and below it the model answers alone, with no recall span
+    assert chat.main(["--output_dir", str(published / "out"), "--ask", "Where do I live?", "--user", "alex",
+                      "--threshold", "2", "--max_new_tokens", "8", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "[no recall] (best memory's score" in out and "[recall] score" not in out
     assert chat.main(["--model_dir", models, "--ask", "Hello", "--user", "nobody", "--max_new_tokens", "4",
                       "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
@@ -206,7 +215,44 @@ def test_evaluate_reports_the_recall_loop(published, tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["decoding"]["n"] == 3 and data["answers"]["n"] == 1
     assert 0.0 <= data["forgetting"]["greedy_agreement"] <= 1.0 and data["forgetting"]["tokens"] > 0
-    assert "decode_exact_match" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "decode_exact_match" in out and "RAG peer, MiniLM top 3" in out
+    # the report contract: the answer a user reads, next to the peer, in one run
+    chat = data["chat"]
+    assert {"final_hit_rate", "asked_rate", "invented_recall_rate", "n", "context_tokens",
+            "seconds_per_answer"} <= set(chat) and chat["n"] == 1
+    assert chat["invented_recall_rate"] == 0.0  # verified spans show stored memories only
+    assert set(data["rag_peer"]["by_k"]) == {"1", "2", "3"} and data["rag_peer"]["n"] == 1
+    assert data["rag_peer"]["final_hit_rate"] == max(v["final_hit_rate"] for v in data["rag_peer"]["by_k"].values())
+    assert all({"final_hit_rate", "context_tokens", "seconds_per_answer"} <= set(v)
+               for v in data["rag_peer"]["by_k"].values())
+    assert data["rag_peer"]["by_k"]["3"]["context_tokens"] > data["rag_peer"]["by_k"]["1"]["context_tokens"]
+    assert {"final_hit_rate", "n"} <= set(data["no_memory"])
+    assert data["general"]["n"] == 40 and 0.0 <= data["general"]["false_recall_rate"] <= 1.0
+
+
+def test_invented_recall_rate_reads_the_spans_the_user_sees(published):
+    """The tiny model cannot decode its memories: unverified, every forced span is invented; verified,
+    none is. A question without user_id asks as the version's default user."""
+    from memory.evaluation import chat_figures
+    from recall.generation import ChatDefaults
+    from recall.published import open_version
+
+    model, db = open_version(published / "out" / "models", precision="fp32")
+    try:
+        questions = [{"question": "Where do I live?", "expected": "porto", "user_id": "alex"},
+                     {"question": "What is my job?", "expected": "nurse", "user_id": "alex"}]
+        loose = chat_figures(model.engine, db, questions, -1.0, defaults=ChatDefaults(recall="force", verify=False,
+                                                                                       max_new_tokens=24))
+        assert loose["asked_rate"] == 1.0 and loose["invented_recall_rate"] == 1.0
+        checked = chat_figures(model.engine, db, questions, -1.0, defaults=ChatDefaults(recall="force",
+                                                                                         max_new_tokens=24))
+        assert checked["invented_recall_rate"] == 0.0
+        assert all(r["recalled"][0].startswith("The user") for r in checked["per_question"])
+        never = chat_figures(model.engine, db, questions, 2.0, defaults=ChatDefaults(max_new_tokens=4))
+        assert never["asked_rate"] == 0.0 and never["invented_recall_rate"] == 0.0
+    finally:
+        db.close()
 
 
 @pytest.mark.reliability(fault='Ctrl-C during step 2', outcome='current unchanged')
