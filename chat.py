@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from memory.publish import VersionError
+from recall.model_loading import ModelError
 
 
 def _print_answer(answer, out=None) -> None:
@@ -87,7 +88,7 @@ def _main(argv=None) -> int:
     model_dir = args.model_dir or str(Path(args.output_dir or "output") / "models")
     try:
         model, db = open_version(model_dir, device=args.device, precision=args.precision)
-    except (FileNotFoundError, VersionError) as exc:
+    except (FileNotFoundError, VersionError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:

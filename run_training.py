@@ -21,7 +21,7 @@ from memory.config import parse_args
 from memory.sft_data import SFTFormatError
 from memory.training_service import MemoryTrainingService
 from recall.distributed import init_process_group, is_main, main_first, world_size
-from recall.model_loading import ModelNotFoundError
+from recall.model_loading import ModelError, ModelNotFoundError
 
 
 def _pop_flag(argv, flag: str) -> bool:
@@ -73,7 +73,7 @@ def _main(argv=None) -> int:
     try:
         summary = service.run_training()
         record.update(result="ok", version=summary.version)
-    except (ChatFormatError, ModelNotFoundError, SFTFormatError) as exc:
+    except (ChatFormatError, ModelNotFoundError, ModelError, SFTFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         record["error"] = str(exc)
         return 1

@@ -1,15 +1,20 @@
 """Step 3.2 orchestration: memory decoding on top of the trained ``<recall>`` (step 3.1).
 
-1. the step-1 adapter and token rows are merged into a copy of the base model;
-2. samples are drawn afresh every epoch, in equal numbers (1:1:1):
+1. step 1's state is loaded onto a copy of the base model: with an activated adapter (the
+   default) its token rows are merged and its LoRA is continued; with ``adapter_scope all``
+   its LoRA and rows are merged;
+2. samples are drawn afresh every epoch, per memory ``mix`` = memory:sandwich:sft:answer
+   (default 1:1:2:2; an activated adapter drops the pure SFT samples, which never reach it):
    - ``memory``:   a cue of the memory (a question, its source turn, or a neutral ask)
      -> activation phrase, ``<recall>``, the memory vector, its text, ``</recall>``;
    - ``sandwich``: an SFT prompt -> phrase, ``<recall>``, a memory, ``</recall>``, the SFT answer;
    - ``sft``:      an SFT prompt -> its answer (self-distilled + the chat sessions' replies);
-3. ``EnhancedTextMemoryTrainer`` trains LoRA + projector + new-token rows, with the step-1
-   InfoNCE on ``memory`` samples so the ``<recall>`` query stays aligned with the DB;
-4. the LoRA is merged; retrieval (before and after), ``decode_exact_match`` and forgetting
-   are measured on the merged model, which is what gets published.
+   - ``answer``:   a question about the memory -> ``<recall>``, the memory, ``</recall>``, then
+     the memory said back (``memory.questions.said_back``);
+3. ``EnhancedTextMemoryTrainer`` trains LoRA + projector + new-token rows for a budget of
+   optimizer steps, with a preserve term that holds the ``<recall>`` query where step 1 put it;
+4. retrieval before and after, the recall threshold (``calibrate_threshold``) and
+   ``decode_exact_match`` are measured on the model that gets published.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from memory.config import parse_mix
 from memory.questions import said_back
 from memory.sft_data import SFTExample, chat_prompt
 from memory.token_manager import (MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN, add_memory_tokens,
-                                  memory_token_ids, neutralize)
+                                  end_of_turn_id, memory_token_ids, neutralize)
 from recall.generation import NEUTRAL_CONTEXT, RecallEngine
 from recall.text_embedding_train import ACTIVATION_PHRASE, format_query
 from recall.text_memory_train import (EnhancedTextMemoryTrainer, MemoryDecodingArguments, ResampledDataset,
@@ -145,8 +150,7 @@ class SampleBuilder:
         tok = tokenizer
         ids = memory_token_ids(tok)
         self.recall, self.end, self.pad = ids[RECALL_TOKEN], ids[RECALL_END_TOKEN], ids[MEMORY_PAD_TOKEN]
-        self.im_end = [i for i in [tok.convert_tokens_to_ids("<|im_end|>")] if isinstance(i, int) and i >= 0] \
-            or [tok.eos_token_id]
+        self.im_end = [end_of_turn_id(tok)]  # what ends an answer: the template's end-of-turn token, or EOS
         enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.max_length = max_length
         self.mix = parse_mix(mix)

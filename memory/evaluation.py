@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from memory.recall_step import COMPLETE_MARKER
-from memory.token_manager import neutralize
+from memory.token_manager import neutralize, stop_ids
 from memory.vector_db import MemoryVectorDB
 from recall.text_embedding_train import format_query, retrieval_metrics
 
@@ -468,7 +468,7 @@ def _greedy(loaded, prompts: Sequence[str], max_new_tokens: int, batch_size: int
     from recall.get_text_embedding import autocast
 
     tok, model = loaded.tokenizer, loaded.model
-    eos = [t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(t, int) and t >= 0]
+    eos = stop_ids(tok)
     out = []
     for start in range(0, len(prompts), batch_size):
         enc = tok(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True, padding_side="left",

@@ -24,6 +24,7 @@ from memory.fileio import atomic_write_json
 from memory.runs import last_complete_checkpoint, raise_if_stopped
 from memory.sft_data import abstention_prompts
 from recall.distributed import barrier, is_main, without_zero3_init, world_size, zero3_partitioned
+from recall.lora_targets import resolve_targets
 from recall.model_loading import training_precision
 from memory.token_manager import RECALL_TOKEN, add_memory_tokens
 from recall.kfold import ALWAYS_TRAIN_KINDS, cross_validate, cue_key, holdout_memories, with_positives
@@ -199,6 +200,9 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     metrics["unlabelled_texts"] = len(data) - metrics["cues"] - metrics["abstain_texts"]
     logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts, %d general prompts for 'no memory'",
                 len(records), metrics["cues"], metrics["unlabelled_texts"], metrics["abstain_texts"])
+    model = loaded.model if start_lm is None else start_lm  # 'auto' targets read off the model, recorded by name
+    train_args = dataclasses.replace(train_args, lora_target_modules=",".join(
+        resolve_targets(model, train_args.lora_target_modules, train_args.adapter_scope)))
     if start_adapter:  # continue every layer of the version's adapter (step 2 may have added targets)
         targets = [t for t in train_args.lora_target_modules.split(",") if t]
         targets += sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in start_adapter} - set(targets))

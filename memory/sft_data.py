@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from memory.fileio import atomic_write_json
-from memory.token_manager import safe_chat_template
+from memory.token_manager import safe_chat_template, stop_ids
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: List[Optional[str]] = [None] * len(prompts)
-    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    eos = [e for e in eos if isinstance(e, int) and e >= 0]
+    eos = stop_ids(tokenizer)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([chat_prompt(tokenizer, prompts[i]) for i in idx], return_tensors="pt", padding=True,

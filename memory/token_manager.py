@@ -64,12 +64,74 @@ def neutralize(text: str, tokenizer=None) -> str:
     return _reserved(tokenizer).sub(lambda m: _defang(m.group()), text)
 
 
+# The prompt format for a tokenizer without a chat template (a base model): one line per turn,
+# the role's name, a colon and the text; the assistant's turn is opened with "Assistant: ".
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+_PLAIN_NOTED = set()
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_chat_text(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """``messages`` in the plain role-prefixed format (``PLAIN_ROLES``); an empty system
+    message is left out."""
+    lines = [f"{PLAIN_ROLES.get(m['role'], str(m['role']).title())}: {m['content']}" for m in messages
+             if m.get("content") or m["role"] != "system"]
+    text = "".join(line + "\n" for line in lines)
+    return text + f"{PLAIN_ROLES['assistant']}: " if add_generation_prompt else text
+
+
 def safe_chat_template(tokenizer, messages: Sequence[dict], **kwargs) -> str:
-    """``apply_chat_template(tokenize=False)`` over messages whose contents are neutralized:
-    the only special tokens in the prompt are the template's own."""
+    """The prompt for ``messages`` whose contents are neutralized (the only special tokens in it
+    are the template's own): the tokenizer's chat template, or, when it has none, the plain
+    role-prefixed format (``plain_chat_text``; said once in the log). Every prompt the project
+    formats comes through here. A template that refuses a system turn gets the messages without
+    an empty one (the empty system message only keeps templates from inserting a default)."""
     clean = [{**m, "content": neutralize(m["content"], tokenizer)} if isinstance(m.get("content"), str) else m
              for m in messages]
-    return tokenizer.apply_chat_template(clean, tokenize=False, **kwargs)
+    if not has_chat_template(tokenizer):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        if name not in _PLAIN_NOTED:
+            _PLAIN_NOTED.add(name)
+            logger.info("%s has no chat template: prompts use the plain format ('User: ...', 'Assistant: ...')", name)
+        return plain_chat_text(clean, kwargs.get("add_generation_prompt", False))
+    try:
+        return tokenizer.apply_chat_template(clean, tokenize=False, **kwargs)
+    except Exception:  # jinja2's TemplateError (raise_exception in the template), e.g. "roles must alternate"
+        without = [m for m in clean if not (m["role"] == "system" and not m.get("content"))]
+        if len(without) == len(clean):
+            raise
+        return tokenizer.apply_chat_template(without, tokenize=False, **kwargs)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn: the chat template's own marker, read from a
+    rendered conversation (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, or
+    ``</s>`` for templates that end turns with EOS), else EOS. Step 2's answers end with it
+    and the recall loop stops at it."""
+    if has_chat_template(tokenizer):
+        marker = "zq9 answer zq9"
+        text = safe_chat_template(tokenizer, [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}])
+        after = text[text.rfind(marker) + len(marker):] if marker in text else ""
+        ids = tokenizer(after.lstrip(" "), add_special_tokens=False)["input_ids"] if after.strip() else []
+        special = set(getattr(tokenizer, "all_special_ids", ())) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        if ids and ids[0] in special:
+            return int(ids[0])
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: no chat template end-of-turn token "
+                         "and no eos_token: cannot tell where an answer ends")
+    return int(tokenizer.eos_token_id)
+
+
+def stop_ids(tokenizer) -> List[int]:
+    """Token ids that end generation: EOS and the end-of-turn token."""
+    ids = {end_of_turn_id(tokenizer)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
 
 
 def memory_token_ids(tokenizer) -> Dict[str, int]:

@@ -37,6 +37,7 @@ from memory.runs import (PLAN, MarkCompleteCheckpoints, ProgressCallback, RunDir
 from memory.schema import ChatSession
 from recall.activation import is_activated
 from recall.distributed import barrier, broadcast, is_main, main_first, without_zero3_init, world_size
+from recall.lora_targets import resolve_targets
 from memory.vector_db import MemoryVectorDB
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class RunSummary:
 
 def _plan_line(p: dict) -> str:
     return (f"cycle: {p['mode']} ({p.get('reason')}); {p['memories']} memories trained "
-            f"({p['new']} new, {p['replayed']} replayed)" + (f" from {Path(p['base_version']).name}" if p.get("base_version") else " from the base model"))
+            f"({p['new']} new, {p['replayed']} replayed)"
+            + (f" from {Path(p['base_version']).name}" if p.get("base_version") else " from the base model"))
 
 
 def _recall_line(m: dict) -> str:
@@ -231,7 +233,8 @@ class MemoryTrainingService:
             output_dir=str(out_dir), seed=t.seed, use_cpu=t.use_cpu, logging_steps=t.logging_steps,
             num_train_epochs=a.decode_epochs, min_steps=a.decode_min_steps, learning_rate=a.decode_learning_rate,
             per_device_train_batch_size=a.decode_batch_size, lora_r=a.decode_lora_r,
-            lora_alpha=a.decode_lora_alpha, lora_target_modules=a.decode_lora_target_modules,
+            lora_alpha=a.decode_lora_alpha,
+            lora_target_modules=",".join(resolve_targets(self.loaded.model, a.decode_lora_target_modules, "decode")),
             projector_hidden=a.decode_projector_hidden, max_length=a.decode_max_length,
             mix=a.decode_mix, recall_loss_weight=a.decode_recall_loss_weight, preserve_weight=a.decode_preserve_weight,
             kd_weight=a.decode_kd_weight, length_grouped=a.decode_length_grouped, packing=a.decode_packing,
@@ -368,7 +371,8 @@ class MemoryTrainingService:
 
     def extract_memory_entries(self, sessions: List[ChatSession]) -> ExtractionResult:
         """Step 2a: candidate facts (see memory.extraction and memory.rewrite)."""
-        cfg = ExtractionConfig(method=self.args.extraction_method, unit=self.args.extraction_unit, constrained=self.args.extraction_constrained,
+        cfg = ExtractionConfig(method=self.args.extraction_method, unit=self.args.extraction_unit,
+                               constrained=self.args.extraction_constrained,
                                few_shot=self.args.extraction_few_shot, grounding=self.args.extraction_grounding,
                                batch_size=self.args.extraction_batch_size)
         lm = self.loaded

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memory.token_manager import safe_chat_template
+from memory.token_manager import safe_chat_template, stop_ids
 from recall.activation import adapter_active, is_activated, use_fast_forward
 from recall.get_text_embedding import autocast, backbone, encode_by_length
 
@@ -181,8 +181,7 @@ class RecallEngine:
         self.activated = is_activated(lm)
         if self.activated:
             use_fast_forward(lm)  # idempotent: a model fresh from training has it already
-        stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        self.stop_ids = {s for s in stops if isinstance(s, int) and s >= 0}
+        self.stop_ids = set(stop_ids(tokenizer))
         self.filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ----------------------------------------------------------- prompts

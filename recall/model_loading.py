@@ -37,6 +37,11 @@ class ModelNotFoundError(FileNotFoundError):
     """Raised when no model can be found; the message names everything looked for."""
 
 
+class ModelError(ValueError):
+    """A model that was found but cannot be used as asked (an unreadable GGUF, LoRA targets it
+    does not have); the message is one line that names the file or option."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     kind: str  # "gguf" | "dir" | "hub"
@@ -210,9 +215,17 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     logger.info("dequantizing %s once into %s", source.gguf_file, target)
-    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    quantized = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
-    config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    gguf = Path(source.location, source.gguf_file)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"{gguf}: reading a GGUF file needs the gguf package (python -m pip install gguf==0.19.0)")
+    try:
+        tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
+        config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    except (ValueError, KeyError, NotImplementedError, TypeError) as exc:  # architecture or tensor type unsupported
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"{gguf}: transformers cannot load this GGUF ({reason}); convert it to a Hugging Face "
+                         "checkpoint, or use a supported architecture") from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)

@@ -33,6 +33,7 @@ from recall.activation import (adapter_active, base_context_pass, check_scope, l
                                use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, encode_by_length, last_token_positions
+from recall.lora_targets import resolve_targets
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 ACTIVATION_PHRASE = "Let me check my memory."
 TRAINABLE_STATE = "recall_state.safetensors"
 ABSTAIN_INIT = 0.5  # the "no memory" level's starting cosine
-ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def format_query(tokenizer, context: str, activation: str = ACTIVATION_PHRASE) -> str:
@@ -73,9 +73,10 @@ class RecallTrainingArguments(TrainingArguments):
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: str = dataclasses.field(
-        default="auto", metadata={"help": "comma-separated module names; 'auto': all seven projections with "
-                                          "adapter_scope 'recall' (they act at one position: nearly free), "
-                                          "q_proj,v_proj with 'all' (1.5x faster than all seven there, measured)"})
+        default="auto", metadata={"help": "comma-separated module names; 'auto' (recall.lora_targets): every "
+                                          "projection of the transformer block with adapter_scope 'recall' (they "
+                                          "act at one position: nearly free), the query and value projections with "
+                                          "'all' (1.5x faster than all seven there, measured)"})
     adapter_scope: str = dataclasses.field(
         default="recall", metadata={"help": "where the LoRA acts: 'recall' (default) from <recall> on only, an "
                                             "activated adapter (recall/activation.py): the conversation runs on the "
@@ -105,8 +106,6 @@ class RecallTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_scope(self.adapter_scope)
-        if self.lora_target_modules == "auto":
-            self.lora_target_modules = ALL_PROJECTIONS if self.adapter_scope == "recall" else "q_proj,v_proj"
         default_accelerator = self.accelerator_config is None
         super().__post_init__()
         if default_accelerator:  # batches (pinned by the data loader) go to the GPU without a host sync each
@@ -484,7 +483,7 @@ def build_recall_model(lm, tokenizer, args: RecallTrainingArguments, memory_dim:
     ``adapter_state``: LoRA weights to continue (an incremental cycle on an activated version)."""
     from peft import get_peft_model
 
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    targets = resolve_targets(lm, args.lora_target_modules, args.adapter_scope)
     lora = lora_config(targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.adapter_scope,
                        tokenizer.convert_tokens_to_ids(RECALL_TOKEN))
     peft_lm = get_peft_model(lm, lora)

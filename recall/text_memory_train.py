@@ -47,6 +47,7 @@ from recall.activation import (adapter_active, base_context_pass, check_scope, l
                                use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
 from recall.get_text_embedding import backbone, encode_by_length
+from recall.lora_targets import resolve_targets
 from recall.token_rows import SmallStateTrainerMixin, TrainableStateMixin, install_token_rows
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class MemoryDecodingArguments(TrainingArguments):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: str = "q_proj,v_proj,o_proj,up_proj,down_proj"
+    lora_target_modules: str = dataclasses.field(
+        default="auto", metadata={"help": "auto: the block's projections but a separate key and gate projection "
+                                          "(Llama: q,v,o,up,down_proj); recall.lora_targets"})
     projector_hidden: int = dataclasses.field(default=1024, metadata={"help": "0: rescale only, no MLP"})
     noise_std: float = dataclasses.field(default=0.01, metadata={"help": "Gaussian noise on the unit memory vector"})
     max_length: int = dataclasses.field(default=192, metadata={"help": "tokens per sample; context cut from the left"})
@@ -445,7 +448,7 @@ def build_decoder_model(lm, token_ids: Dict[str, int], args: MemoryDecodingArgum
     from memory.token_manager import RECALL_TOKEN
     from peft import get_peft_model
 
-    targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    targets = resolve_targets(lm, args.lora_target_modules, "decode")
     lora = lora_config(targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.adapter_scope,
                        token_ids[RECALL_TOKEN])
     peft_lm = get_peft_model(lm, lora)
