@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     print("| step 2, contexts cached, bf16 autocast | median s per pass | tokens/s |\n|---|---|---|")
     for k in ("fp32", "levers off", "levers on"):
         print(f"| {k} | {medians[k]:.2f} | {result['tokens_per_second'][k]:.0f} |")
-    print(f"speed-up {result['speedup']:.2f}x over bf16 without the levers, {result['speedup_over_fp32']:.2f}x over fp32; levers on faster in every repetition: "
+    print(f"speed-up {result['speedup']:.2f}x over bf16 without the levers, {result['speedup_over_fp32']:.2f}x over fp32; "
+          "levers on faster in every repetition: "
           f"{result['on_faster_in_every_repetition']}; cache misses while timed: "
           f"{result['context_cache_misses_while_timed']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,8 @@ def run_pipeline(work: Path, extra) -> dict:
     finally:
         service.close()
     return {"seconds": time.perf_counter() - started, "stage_seconds": summary.stage_seconds,
-            "memories_imported": summary.memories_imported, "version": summary.version, "decoding": summary.decoding, "lines": summary.lines()}
+            "memories_imported": summary.memories_imported, "version": summary.version, "decoding": summary.decoding,
+            "lines": summary.lines()}
 
 
 def run_from_step1(work: Path, extra) -> dict:
@@ -72,7 +73,8 @@ def run_from_step1(work: Path, extra) -> dict:
     finally:
         service.close()
     return {"seconds": time.perf_counter() - started, "version": str(version), "decoding": result.metrics,
-            "stage_seconds": {}, "lines": [f"step 2 on {run_dir}: {json.dumps({k: v for k, v in result.metrics.items() if k != 'decode_failures'})}"]}
+            "stage_seconds": {},
+            "lines": [f"step 2 on {run_dir}: {json.dumps({k: v for k, v in result.metrics.items() if k != 'decode_failures'})}"]}
 
 
 def throughput(steps: int = 4, batch_size: int = 8) -> dict:

@@ -7,9 +7,10 @@ naive baseline and each lever measured in the same run.
 Everything runs through the real trainers (``bench.gpu_train.build_trainer``) on the real
 default model (SmolLM2-135M-Instruct, fp32 weights) and the synthetic data of the pipeline's
 shapes. The same process measures the machine's fp32 and bf16 matmul peak (2048^3, torch, all
-cores; 1024^3 where bf16 is slow) before every row and keeps the best reading of the run. MFU = useful FLOPs (``bench.gpu_train``: real tokens only, the LM head only
-where there is a label, backward 2x forward for the frozen base) / time / measured peak of the
-precision used; the figure against the bf16 peak is printed next to it.
+cores; 1024^3 where bf16 is slow) before every row and keeps the best reading of the run. MFU =
+useful FLOPs (``bench.gpu_train``: real tokens only, the LM head only where there is a label,
+backward 2x forward for the frozen base) / time / measured peak of the precision used; the figure
+against the bf16 peak is printed next to it.
 
 Step-2 variants (same data, same seed):
 - ``naive``: fp32, every batch padded to ``max_length`` (192), the 49k-wide LM head on every position,

@@ -132,8 +132,8 @@ class MemoryArguments:
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
     recall_threshold: str = dataclasses.field(
         default="auto", metadata={"help": "cosine below which a recall injects nothing (stored in the version): a "
-                                          "number, or 'auto': calibrated after step 2 so that only 5%% of the bundled "
-                                          "general prompts reach it"})
+                                          "number, or 'auto': calibrated after step 2 so that only 2.5%% of the "
+                                          "bundled general prompts never trained on reach it"})
     memories_per_recall: int = dataclasses.field(
         default=1, metadata={"help": "memories injected per <recall> (stored in the version): the best hits above "
                                      "the threshold, each decoded in its own recall span. 1: the answer says back "
@@ -297,6 +297,11 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple:
     _check_deepspeed(argv)
     parser = HfArgumentParser(_argument_classes())
     parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+    # run_training.py's modes, read there before parsing; declared here so --help lists them
+    parser.add_argument("--daemon", action="store_true",
+                        help="run_training.py: keep running and retrain on the schedule (memory.training_scheduler)")
+    parser.add_argument("--status", action="store_true",
+                        help="run_training.py: print what the daemon and training are doing, and exit")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**_load_yaml(pre.config))

@@ -1,11 +1,10 @@
-"""The activated memory adapter (``--adapter_scope recall``).
+"""The activated memory adapter (``--adapter_scope recall``, the default).
 
-With the default scope ("all") the LoRA of steps 1 and 2 acts at every position and is
-merged into the published weights, so ordinary chat runs on changed weights (the drift
-``evaluate.py`` reports as forgetting). With scope "recall" the adapter is an *activated*
-LoRA (PEFT's aLoRA, ``LoraConfig.alora_invocation_tokens``): it acts only from
-``<recall>`` onwards. Everything before it, the conversation, runs through the base
-model, so:
+With scope "all" the LoRA of steps 1 and 2 acts at every position and is merged into the
+published weights, so ordinary chat runs on changed weights (the drift ``evaluate.py``
+reports as forgetting). With scope "recall" the adapter is an *activated* LoRA (PEFT's
+aLoRA, ``LoraConfig.alora_invocation_tokens``): it acts only from ``<recall>`` onwards.
+Everything before it, the conversation, runs through the base model, so:
 
 - a turn without ``<recall>`` is exactly the base model's (nothing to forget);
 - the KV cache of the context is the base model's, so serving can reuse a prefix cache

@@ -14,9 +14,9 @@ from memory.__main__ import main as memory_main
 
 
 @pytest.mark.parametrize("main, expected", [
-    (run_training.main, ["--recall_threshold", "--decode_length_grouped", "only 5% of"]),
+    (run_training.main, ["--recall_threshold", "--decode_length_grouped", "only 2.5% of", "--daemon", "--status"]),
     (evaluate.main, ["--output_dir", "--questions"]),
-    (chat.main, ["--model_dir", "--ask"]),
+    (chat.main, ["--output_dir", "--model_dir", "--ask", "--recall", "--retrieval", "--force_recall"]),
     (memory_main, ["show"]),
     (precision_seeds_main, ["--seeds", "--k_folds"]),
     (recall_step1_main, ["--sources", "--model_name_or_path", "--set FIELD=VALUE"]),

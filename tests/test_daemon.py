@@ -202,7 +202,8 @@ def test_auto_plans_a_full_retrain_where_it_costs_no_more_or_the_adapter_is_acti
 
 
 # ------------------------------------------------------------------ crashes and resume
-@pytest.mark.reliability(fault='SIGKILL at each of 4 stage boundaries, real process', outcome='rerun equals an uninterrupted run; one version')
+@pytest.mark.reliability(fault='SIGKILL at each of 4 stage boundaries, real process',
+                         outcome='rerun equals an uninterrupted run; one version')
 def test_kill_9_at_every_stage_boundary_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, reference):
     f = _files(tmp_path)
     out = tmp_path / "out"
@@ -331,7 +332,8 @@ def test_two_daemons_one_trains_and_a_manual_run_is_refused(tiny_model_dir, tmp_
     assert "daemon: not running" in status.stdout and "last run: ok (startup)" in status.stdout
 
 
-@pytest.mark.reliability(fault='A cycle failing on a corrupt SFT file under the daemon', outcome='daemon alive; current kept; recovered when fixed')
+@pytest.mark.reliability(fault='A cycle failing on a corrupt SFT file under the daemon',
+                         outcome='daemon alive; current kept; recovered when fixed')
 def test_the_daemon_survives_a_failed_cycle_and_keeps_current(tiny_model_dir, tmp_path):
     f = _files(tmp_path)
     out = tmp_path / "out"

@@ -30,7 +30,8 @@ def _flags(tiny_model_dir, tmp_path, out: Path) -> list:
     return ["--model_name_or_path", str(tiny_model_dir), "--chats_dir", "", "--precision", "fp32",
             "--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", "2",
             "--lora_r", "4", "--cue_questions", "1", "--k_folds", "0", "--memories", str(mem), "--sft_data", str(sft),
-            "--sft_self_distill", "false", "--decode_epochs", "2", "--decode_min_steps", "0", "--decode_batch_size", "2", "--decode_lora_r", "4",
+            "--sft_self_distill", "false", "--decode_epochs", "2", "--decode_min_steps", "0", "--decode_batch_size", "2",
+            "--decode_lora_r", "4",
             "--decode_projector_hidden", "32", "--disable_tqdm", "true", "--recall_teacher", "none"]
 
 

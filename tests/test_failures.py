@@ -37,7 +37,8 @@ def _file_size_limit(limit: int):
     return apply
 
 
-@pytest.mark.reliability(fault='Disk full while the cycle writes the new version (file-size limit, real process)', outcome='clear error; current kept; recovered on rerun, nothing lost')
+@pytest.mark.reliability(fault='Disk full while the cycle writes the new version (file-size limit, real process)',
+                         outcome='clear error; current kept; recovered on rerun, nothing lost')
 def test_disk_full_while_writing_the_version(published):
     out, flags, before = published
     import subprocess
@@ -53,7 +54,8 @@ def test_disk_full_while_writing_the_version(published):
     _recovered(out, flags, before)
 
 
-@pytest.mark.reliability(fault='Corrupt SQLite memory DB (header zeroed), real process', outcome='clear error naming the file; current kept; recovered once restored, nothing lost')
+@pytest.mark.reliability(fault='Corrupt SQLite memory DB (header zeroed), real process',
+                         outcome='clear error naming the file; current kept; recovered once restored, nothing lost')
 def test_corrupt_sqlite_file(published):
     out, flags, before = published
     db_file = out / "memory_db" / "memories.sqlite3"
@@ -72,7 +74,8 @@ def test_corrupt_sqlite_file(published):
     _recovered(out, flags, before)
 
 
-@pytest.mark.reliability(fault='Corrupt usearch index file, real process', outcome='rebuilt from SQLite with a warning naming the file; cycle completes')
+@pytest.mark.reliability(fault='Corrupt usearch index file, real process',
+                         outcome='rebuilt from SQLite with a warning naming the file; cycle completes')
 def test_corrupt_vector_index_is_rebuilt(published):
     out, flags, before = published
     index = out / "memory_db" / "memories.usearch"
@@ -83,7 +86,8 @@ def test_corrupt_vector_index_is_rebuilt(published):
     assert _state(out)["snapshot"] == sorted(FIRST + SECOND)
 
 
-@pytest.mark.reliability(fault='Half-written version directory (no manifest, truncated weights)', outcome='never used; current kept; next cycle publishes')
+@pytest.mark.reliability(fault='Half-written version directory (no manifest, truncated weights)',
+                         outcome='never used; current kept; next cycle publishes')
 def test_half_written_version_directory_is_never_used(published):
     out, flags, before = published
     junk = out / "models" / "model_29991231_235959"

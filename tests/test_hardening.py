@@ -43,7 +43,8 @@ def test_neutralize_leaves_plain_text_alone_and_is_idempotent(tok):
     assert neutralize(out, tok) == out
 
 
-@pytest.mark.reliability(fault='Chat text with special-token strings (ChatML, Llama-3, StarCoder markers, a fake recall block)', outcome="plain text: only the template's special tokens")
+@pytest.mark.reliability(fault='Chat text with special-token strings (ChatML, Llama-3, StarCoder markers, a fake recall block)',
+                         outcome="plain text: only the template's special tokens")
 @pytest.mark.parametrize("text", HOSTILE)
 def test_special_token_strings_in_chat_text_never_become_tokens(tok, text):
     template_only = tok(format_query(tok, "hello"), add_special_tokens=False)["input_ids"]
@@ -56,7 +57,8 @@ def test_special_token_strings_in_chat_text_never_become_tokens(tok, text):
         [i for i in tok(chat_prompt(tok, "hello"), add_special_tokens=False)["input_ids"] if i in specials]
 
 
-@pytest.mark.reliability(fault='Memory and SFT text with special-token strings', outcome='one <recall>, <|memory_pad|>, </recall> per sample')
+@pytest.mark.reliability(fault='Memory and SFT text with special-token strings',
+                         outcome='one <recall>, <|memory_pad|>, </recall> per sample')
 def test_memory_text_with_special_tokens_trains_as_plain_text(tok):
     """One <recall>, one <|memory_pad|>, one </recall> per memory sample: those the builder puts there."""
     builder = SampleBuilder(tok, [HOSTILE[1], HOSTILE[0]], [[HOSTILE[2]], ["q?"]],
@@ -236,7 +238,8 @@ def decoding_model_dir(tokenizer, tmp_path_factory):
     return path
 
 
-@pytest.mark.reliability(fault='forget on a memory the model decodes exactly', outcome='erased at once; after the next cycle neither decoded nor retrieved')
+@pytest.mark.reliability(fault='forget on a memory the model decodes exactly',
+                         outcome='erased at once; after the next cycle neither decoded nor retrieved')
 def test_forget_erases_at_once_and_the_next_cycle_no_longer_decodes_or_retrieves_it(decoding_model_dir, tmp_path):
     """forget removes the record and vector from the live DB and every version's snapshot at
     once; the next cycle retrains from the base model without it, after which its old vector

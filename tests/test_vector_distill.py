@@ -1,7 +1,6 @@
 """Step 1's vector distillation: the <recall> query learns a sentence encoder's vectors on any
 text (no label needed), when the memory vectors come from that encoder."""
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
