@@ -11,6 +11,8 @@ from typing import List, Optional, Tuple
 
 import yaml
 
+from recall.arg_checks import check_numbers
+
 STAGES = ("extract", "recall", "all")  # all = steps 0-4: extraction, both trainings, publishing
 SCHEDULE_AT = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
 _EVERY = re.compile(r"(\d+(?:\.\d+)?)([mhd])")
@@ -72,12 +74,17 @@ class MemoryArguments:
     embedding_template: str = dataclasses.field(default="prompteol", metadata={"help": "raw | prompteol"})
     extraction_method: str = dataclasses.field(
         default="rewrite", metadata={"help": "rewrite (each first-person user sentence in the third person; no "
-                                             "generation) | model (the chat model restates each unit)"})
+                                             "generation) | model (the chat model restates each unit) | combined "
+                                             "(rewrite, plus the model for messages the rules found nothing in)"})
     extraction_unit: str = dataclasses.field(default="sentence", metadata={"help": "sentence | message | session "
                                                                                    "(extraction_method model)"})
     extraction_constrained: bool = True
     extraction_few_shot: bool = True
     extraction_grounding: bool = True
+    max_memories_per_message: int = dataclasses.field(
+        default=20, metadata={"help": "at most this many facts from one message (more are dropped and logged)"})
+    max_memories_per_session: int = dataclasses.field(
+        default=200, metadata={"help": "at most this many facts from one session (more are dropped and logged)"})
     extraction_batch_size: int = 16
     near_duplicate_cosine: float = 0.97
     secret_filter: str = dataclasses.field(
@@ -103,7 +110,8 @@ class MemoryArguments:
         default=0.0, metadata={"help": "also measure memories held out of step-1 training (fraction of memories)"})
     # step 3.2: memory decoding (MemoryDecodingArguments = TrainingArguments + these, prefixed decode_)
     sft_data: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": "JSONL of SFT examples (messages | instruction/output | prompt/completion)"})
+        default=None, metadata={"help": "SFT examples (messages | instruction/output | prompt/completion): a JSONL file, "
+                                        "or a Parquet/CSV/JSON file, a saved dataset or a hub id (datasets)"})
     sft_self_distill: bool = dataclasses.field(
         default=True, metadata={"help": "add the base model's own answers to the bundled general prompts"})
     sft_from_chats: bool = dataclasses.field(default=True, metadata={"help": "add the chat sessions' assistant turns"})
@@ -179,6 +187,13 @@ class MemoryArguments:
             except ValueError:
                 raise ValueError(f"recall_threshold: expected 'auto' or a number, got {self.recall_threshold!r}") from None
         parse_mix(self.decode_mix)
+        numbers = [f.name for f in dataclasses.fields(self) if type(getattr(self, f.name)) in (int, float)]
+        check_numbers(self, positive=[n for n in numbers if n in _POSITIVE],
+                      non_negative=[n for n in numbers if n not in _POSITIVE])
+        if self.k_folds == 1:
+            raise ValueError("k_folds: expected 0 (off) or at least 2, got 1")
+        if self.eval_unseen_fraction >= 1:
+            raise ValueError(f"eval_unseen_fraction: expected a share below 1, got {self.eval_unseen_fraction}")
         if self.memories_per_recall < 1:
             raise ValueError(f"memories_per_recall: expected at least 1, got {self.memories_per_recall}")
         if self.incremental not in ("auto", "always"):
@@ -191,10 +206,16 @@ class MemoryArguments:
 
         if self.secret_filter not in DETECTORS:
             raise ValueError(f"secret_filter: expected one of {', '.join(DETECTORS)}, got {self.secret_filter!r}")
-        if self.extraction_method not in ("rewrite", "model"):
-            raise ValueError(f"extraction_method: expected rewrite or model, got {self.extraction_method!r}")
+        if self.extraction_method not in ("rewrite", "model", "combined"):
+            raise ValueError(f"extraction_method: expected rewrite, model or combined, got {self.extraction_method!r}")
         if self.extraction_unit not in ("sentence", "message", "session"):
             raise ValueError(f"extraction_unit: expected sentence, message or session, got {self.extraction_unit!r}")
+
+
+# numeric options that must be > 0 (every other number must be >= 0, and all finite)
+_POSITIVE = frozenset("""extraction_batch_size near_duplicate_cosine recall_teacher_temperature decode_epochs
+decode_learning_rate decode_batch_size decode_lora_r decode_lora_alpha decode_max_length keep_versions
+memories_per_recall check_interval_minutes max_memories_per_message max_memories_per_session""".split())
 
 
 def parse_mix(mix: str) -> tuple:

@@ -24,6 +24,7 @@ checkable (numbers in README, "Memory extraction"):
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -32,8 +33,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch
 
 from memory.grounding import content_words, grounding_report
-from memory.rewrite import introductions, rewrite_message, third_person
+from memory.rewrite import answer_fact, asked_question, introductions, rewrite_message, third_person
 from recall.get_text_embedding import autocast
+from memory.runs import check_stop
 from memory.schema import ChatSession, MemoryCandidate
 from memory.token_manager import safe_chat_template
 
@@ -73,7 +75,7 @@ _LINE_PREFIX = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|entry\s*\d+\s*[:.)-]|fact
 
 @dataclasses.dataclass
 class ExtractionConfig:
-    method: str = "model"  # "model": the chat model restates each unit | "rewrite": memory.rewrite
+    method: str = "rewrite"  # "rewrite": memory.rewrite (the default) | "model": the chat model restates each unit
     unit: str = "sentence"  # "sentence" | "message" | "session" (method "model")
     constrained: bool = True
     few_shot: bool = True
@@ -81,6 +83,9 @@ class ExtractionConfig:
     max_new_tokens: int = 40
     batch_size: int = 16
     min_fact_words: int = 4
+    # bounds on the work one input can cause (each kept fact is encoded, stored and trained)
+    max_per_message: int = 20
+    max_per_session: int = 200
 
 
 @dataclasses.dataclass
@@ -266,13 +271,43 @@ def fix_grammar(fact: str, sentence: str) -> str:
 def extract_memory_entries(model, tokenizer, sessions: Sequence[ChatSession],
                            config: Optional[ExtractionConfig] = None,
                            autocast_dtype: Optional[torch.dtype] = None) -> ExtractionResult:
-    """Extract grounded user facts from ``sessions`` (design document step 2)."""
+    """Extract grounded user facts from ``sessions`` (design document step 2), at most
+    ``max_per_message`` facts per message and ``max_per_session`` per session (logged when
+    they apply). A stop request (SIGTERM) raises ``StopRequested`` between units."""
     cfg = config or ExtractionConfig()
     if cfg.method == "rewrite":
-        return rewrite_memory_entries(sessions, cfg)
+        return _capped(rewrite_memory_entries(sessions, cfg), cfg)
+    if cfg.method == "combined":
+        return _capped(combined_memory_entries(model, tokenizer, sessions, cfg, autocast_dtype), cfg)
+    return _capped(_model_memory_entries(model, tokenizer, sessions, cfg, autocast_dtype), cfg)
+
+
+def _capped(result: ExtractionResult, cfg: ExtractionConfig) -> ExtractionResult:
+    per_message: collections.Counter = collections.Counter()
+    per_session: collections.Counter = collections.Counter()
+    kept, dropped = [], collections.Counter()
+    for c in result.candidates:
+        key = (c.session_id, c.message_index)
+        if per_message[key] >= cfg.max_per_message or per_session[c.session_id] >= cfg.max_per_session:
+            dropped[key] += 1
+            continue
+        per_message[key] += 1
+        per_session[c.session_id] += 1
+        kept.append(c)
+    for (session, index), n in dropped.items():
+        logger.warning("session %s, message %s: %d more facts dropped (at most %d per message, %d per session: "
+                       "--max_memories_per_message, --max_memories_per_session)", session, index, n,
+                       cfg.max_per_message, cfg.max_per_session)
+    result.candidates = kept
+    return result
+
+
+def _model_memory_entries(model, tokenizer, sessions: Sequence[ChatSession], cfg: ExtractionConfig,
+                          autocast_dtype: Optional[torch.dtype] = None) -> ExtractionResult:
     units = [u for s in sessions for u in split_units(s, cfg.unit)]
     result = ExtractionResult([], [], [], len(units))
     for start in range(0, len(units), cfg.batch_size):
+        check_stop("extraction")
         batch = units[start:start + cfg.batch_size]
         prompts = [build_prompt(tokenizer, u.text, cfg.few_shot) for u in batch]
         allowed = [allowed_token_ids(tokenizer, u.text) for u in batch] if cfg.constrained else None
@@ -297,12 +332,52 @@ def rewrite_memory_entries(sessions: Sequence[ChatSession], config: Optional[Ext
     known = {user: introductions(texts) for user, texts in said.items()}
     result = ExtractionResult([], [], [], 0)
     for s in sessions:
+        check_stop("extraction")
         evidence = "\n".join(said[s.user_id])
         for unit in split_units(s, "message"):
             result.units += 1
-            for sentence, fact in rewrite_message(_SENTENCE_SPLIT.split(unit.text), known[s.user_id]):
+            sentences = _SENTENCE_SPLIT.split(unit.text)
+            question = _question_before(s, unit.message_index)
+            qa = answer_fact(question, sentences) if question else None
+            if qa:  # a short answer to the assistant's question: its evidence is the question and the answer
+                answer, fact = qa
+                _collect(ExtractionUnit(s, unit.message_index, f"{question} {answer}", f"{evidence}\n{question}"),
+                         fact, cfg, result, rewrite=True)
+            for sentence, fact in rewrite_message(sentences, known[s.user_id]):
                 _collect(ExtractionUnit(s, unit.message_index, sentence, evidence), fact, cfg, result, rewrite=True)
     return result
+
+
+def combined_memory_entries(model, tokenizer, sessions: Sequence[ChatSession], cfg: ExtractionConfig,
+                            autocast_dtype: Optional[torch.dtype] = None) -> ExtractionResult:
+    """``--extraction_method combined``: the rewrite's facts, plus the model's (grounded, filtered)
+    for the user messages where the rules found none."""
+    result = rewrite_memory_entries(sessions, dataclasses.replace(cfg, method="rewrite"))
+    found = {(c.session_id, c.message_index) for c in result.candidates}
+    found |= {(r.session_id, r.message_index) for r in result.rejected if getattr(r, "session_id", None)}
+    rest = []
+    for s in sessions:
+        missing = [i for i, m in enumerate(s.messages) if m.role == "user" and (s.session_id, i) not in found]
+        if missing:
+            keep = set(missing)
+            rest.append(dataclasses.replace(s, messages=[m if i in keep or m.role != "user" else
+                                                         dataclasses.replace(m, content="") for i, m in
+                                                         enumerate(s.messages)]))
+    if rest:
+        model_result = _model_memory_entries(model, tokenizer, rest, dataclasses.replace(cfg, method="model"),
+                                             autocast_dtype)
+        result.candidates.extend(model_result.candidates)
+        result.rejected.extend(model_result.rejected)
+        result.raw_facts.extend(model_result.raw_facts)
+        result.units += model_result.units
+    return result
+
+
+def _question_before(session: ChatSession, index: Optional[int]) -> Optional[str]:
+    """The assistant's question about the user right before message ``index`` (memory.rewrite.asked_question)."""
+    if not index or session.messages[index - 1].role != "assistant":
+        return None
+    return asked_question(session.messages[index - 1].content)
 
 
 def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: ExtractionResult,

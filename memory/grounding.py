@@ -21,10 +21,12 @@ each every both either neither such own same other another more most much many f
 s t don doesn didn isn aren wasn weren hasn haven hadn won wouldn named called one
 dont doesnt didnt isnt arent wasnt werent hasnt havent hadnt wont wouldnt cant couldnt im ive id ill
 longer anymore usually currently recently actually themselves themself
+theyre theyve theyll theyd youre youve youll youd
 """.split())
 # Relation words a fact may use although the user did not: they restate the sentence's
-# form ("I'm 29" -> "is 29 years old"), never add an entity.
-RELATION_WORDS = frozenset("age year old live work job".split())
+# form ("I'm 29" -> "is 29 years old"; 'Asked how often they train, the user answered "twice a
+# week"'), never add an entity.
+RELATION_WORDS = frozenset("age year old live work job asked answered".split())
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _SUFFIXES = ("ies", "es", "ed", "ing", "s", "d", "er", "ly")

@@ -5,24 +5,32 @@ For each candidate, oldest first:
 2. **near duplicate**: same content words (``allergic to peanuts`` / ``is allergic to
    peanuts``), or memory-vector cosine >= ``near_duplicate_cosine`` *and* most content
    words shared -> skipped;
-3. **update**: a pending/active memory of the same user with the same subject key
-   (``memory.subjects``) is marked ``superseded`` by the newer one, never deleted. A
-   candidate older than the memory it clashes with is stored as already superseded.
+3. **update**: a pending/active memory of the same user that the candidate replaces
+   (``memory.updates.supersedes``: same owner, and a functional relation with a new value, a
+   correction, a change verb, a plan's outcome or a flipped negation) is marked ``superseded``
+   by the newer one, never deleted. A candidate older than the memory it clashes with is
+   stored as already superseded.
+
+Timestamps are guarded before they order anything: one in the future (a wrong clock, a typo
+like 2099) is clamped to the time of the ingest, and one earlier than the message before it in
+the same session is clamped to that message's; each clamp is logged with its session.
 4. otherwise it is added as ``pending`` (trained and published later).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime as _dt
 import logging
-from typing import Dict, FrozenSet, List, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 
 from memory.grounding import content_words
+from memory.runs import check_stop
 from memory.schema import MemoryCandidate
 from memory.secrets import log_filtered
-from memory.subjects import subject_key
+from memory.updates import subject_key, supersedes
 from memory.vector_db import MemoryRecord, MemoryVectorDB, normalize_text
 
 logger = logging.getLogger(__name__)
@@ -35,12 +43,13 @@ class IngestReport:
     duplicate_exact: int = 0
     duplicate_near: int = 0
     superseded: int = 0
+    forgotten: int = 0  # candidates the user had forgotten before (tombstones), not stored again
     secrets: Dict[str, int] = dataclasses.field(default_factory=dict)  # dropped, by secret type
     events: List[dict] = dataclasses.field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
         return {"added": len(self.added), "duplicate_exact": self.duplicate_exact,
-                "duplicate_near": self.duplicate_near, "superseded": self.superseded,
+                "duplicate_near": self.duplicate_near, "superseded": self.superseded, "forgotten": self.forgotten,
                 "secret_filtered": sum(self.secrets.values())}
 
 
@@ -57,8 +66,8 @@ class _UserView:
     def same_words(self, words: FrozenSet[str]):
         return next((r for r in self.records.values() if frozenset(content_words(r.text)) == words), None)
 
-    def same_subject(self, key: str) -> List[MemoryRecord]:
-        return [r for r in self.records.values() if r.subject_key == key]
+    def replaced_by(self, text: str) -> List[MemoryRecord]:
+        return [r for r in self.records.values() if supersedes(r.text, text)]
 
 
 def ingest_candidates(db: MemoryVectorDB, candidates: Sequence[MemoryCandidate], vectorizer, *,
@@ -74,10 +83,24 @@ def ingest_candidates(db: MemoryVectorDB, candidates: Sequence[MemoryCandidate],
         report.secrets = dict(counts)
         log_filtered(counts, "memories")
         report.events += [{"event": "secret_filtered", "types": sorted(counts)}] if counts else []
+    kept = []
+    for c in candidates:  # a fact the user forgot stays forgotten, unless they add it themselves
+        if c.source == "manual":
+            db.unforget(c.user_id, c.text)
+        elif db.is_forgotten(c.user_id, c.text):
+            report.forgotten += 1
+            report.events.append({"event": "forgotten", "session_id": c.session_id, "message_index": c.message_index})
+            continue
+        kept.append(c)
+    candidates = kept
     if not candidates:
         return report
-    ordered = sorted(candidates, key=lambda c: (c.timestamp or "", c.message_index or 0))
-    vectors = np.asarray(vectorizer.encode([c.text for c in ordered]), dtype=np.float32)
+    ordered = sorted(clamp_timestamps(candidates), key=lambda c: (c.timestamp or "", c.message_index or 0))
+    chunks = []
+    for i in range(0, len(ordered), 256):  # a stop request (SIGTERM) is honoured between chunks
+        check_stop("storing memories")
+        chunks.append(np.asarray(vectorizer.encode([c.text for c in ordered[i:i + 256]]), dtype=np.float32))
+    vectors = np.concatenate(chunks)
     views: Dict[str, _UserView] = {}
     for cand, vec in zip(ordered, vectors):
         view = views.setdefault(cand.user_id, _UserView(db, cand.user_id))
@@ -85,6 +108,28 @@ def ingest_candidates(db: MemoryVectorDB, candidates: Sequence[MemoryCandidate],
             continue
         _add_with_update_rule(db, view, cand, vec, vectorizer.encoder_id, report)
     return report
+
+
+def clamp_timestamps(candidates: Sequence[MemoryCandidate], now: Optional[str] = None) -> List[MemoryCandidate]:
+    """The candidates with guarded timestamps (see the module docstring); the rest unchanged."""
+    now = now or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    out: List[MemoryCandidate] = []
+    last: Dict[str, tuple] = {}  # session -> (message index, timestamp) of the latest message seen
+    for cand in sorted(candidates, key=lambda c: (c.session_id or "", c.message_index or 0)):
+        ts = cand.timestamp
+        if ts and ts > now:
+            logger.warning("session %s: timestamp %s is in the future; read as %s", cand.session_id, ts, now)
+            ts = now
+        index = cand.message_index or 0
+        prev = last.get(cand.session_id) if cand.session_id else None
+        if ts and prev and index > prev[0] and ts < prev[1]:
+            logger.warning("session %s: timestamp %s is earlier than the message before it; read as %s",
+                           cand.session_id, ts, prev[1])
+            ts = prev[1]
+        if ts and cand.session_id and (prev is None or index > prev[0]):
+            last[cand.session_id] = (index, ts)
+        out.append(cand if ts == cand.timestamp else dataclasses.replace(cand, timestamp=ts))
+    return out
 
 
 def _is_duplicate(db, view, cand, vec, report, cos_threshold, jaccard_threshold) -> bool:
@@ -115,7 +160,9 @@ def _add_with_update_rule(db, view, cand, vec, encoder_id, report) -> None:
     key = subject_key(cand.text)
     # facts of one message do not update each other: "I sold my car and don't have one any more"
     # gives two facts on the subject, both true at once
-    older = [r for r in view.same_subject(key) if not _same_message(r, cand)] if key else []
+    older = [r for r in view.replaced_by(cand.text) if not _same_message(r, cand)]
+    # a memory forgotten while this batch runs (python -m memory forget) is gone, not replaced
+    older = [r for r in older if db.get(r.id).status in LIVE]
     [new_id] = db.add([cand], vec[None, :], encoder_id, status="pending", subject_keys=[key])
     report.added.append(new_id)
     for old in older:

@@ -36,19 +36,35 @@ _OPENER = re.compile(
     r"[,!:.]?\s+)+", re.I)
 # a label before a colon ("Big news: I ...", "One thing: I ...") when the label has no first person
 _LABEL = re.compile(r"^([^:]{1,30}):\s+")
-_FIRST = re.compile(r"\b(i|i'm|i've|i'd|i'll|me|my|mine|myself|we|we're|we've|us|our|ours)\b", re.I)
+_FIRST = re.compile(r"\b(i|i'm|i've|i'd|i'll|im|ive|me|my|mine|myself|we|we're|we've|us|our|ours)\b", re.I)
 # a trailing comment clause: ", so ...", ", but ...", ", because ...", ", which ..."
 _TAIL = re.compile(r"(?:\s*(?:,|;|\s-\s|\s\u2013\s)\s*(?:so|but|because|although|though|which|and so|as|since|"
                    r"honestly|haha)\b|\s+and\s+(?:it|that|this)\b).*$", re.I)
-_AND_I = re.compile(r",?\s+and\s+(?=(?:i|i'm|i've|my)\b)", re.I)
+# a clause joined to the next by "and/so/but/because ..." whose subject is the user again: two facts
+# ("I'm lactose intolerant so I use oat milk" -> both)
+_AND_I = re.compile(r",?\s+(?:and|so|but|because|since|and so)\s+(?=(?:i|i'm|i've|my|we|we're)\b)", re.I)
+# chat filler that is no part of a fact: laughter, acronyms, emoji; and a trailing tag question
+_FILLER = re.compile(r"\s*\b(?:lol|lmao|rofl|haha+|hehe+|omg|ugh+|smh|tbh|btw|fyi|xd|tho)\b[.!]*", re.I)
+_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D]+")
+_TAG = re.compile(r",\s*(?:does|do|did|is|isn't|was|are|right|you know|no)\b[^,]{0,25}$", re.I)
+# a comment after "so" without a comma: "My knee is bad so no jogging"
+_SO_TAIL = re.compile(r"\s+so\s+(?=(?:no|not|that|it|this|there|the|they|he|she)\b).*$", re.I)
 _TRANSIENT = re.compile(r"\b(?:tonight|today|this (?:morning|afternoon|evening)|right now)\b", re.I)
-_EPISTEMIC = re.compile(r"^(?:i|we)\s+(?:think|guess|suppose|hope|wonder|mean|bet|feel like)\b", re.I)
+_EPISTEMIC = re.compile(r"^(?:i|we)\s+(?:think|guess|suppose|hope|wonder|mean|bet|feel like)\b"
+                        r"|^we\s+all\b", re.I)  # "we all ..." speaks of everyone, not of the user
 _ADDRESS = re.compile(r"\b(?:you|your|yours|yourself)\b", re.I)  # about the person addressed, not a fact
 _PLAN = re.compile(r"^(?:i'll|i will|we'll|we will|i'm going to|let me)\b", re.I)
+# what the user asks for, or how they are right now: no fact to keep ("I need help with a sign",
+# "Sorry for my English", "I'm alright", "Help me make a budget")
+_REQUEST = re.compile(r"^(?:i|we)\s+(?:really\s+)?(?:need|want|would like|could use)\s+(?:some\s+|a\s+little\s+)?"
+                      r"(?:help|advice|ideas?|tips?|suggestions?|a hand|recommendations?)\b"
+                      r"|^(?:help|tell|show|give|make|find|send)\s+(?:me|us)\b|^sorry\b", re.I)
+_MOOD = re.compile(r"^(?:i'm|i am|we're|we are)\s+(?:(?:all|just|pretty|very|quite|so)\s+)?(?:alright|fine|good|ok|okay|"
+                   r"great|well|busy|tired|keeping busy|not bad)[.!]?$|^(?:i'm\s+)?keeping busy[.!]?$", re.I)
 _HYPOTHETICAL = re.compile(r"^\s*(if|maybe|perhaps|imagine|suppose)\b|\b(i'd|i would|would i|wish|we'd)\b", re.I)
 _ADVERBS = frozenset("usually also still really never often just now originally already always sometimes "
                      "currently recently mostly even only actually finally probably definitely rarely "
-                     "barely hardly seldom generally normally regularly".split())
+                     "barely hardly seldom generally normally regularly both".split())
 _MODALS = frozenset("can can't cannot could couldn't will won't would wouldn't should shouldn't must might may "
                     "shall did didn't was wasn't had hadn't".split())
 # irregular past forms and their base forms
@@ -66,11 +82,12 @@ _IRREGULAR_PAST = frozenset(IRREGULAR_PAST)
 _THIRD = {"am": "is", "have": "has", "do": "does", "don't": "doesn't", "haven't": "hasn't", "go": "goes",
           "'m": "is", "are": "are", "be": "be"}
 _CONTRACTIONS = {"i'm": ("the user", "is"), "i've": ("the user", "has"), "i'd": ("the user", "would"),
-                 "i'll": ("the user", "will"), "we're": ("they", "are"), "we've": ("they", "have")}
-# the first first-person word becomes "the user"; later ones pronouns
-# "we" is the user and others ("We all have our paths"): never the user alone; "our flat" is the user's
+                 "i'll": ("the user", "will"), "we're": ("the user", "is"), "we've": ("the user", "has")}
+# the first first-person word becomes "the user"; later ones pronouns. "We" as the subject is the
+# user with others ("We moved to Leeds", "we use the metro"): what it says holds for the user
 _SUBJECT_FORM = {"i": "the user", "me": "the user", "my": "the user's", "mine": "the user's",
-                 "myself": "the user", "we": "they", "us": "them", "our": "the user's", "ours": "the user's"}
+                 "myself": "the user", "we": "the user", "us": "the user", "our": "the user's",
+                 "ours": "the user's"}
 _PRONOUN_FORM = {"i": "they", "me": "them", "my": "their", "mine": "theirs", "myself": "themselves",
                  "we": "they", "us": "them", "our": "their", "ours": "theirs"}
 _NAME = re.compile(r"\b([A-Z][a-z]+(?:\s+(?:[A-Z][a-z]+|of|the|de|da|van|von)){0,3}(?<!\bof)(?<!\bthe))")
@@ -158,7 +175,7 @@ def _shift(clause: str) -> Optional[str]:
             out.append(_SUBJECT_FORM[low])
         else:
             out.append(_PRONOUN_FORM[low])
-        if low == "i" and first:  # "I usually work" -> "the user usually works"
+        if low in ("i", "we") and first:  # "I usually work" -> "the user usually works"
             v = _VERB_AFTER.match(clause, pos)
             if v:
                 out.append(v.group(1) + v.group(2) + third_person(v.group(3)))
@@ -191,13 +208,37 @@ def _finish(text: str) -> str:
     return text[0].upper() + text[1:] + "." if text else text
 
 
+_DROPPED_SUBJECT = re.compile(r"^([A-Za-z]+)\b(?=\s+(?:a|an|the|my|our|to|at|in|into|on|from|up|out|off|back|"
+                              r"with|for|\w+))", re.I)
+# words ending in -ed that describe a state, not an action ("Tired of work", "Excited about it")
+_STATE_ED = frozenset("tired excited bored interested worried scared married retired confused surprised pleased "
+                      "annoyed stressed exhausted relieved amazed disappointed".split())
+
+
+def _with_subject(s: str) -> str:
+    """A sentence that drops its subject, as chat often does ("got an internship at Tata!",
+    "applying to Aachen now"), with the "I" it leaves out; any other sentence unchanged."""
+    if _FIRST.search(s) or _ADDRESS.search(s):
+        return s
+    m = _DROPPED_SUBJECT.match(s)
+    if not m:
+        return s
+    word = m.group(1).lower()
+    if word in _IRREGULAR_PAST or (word.endswith("ed") and len(word) > 4 and word not in _STATE_ED):
+        return f"I {s[0].lower()}{s[1:]}"
+    if word.endswith("ing") and len(word) > 5 and word not in ("nothing", "something", "anything", "everything",
+                                                               "morning", "evening", "thing", "king", "spring"):
+        return f"I'm {s[0].lower()}{s[1:]}"
+    return s
+
+
 def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str, str]] = None) -> List[str]:
     """Facts stated by one user sentence, in the third person ([] when it states none).
 
     ``previous``: the sentence before it in the same message (a leading pronoun refers to its
     last proper name); ``known``: names the user introduced, with their relation."""
     known = known or {}
-    s = _strip_openers(sentence.strip())
+    s = _with_subject(_strip_openers(clean_chat_text(sentence)))
     if not s or s.endswith("?") or _HYPOTHETICAL.search(s):
         return []
     m = _PRONOUN_START.match(s)
@@ -207,15 +248,25 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
             return []
         verb = _PRONOUN_VERB.get(m.group(1).lower())
         s = f"{name} {verb} {s[m.end():]}" if verb else f"{name} {s[m.end():]}"
-    s = _TAIL.sub("", s).strip()
+    elif m:  # "She drives a Kia." after "my girlfriend Efua says ...": the person just introduced
+        person = _last_person(previous, m.group(1))
+        if not person:
+            return []
+        verb = _PRONOUN_VERB.get(m.group(1).lower())
+        s = f"{person[1]} {verb} {s[m.end():]}" if verb else f"{person[1]} {s[m.end():]}"
+        known = {**known, person[1]: person[0]}
+    s = _SO_TAIL.sub("", s).strip()
     lead = s.split()[0].strip(",.!") if s.split() else ""
     if not _FIRST.search(s) and lead in known:  # "Max is a beagle." about an introduced name
-        rest = s[len(lead):].strip()
-        return [] if _TRANSIENT.search(s) else [_finish(f"The user's {known[lead]} {lead} {rest}")]
+        rest = _TAIL.sub("", s[len(lead):]).strip()
+        if _TRANSIENT.search(s):
+            return []
+        return [_finish(f) for f in _self_contained(f"The user's {known[lead]} {lead} {rest}")]
     facts = []
     for part in _AND_I.split(s):
-        part = part.strip().strip(",")
-        if not part or _EPISTEMIC.match(part) or _PLAN.match(part) or _TRANSIENT.search(part):
+        part = _TAIL.sub("", part).strip().strip(",")
+        if not part or _EPISTEMIC.match(part) or _PLAN.match(part) or _TRANSIENT.search(part) \
+                or _REQUEST.match(part) or _MOOD.match(part):
             continue
         name = re.fullmatch(r"(?:i'm|i am)\s+([A-Z][a-z]+)[.!]?", part, re.I)
         if name and name.group(1)[0].isupper() and name.group(1) not in _NOT_NAMES:
@@ -223,16 +274,189 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
             continue
         shifted = _shift(part)
         if shifted and "the user" in shifted.lower() and not _ADDRESS.search(shifted):
-            facts.append(_finish(shifted))
+            # a fact that still points elsewhere ("The user has it since 2016") is not self-contained
+            facts += [_finish(f) for f in _self_contained(shifted)]
     return facts
 
 
-def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = None) -> List[Tuple[str, str]]:
-    """(sentence, fact) pairs for one message's ``sentences``, in order."""
-    out: List[Tuple[str, str]] = []
-    previous = ""
+def clean_chat_text(text: str) -> str:
+    """A user's sentence without chat filler ("lol", "haha", emoji) and a trailing tag question
+    (", does that count")."""
+    text = _EMOJI.sub(" ", text.replace("\u2019", "'"))
+    text = _FILLER.sub("", text).strip()
+    text = _TAG.sub("", text).strip()
+    return re.sub(r"\s+", " ", text).strip(" ,")
+
+
+_PERSON_PRONOUNS = {"he", "he's", "he is", "she", "she's", "she is"}
+# a word that points at something said elsewhere: a third-person pronoun, a demonstrative standing
+# alone ("this" but not "this year"), "there" as a place (not "there is")
+_REFERENCE_WORD = re.compile(r"\b(?:he|she|him|her|it|its)\b|\b(?:this|these|those|that)\b(?![ \t]+[a-z])"
+                             r"|\bthere\b(?!\s+(?:is|are|was|were|will|has|have)\b|'s\b)", re.I)
+
+
+_CLAUSE_PRONOUN = re.compile(r"^(they're|they are|they|he's|he is|he|she's|she is|she)\s+", re.I)
+_SUBJECT = re.compile(r"^([Tt]he user(?:'s\s+[a-z-]+(?:\s+[A-Z][a-z]+)?)?)\s")
+
+
+def _self_contained(fact: str) -> List[str]:
+    """The self-contained facts in ``fact``'s comma-separated clauses. A clause that opens with
+    he/she/they takes the first clause's subject ("The user's parents are nervous about it,
+    they're in Nagpur" -> "The user's parents are in Nagpur"); a clause that still points
+    elsewhere (it, this, there...) is dropped; what is left must be about the user. A fact with
+    nothing to resolve comes back whole."""
+    if not _REFERENCE_WORD.search(fact):
+        return [fact]
+    clauses = re.split(r"(?<=\S),\s+", fact)
+    subject = _SUBJECT.match(clauses[0])
+    out: List[str] = []
+    for i, clause in enumerate(clauses):
+        m = _CLAUSE_PRONOUN.match(clause)
+        if i and m and subject:
+            verb = _PRONOUN_VERB.get(m.group(1).lower())
+            clause = f"{subject.group(1)} {verb} {clause[m.end():]}" if verb else f"{subject.group(1)} {clause[m.end():]}"
+        elif i and out and not _REFERENCE_WORD.search(clause) and not m:
+            out[-1] = f"{out[-1]}, {clause}"  # a plain continuation of the kept clause
+            continue
+        if _REFERENCE_WORD.search(clause) or "the user" not in clause.lower() or len(clause.split()) < 4:
+            continue
+        out.append(clause)
+    return out
+
+
+def _last_person(previous: str, pronoun: str) -> Optional[Tuple[str, str]]:
+    """(relation, name) of the last person ``previous`` introduces ("my sister Marta"), when
+    ``pronoun`` (he/she) can refer to one."""
+    if pronoun.lower() not in _PERSON_PRONOUNS:
+        return None
+    found = [(rel, name) for pattern in _INTRO for rel, name in pattern.findall(previous)
+             if name not in _NOT_NAMES and rel not in ("name", "favourite", "favorite", "own")]
+    return found[-1] if found else None
+
+
+# a question that offers or asks about the conversation itself ("Would you like ...?"), not about the user
+_OFFER = re.compile(r"^(?:would you like|would you prefer|do you want|want me|shall i|should i|can i|could i|"
+                    r"may i|would it help|do you need|is there anything|anything else|how about|what about|"
+                    r"what would you like|would you rather|ready)\b", re.I)
+_ACK = re.compile(r"^(?:thanks|thank you|ok|okay|cool|great|perfect|awesome|nice|sure|no worries|gracias|cheers)\b",
+                  re.I)
+_TO_THEM = {"you": "they", "your": "their", "yours": "theirs", "yourself": "themselves", "you're": "they're",
+            "you've": "they've", "you'd": "they'd", "you'll": "they'll"}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MAX_ANSWER_WORDS = 16
+
+
+# what may stand before the question itself in its sentence: "Caffeine can raise it — do you drink
+# coffee?", "Let's start with what comes in: how much ...?", a quoted line
+_QUESTION_LEAD = re.compile(r"^.*(?:[.!?]['\"”]?\s+|\s[—–-]\s|:\s)")
+# answer words that say nothing by themselves ("Yes.", "Pretty well.", "Not sure yet.")
+_BARE_ANSWER = frozenset("yes no yeah yep yup nope nah sure ok okay maybe probably perhaps definitely absolutely "
+                         "not really good great fine well pretty question idea yet thanks alright".split())
+
+
+def asked_question(assistant_text: str) -> Optional[str]:
+    """The question the assistant's message closes on when it asks about the user: the last
+    sentence that ends in "?" and addresses the user ("How often do you train?"), without what
+    leads up to it in its sentence, unless it is an offer ("Would you like a recipe?")."""
+    for sentence in reversed(_SENTENCE_END.split(assistant_text.strip())):
+        s = _QUESTION_LEAD.sub("", sentence.strip()).strip()
+        if s.endswith("?") and _ADDRESS.search(s) and not _OFFER.match(s):
+            return s
+        if sentence.strip().endswith("?"):
+            return None  # the message closes on another kind of question: the answer is not about the user
+    return None
+
+
+def _to_them(question: str) -> str:
+    """The question about "you" asked about the user: you -> they (a subject) or them (an
+    object: "how long does the ride take you" -> "take them"), your -> their."""
+    def swap(m):
+        word = m.group(0).lower()
+        before = question[:m.start()].rstrip().split()[-1:] or [""]
+        if word == "you" and before[0].lower().strip(",") not in _SUBJECT_BEFORE:
+            return "them"
+        return _TO_THEM[word]
+
+    return re.sub(r"\b(?:you're|you've|you'd|you'll|yourself|yours|your|you)\b", swap, question)
+
+
+_SUBJECT_BEFORE = frozenset("do does did are were have has had can could will would should shall may might must "
+                            "and or when where how why what which who if that".split() + [""])
+
+
+def answer_fact(question: str, sentences: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """(the answer, the fact) when a user message opens with a short answer to ``question``
+    ("Twice a week, mornings." to "How often do you train?"): the leading sentences with no
+    first person, no question and no thanks, at most ``MAX_ANSWER_WORDS`` words, cut before a
+    clause that points elsewhere. The fact keeps the question, so it holds what was asked:
+    'Asked how often they train, the user answered "twice a week, mornings".'"""
+    lead: List[str] = []
     for sentence in sentences:
-        for fact in rewrite_sentence(sentence, previous, known):
-            out.append((sentence, fact))
+        s = clean_chat_text(sentence).rstrip(".!")
+        if not s:
+            continue
+        if s.endswith("?") or _FIRST.search(s) or _ADDRESS.search(s) or _ACK.match(s) or _HYPOTHETICAL.search(s):
+            break
+        lead.append(s)
+    answer = ". ".join(lead)
+    kept = []
+    for clause in re.split(r"(?<=\S),\s+", answer):
+        if _REFERENCE_WORD.search(clause) and kept:
+            break
+        kept.append(clause)
+    answer = ", ".join(kept)
+    if not answer or _REFERENCE_WORD.search(answer) or len(answer.split()) > MAX_ANSWER_WORDS:
+        return None
+    if not [w for w in re.findall(r"[a-z0-9]+", answer.lower()) if w not in _BARE_ANSWER]:
+        return None  # "Yes.", "Pretty well.": nothing to remember without the conversation
+    asked = _to_them(question.rstrip("?").strip())
+    asked = asked[0].lower() + asked[1:]
+    return answer, f'Asked {asked}, the user answered "{answer}".'
+
+
+# a thing the user says they have or got: "I got an allotment after ...", "my new bike" -> allotment, bike
+_THING = re.compile(r"\b(?:a|an|my|our)\s+(?:[a-z-]+\s+){0,2}?([a-z-]{3,})(?=\s*(?:[.,!;:]|$|\s+(?:in|at|on|for|with|from|"
+                    r"after|since|near|called|named|last|this|that|which|who|and)\b))")
+_IT_START = re.compile(r"^(it's|it is|it was|it)\s+", re.I)
+_IT_VERB = {"it's": "is", "it is": "is", "it was": "was"}
+# a statement of a value about a definite thing ("rent is 9000 each", "the clinic opens at 8")
+_VALUE_STATEMENT = re.compile(r"^(?:the\s+)?([a-z][a-z-]*(?:\s+[a-z][a-z-]*){0,3})\s+(?=(?:is|are|was|were|costs?|"
+                              r"charges?|opens?|closes?|pays?|starts?|ends?|takes?|lasts?)\b)")
+
+
+def _thing_fact(sentence: str, thing: Optional[str]) -> List[str]:
+    """Facts of a sentence that speaks of a thing without the first person: "It's up on
+    Fjellsiden." after "I got an allotment" (``thing``), or a value of a definite thing
+    ("rent is 9000 each", "The clinic opens at 8 am"): the user's."""
+    s = _strip_openers(clean_chat_text(sentence))
+    if not s or s.endswith("?") or _FIRST.search(s) or _ADDRESS.search(s) or _TRANSIENT.search(s) \
+            or _HYPOTHETICAL.search(s):
+        return []
+    m = _IT_START.match(s)
+    if m and thing:
+        verb = _IT_VERB.get(m.group(1).lower())
+        text = f"the user's {thing} {verb} {s[m.end():]}" if verb else f"the user's {thing} {s[m.end():]}"
+    elif not m and re.search(r"\d", s) and _VALUE_STATEMENT.match(s):
+        v = _VALUE_STATEMENT.match(s)
+        text = f"the user's {v.group(1)} {s[v.end():]}"
+    else:
+        return []
+    return [_finish(f) for f in _self_contained(_TAIL.sub("", text).strip())]
+
+
+def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = None) -> List[Tuple[str, str]]:
+    """(sentence, fact) pairs for one message's ``sentences``, in order. A sentence about "it"
+    refers to the last thing the user said they have or got in the message."""
+    out: List[Tuple[str, str]] = []
+    previous, thing = "", None
+    for sentence in sentences:
+        facts = rewrite_sentence(sentence, previous, known)
+        if not facts:
+            facts = _thing_fact(sentence, thing)
+        out += [(sentence, fact) for fact in facts]
+        said = _with_subject(clean_chat_text(sentence))
+        if _FIRST.search(said):
+            found = _THING.findall(said)
+            thing = found[-1] if found else thing
         previous = sentence
     return out

@@ -52,6 +52,7 @@ class RunSummary:
     memories_added: int = 0
     memories_duplicate: int = 0
     memories_superseded: int = 0
+    memories_forgotten: int = 0  # proposed again after the user forgot them: not stored
     memories_rejected: int = 0
     memories_imported: int = 0
     recall: Optional[dict] = None
@@ -73,7 +74,8 @@ class RunSummary:
             f"{self.sessions_unchanged} unchanged (skipped), {self.sessions_extracted} extracted",
             f"memories: {self.memories_added} added, {self.memories_duplicate} duplicate, "
             f"{self.memories_superseded} superseded, {self.memories_rejected} rejected ({reasons})"
-            + (f", {self.memories_imported} imported" if self.memories_imported else ""),
+            + (f", {self.memories_imported} imported" if self.memories_imported else "")
+            + (f", {self.memories_forgotten} forgotten before (not stored)" if self.memories_forgotten else ""),
             *([f"resumed unfinished run {self.resumed}"] if self.resumed else []),
             *([_plan_line(self.plan)] if self.plan else []),
             *([_recall_line(self.recall)] if self.recall else []),
@@ -208,12 +210,12 @@ class MemoryTrainingService:
     def sft_examples(self, sessions: Sequence[ChatSession] = ()) -> list:
         """Step 2's SFT data: ``--sft_data``, self-distilled answers, the sessions' replies."""
         from memory.secrets import filter_texts
-        from memory.sft_data import chat_session_examples, read_sft_jsonl, self_distilled
+        from memory.sft_data import chat_session_examples, read_sft_data, self_distilled
         from recall.model_loading import cache_root
 
         out = []
         if self.args.sft_data:
-            out += read_sft_jsonl(self.args.sft_data)
+            out += read_sft_data(self.args.sft_data)
         if self.args.sft_self_distill:
             lm = self.loaded
             out += self_distilled(lm.model, lm.tokenizer, lm.source.identity, cache_root() / "sft",
@@ -374,7 +376,9 @@ class MemoryTrainingService:
         cfg = ExtractionConfig(method=self.args.extraction_method, unit=self.args.extraction_unit,
                                constrained=self.args.extraction_constrained,
                                few_shot=self.args.extraction_few_shot, grounding=self.args.extraction_grounding,
-                               batch_size=self.args.extraction_batch_size)
+                               batch_size=self.args.extraction_batch_size,
+                               max_per_message=self.args.max_memories_per_message,
+                               max_per_session=self.args.max_memories_per_session)
         lm = self.loaded
         return extract_memory_entries(lm.model, lm.tokenizer, sessions, cfg, lm.runtime.autocast_dtype)
 
@@ -465,6 +469,7 @@ class MemoryTrainingService:
             ingest.duplicate_exact += imported.duplicate_exact
             ingest.duplicate_near += imported.duplicate_near
             ingest.superseded += imported.superseded
+            ingest.forgotten += imported.forgotten
             ingest.events += imported.events
         _fill_counts(summary, extraction, ingest)
         self._new_session_ids = [s.session_id for s in todo]
@@ -674,6 +679,7 @@ def _fill_counts(summary: RunSummary, extraction: Optional[ExtractionResult], in
     summary.memories_added = counts["added"]
     summary.memories_duplicate = counts["duplicate_exact"] + counts["duplicate_near"]
     summary.memories_superseded = counts["superseded"]
+    summary.memories_forgotten = counts["forgotten"]
     if extraction:
         summary.memories_rejected = len(extraction.rejected)
         reasons = collections.Counter(r.reason.split(":")[0] for r in extraction.rejected)

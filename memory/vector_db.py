@@ -98,6 +98,14 @@ CREATE TABLE IF NOT EXISTS memories (
 CREATE INDEX IF NOT EXISTS memories_user_status ON memories (user_id, status);
 CREATE INDEX IF NOT EXISTS memories_status ON memories (status);
 CREATE INDEX IF NOT EXISTS memories_user_norm_text ON memories (user_id, norm_text);
+-- what was forgotten, as hashes only: a fact the user had erased must not come back from a
+-- later extraction or import (see MemoryVectorDB.forget)
+CREATE TABLE IF NOT EXISTS forgotten (
+    user_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    forgotten_at TEXT NOT NULL,
+    PRIMARY KEY (user_id, key)
+);
 CREATE TABLE IF NOT EXISTS processed_sessions (
     session_id TEXT PRIMARY KEY,
     content_hash TEXT NOT NULL,
@@ -106,6 +114,14 @@ CREATE TABLE IF NOT EXISTS processed_sessions (
     processed_at TEXT NOT NULL
 );
 """
+
+def forgotten_keys(text: str) -> List[str]:
+    """Tombstone keys of a memory text: a hash of its normalised text, and a hash of its set of
+    words (the same fact in another order: 'the password is X' / 'X is the password')."""
+    norm = normalize_text(text)
+    words = " ".join(sorted(set(re.findall(r"\w+", norm))))
+    return ["t:" + hashlib.sha256(norm.encode()).hexdigest(), "w:" + hashlib.sha256(words.encode()).hexdigest()]
+
 
 _TRAILING_PUNCT = ".,;:!?\u2026\u3002\uff01\uff1f"
 _WHITESPACE = re.compile(r"\s+")
@@ -739,11 +755,17 @@ class MemoryVectorDB:
     def forget(self, ids: Iterable[int]) -> None:
         """Erase records: vector out of the index, text/cues/vector wiped in SQLite (row kept
         as 'deleted' so ids are never reused).  Saves the index and checkpoints the WAL at once
-        so the erased content does not linger on disk."""
+        so the erased content does not linger on disk. Each erased text leaves a tombstone
+        (``forgotten_keys``: hashes, not the text) that ``is_forgotten`` checks."""
         ids = _as_int_ids(ids)
         with self._lock:
             with self._transaction() as conn:
                 self._existing(conn, ids)
+                for chunk in _chunks(ids):
+                    rows = conn.execute(f"SELECT user_id, text FROM memories WHERE id IN ({_placeholders(len(chunk))})"
+                                        f" AND text != ''", chunk).fetchall()
+                    conn.executemany("INSERT OR IGNORE INTO forgotten VALUES (?, ?, ?)",
+                                     [(user, key, _utc_now()) for user, text in rows for key in forgotten_keys(text)])
                 for chunk in _chunks(ids):
                     conn.execute(
                         f"UPDATE memories SET status = 'deleted', text = '', norm_text = '', "
@@ -752,6 +774,22 @@ class MemoryVectorDB:
             self._index_remove(ids)
             self.flush()
             self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def is_forgotten(self, user_id: str, text: str) -> bool:
+        """Whether ``text`` (or the same words in another order or case) was forgotten for ``user_id``."""
+        keys = forgotten_keys(text)
+        with self._lock:
+            row = self._connection().execute(
+                f"SELECT 1 FROM forgotten WHERE user_id = ? AND key IN ({_placeholders(len(keys))}) LIMIT 1",
+                [user_id, *keys]).fetchone()
+        return row is not None
+
+    def unforget(self, user_id: str, text: str) -> None:
+        """Drop the tombstones of ``text``: the user adds it again explicitly."""
+        keys = forgotten_keys(text)
+        with self._lock, self._transaction() as conn:
+            conn.execute(f"DELETE FROM forgotten WHERE user_id = ? AND key IN ({_placeholders(len(keys))})",
+                         [user_id, *keys])
 
     # ------------------------------------------------------------------ session bookkeeping
 

@@ -30,7 +30,7 @@ def test_provenance_is_stored(db, vectorizer):
                             vectorizer, **NO_VECTOR_DEDUP)
     rec = db.get(rep.added[0])
     assert (rec.session_id, rec.message_index, rec.said_at, rec.status) == ("a", 4, "2026-01-01T10:00:00+00:00", "pending")
-    assert rec.encoder_id == vectorizer.encoder_id and rec.subject_key == "user:residence"
+    assert rec.encoder_id == vectorizer.encoder_id and rec.subject_key == "user:live_in"
 
 
 def test_exact_and_lexical_duplicates_are_skipped(db, vectorizer):
@@ -84,10 +84,40 @@ def test_within_one_batch_order_is_by_time(db, vectorizer):
 def test_facts_of_one_message_do_not_supersede_each_other(db, vectorizer):
     said = "2026-05-09T10:00:00+00:00"
     rep = ingest_candidates(db, [cand("The user drives an old Fiat Panda.", "2026-01-10", sid="a", idx=2),
-                                 cand("The user sold their car before the move.", said, sid="b", idx=4),
-                                 cand("The user doesn't have a car anymore.", said, sid="b", idx=4)],
+                                 cand("The user sold the Fiat before the move.", said, sid="b", idx=4),
+                                 cand("The user stopped driving the Fiat.", said, sid="b", idx=4)],
                             vectorizer, **NO_VECTOR_DEDUP)
     status = {db.get(i).text: db.get(i).status for i in rep.added}
     assert status == {"The user drives an old Fiat Panda.": "superseded",
-                      "The user sold their car before the move.": "pending",
-                      "The user doesn't have a car anymore.": "pending"}
+                      "The user sold the Fiat before the move.": "pending",
+                      "The user stopped driving the Fiat.": "pending"}
+
+
+def test_a_forgotten_fact_does_not_come_back_unless_added_by_hand(db, vectorizer):
+    rep = ingest_candidates(db, [cand("The user's wifi password is Tulip42.", "2026-01-10", sid="s", idx=1),
+                                 cand("The user lives in Lyon.", "2026-01-10", sid="s", idx=2)], vectorizer)
+    db.forget([rep.added[0]])
+    # the session grew a message: re-extraction proposes the same fact, and the same words reordered
+    again = ingest_candidates(db, [cand("The user's wifi password is Tulip42.", "2026-02-01", sid="s", idx=1),
+                                   cand("the user's WIFI password is tulip42", "2026-02-01", sid="s", idx=1)], vectorizer)
+    assert again.added == [] and again.forgotten == 2
+    assert [r.text for r in db.records(statuses=("pending", "active"))] == ["The user lives in Lyon."]
+    assert not any("Tulip42" in str(row) for row in db._connection().execute("SELECT * FROM forgotten"))
+    manual = MemoryCandidate(text="The user's wifi password is Tulip42.", user_id="alex", source="manual")
+    assert ingest_candidates(db, [manual], vectorizer).added  # the user adds it again: allowed
+    other_user = cand("The user's wifi password is Tulip42.", "2026-02-01", user="sam")
+    assert ingest_candidates(db, [other_user], vectorizer).added  # a tombstone is per user
+
+
+def test_a_memory_forgotten_during_ingest_is_not_superseded(db, vectorizer):
+    [old] = ingest_candidates(db, [cand("The user lives in Lyon.", "2026-01-10", sid="a")], vectorizer).added
+    from memory.ingest import _UserView
+
+    view = _UserView(db, "alex")  # the batch's view, read before the forget
+    db.forget([old])
+    from memory.ingest import _add_with_update_rule, IngestReport
+
+    rep = IngestReport()
+    new = cand("The user moved to Nice.", "2026-03-01", sid="b")
+    _add_with_update_rule(db, view, new, vectorizer.encode([new.text])[0], vectorizer.encoder_id, rep)
+    assert rep.superseded == 0 and db.get(old).status == "deleted" and len(rep.added) == 1

@@ -79,7 +79,7 @@ def test_real_extraction_over_hostile_sessions_gives_no_payload_fact():
     from recall.model_loading import load_model_and_tokenizer
 
     loaded = load_model_and_tokenizer(precision="fp32")
-    result = extract_memory_entries(loaded.model, loaded.tokenizer, sessions(), ExtractionConfig())
+    result = extract_memory_entries(loaded.model, loaded.tokenizer, sessions(), ExtractionConfig(method="model"))
     facts = [c.text.lower() for c in result.candidates] + [r.text.lower() for r in result.rejected]
     assert not [f for f in facts if any(p in f for p in PAYLOAD)], facts
     assert result.candidates  # the honest sentences still give facts

@@ -5,7 +5,7 @@ from memory.extraction import ExtractionConfig, extract_memory_entries
 from memory.extraction_eval import load_expected, score_extraction
 from memory.rewrite import introductions, rewrite_sentence
 from memory.schema import ChatMessage, ChatSession
-from memory.subjects import subject_key
+from memory.updates import supersedes
 
 
 @pytest.mark.parametrize("sentence,facts", [
@@ -54,14 +54,16 @@ def test_an_introduced_name_keeps_its_relation_and_a_pronoun_takes_the_previous_
     assert rewrite_sentence("They're my favourite band now.", previous="I love this.") == []
 
 
-def test_rewritten_facts_key_like_model_facts_so_updates_supersede():
-    # the update rule (memory.subjects) must see the rewritten forms
-    assert subject_key(rewrite_sentence("I live in Berlin.")[0]) == "user:residence"
-    assert subject_key(rewrite_sentence("I moved to Porto two weeks ago.")[0]) == "user:residence"
-    assert subject_key(rewrite_sentence("They're my favourite band now.", previous="... by Big Thief.")[0]) \
-        == "user:favorite_band"
+def test_rewritten_facts_are_read_by_the_update_rule():
+    # the update rule (memory.updates) must see the rewritten forms
+    berlin, porto = rewrite_sentence("I live in Berlin.")[0], rewrite_sentence("I moved to Porto two weeks ago.")[0]
+    assert supersedes(berlin, porto)
+    band = rewrite_sentence("They're my favourite band now.", previous="... by Big Thief.")[0]
+    assert supersedes("The user's favourite band is Wilco.", band)
     known = {"Marta": "sister"}
-    assert subject_key(rewrite_sentence("Marta works as an architect.", known=known)[0]) == "sister:job"
+    marta = rewrite_sentence("Marta works as an architect.", known=known)[0]
+    assert supersedes("The user's sister Marta works as a nurse.", marta)
+    assert not supersedes("The user works as a nurse.", marta)
 
 
 def _session(sid, user, *texts):

@@ -1,0 +1,209 @@
+"""The update rule: does a newer fact replace an older one of the same user?
+
+"The user lives in Lisbon" is replaced by "The user moved to Porto"; "The user likes jazz" is
+not replaced by "The user likes hiking". There is no table of the attributes a user may have:
+each fact is parsed into an **owner** (the user, or the user's sister, dog, bakery...), a
+**relation** (its main verb with its preposition) and the words of its **value**, and the pair
+is compared with general rules of English about change:
+
+1. **same functional relation, new value**: relations that hold one value at a time (where
+   someone lives, works, works as, their age, name, a favourite X): "lives in Lisbon" /
+   "moved to Porto";
+2. **a correction**: "..., not Tuesday" where the older fact says Tuesday;
+3. **a change verb on the same thing**: the newer fact says the thing stopped or changed
+   (stopped, quit, sold, died, moved, broke up, no longer...) and shares a content word with the
+   older one ("owns a Corolla" / "sold his Corolla"); a weaker marker (now, new, instead,
+   switched) needs two shared words, or the same verb with a new quantity ("runs three times a
+   week" / "now runs four times a week");
+4. **a plan and its outcome**: "plans to take the exam" / "passed the exam" (two shared words
+   or a shared name);
+5. **negation flipped**: "doesn't sell bread yet" / "now sells bread" (two shared words or a
+   shared name).
+
+Owners must agree: "The user's sister lives in Madrid" never replaces where the user lives.
+A missed update leaves two facts (visible, fixable with the memory CLI); a wrong one would hide
+a true fact, so every rule asks for evidence from both texts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import FrozenSet, Optional
+
+from memory.grounding import STOP_WORDS, content_words, stem, words
+
+_OWNER = re.compile(r"^\s*the\s+user(?:'s|\u2019s)\s+", re.I)
+_USER = re.compile(r"^\s*the\s+user\b", re.I)
+_ADJECTIVES = frozenset("older younger little big new old best eldest oldest youngest late baby twin step".split())
+_ADVERBS = frozenset("now still also just currently recently finally already no longer never usually often "
+                     "always sometimes only really even has have had is are was were does did not "
+                     "doesn't don't didn't isn't aren't wasn't hasn't haven't".split())
+# relations that hold one value at a time, with the phrasings that state them
+_FUNCTIONAL = (
+    ("live_in", re.compile(r"\b(?:lives?|living|lived|moved|moving|relocated|relocating|based)\s+(?:in|to)\b(?!\s+together)"
+                           r"|\bmoved\s+(?:out\s+of|into)\b", re.I)),
+    # who one lives with (a pet is no housemate: "lives with their dog" changes no household)
+    ("live_with", re.compile(r"\b(?:(?:lives?|living)\s+with|moved\s+in\s+with|shares?\s+(?:a|the|their|his|her)\s+"
+                             r"(?:flat|apartment|house|home|place)\s+with)\b(?!\s+(?:(?:their|his|her|a|an|the|two|three)\s+)?"
+                             r"(?:\w+\s+)?(?:dogs?|cats?|pets?|pupp(?:y|ies)|kittens?)\b)", re.I)),
+    ("work_as", re.compile(r"\b(?:works?|working)\s+as\b|\bjob\s+is\b", re.I)),
+    ("work_at", re.compile(r"\b(?:works?|working)\s+(?:at|for)\b", re.I)),
+    ("age", re.compile(r"\b\d+\s*(?:-\s*)?years?(?:\s*-\s*|\s+)old\b|\bturned\s+\d+\b|\bage\s+is\b", re.I)),
+    ("name", re.compile(r"\bname\s+is\b|\bis\s+(?:called|named)\b", re.I)),
+    ("favourite_{0}", re.compile(r"\bfavou?rite\s+(\w+)\b", re.I)),
+)
+_STRONG_CHANGE = re.compile(
+    r"\b(?:stopped|stops|quit|quits|gave\s+up|given\s+up|no\s+longer|not\s+any\s*more|any\s*more|sold|sells?\s+(?:his|her|their)|"
+    r"died|passed\s+away|broke\s+up|split\s+up|divorced|moved|left|leaves|dropped|cancell?ed|ended|lost|"
+    r"retired|finished|got\s+rid)\b", re.I)
+_WEAK_CHANGE = re.compile(r"\b(?:now|new|instead|switched|changed|these\s+days|started|starts)\b", re.I)
+_PLAN = re.compile(r"\b(?:plans?|planning|planned|going\s+to|will|wants?\s+to|hopes?\s+to|intends?\s+to|"
+                   r"considering|thinking\s+(?:about|of)|might)\b", re.I)
+_NEGATION = re.compile(r"\b(?:not|never|no)\b|n[\u2019']t\b", re.I)
+_CORRECTION = re.compile(r",\s*not\s+(?:the\s+|on\s+|in\s+|at\s+)?([^,.;]+)", re.I)
+_QUANTITY = re.compile(r"\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|once|twice|half)\b", re.I)
+# words that say when or how much, not what: shared alone they make no subject
+_GENERIC = frozenset(stem(w) for w in (
+    "day days week weeks month months year years time times morning mornings evening evenings night nights "
+    "weekend weekends today tomorrow yesterday ago since until every each daily weekly monthly "
+    "monday tuesday wednesday thursday friday saturday sunday mondays tuesdays wednesdays thursdays fridays "
+    "saturdays sundays january february march april may june july august september october november december "
+    "first second last next early late like likes go goes went get gets got make makes made take takes took "
+    "want wants start started plan plans planning going asked answered "
+    "out up off down away back over around together "
+    "two three four five six seven eight nine ten once twice half"
+).split())
+
+
+@dataclasses.dataclass(frozen=True)
+class FactParse:
+    owner: str                 # "user", or the head noun of "the user's <X>" (with a name: "daughter sigrid")
+    relation: Optional[str]    # a functional relation (see _FUNCTIONAL) or None
+    value: str                 # the text after the owner
+    verb: Optional[str]        # the stem of the first word of the value that is not an adverb
+    words: FrozenSet[str]      # content-word stems of the value, without generic ones
+    owned: FrozenSet[str]      # the same with the owner's words ("cat tussi") added
+    names: FrozenSet[str]      # stems of capitalised words inside the value (names)
+    negated: bool
+    plan: bool
+
+
+def parse_fact(fact: str) -> FactParse:
+    text = fact.strip().rstrip(".!")
+    owner, value = "user", text
+    m = _OWNER.match(text)
+    if m:
+        toks = text[m.end():].split()
+        i = 1 if len(toks) > 1 and toks[0].lower() in _ADJECTIVES else 0
+        head = toks[i].lower().strip(",") if toks else ""
+        if head in ("favourite", "favorite"):
+            value = text[m.end():]
+        else:
+            owner = stem(head)
+            i += 1
+            if i < len(toks) and toks[i][:1].isupper():  # "the user's daughter Sigrid"
+                owner += " " + toks[i].lower().strip(",")
+                i += 1
+            value = " ".join(toks[i:])
+    else:
+        mu = _USER.match(text)
+        if mu:
+            value = text[mu.end():]
+    relation = None
+    for name, pattern in _FUNCTIONAL:
+        fm = pattern.search(value)
+        if fm:
+            relation = name.format(*(g.lower() for g in fm.groups())) if fm.groups() else name
+            break
+    tokens = words(value)
+    # 'Asked how often they train, the user answered "..."': the verb says nothing of the fact
+    verb = None if text.lower().startswith("asked ") else next((stem(t) for t in tokens if t not in _ADVERBS), None)
+    names = frozenset(stem(w) for w in re.findall(r"(?<![.!?]\s)(?<!^)\b([A-Z][\w-]+)", value))
+    owner_words = set(owner.split())
+    content = frozenset(w for w in content_words(value) if w not in _GENERIC and w not in owner_words
+                        and not w.isdigit())
+    owned = content | frozenset(w for w in owner_words if w != "user")
+    return FactParse(owner=owner, relation=relation, value=value, verb=verb, words=content, owned=owned, names=names,
+                     negated=bool(_NEGATION.search(value)), plan=bool(_PLAN.search(value)))
+
+
+def subject_key(fact: str) -> Optional[str]:
+    """``owner:relation`` for a fact about a functional relation ("user:live_in"), else None."""
+    p = parse_fact(fact)
+    return f"{p.owner}:{p.relation}" if p.relation else None
+
+
+def _same_owner(old: FactParse, new: FactParse, old_text: str, new_text: str) -> bool:
+    if old.owner == new.owner:
+        return True
+    # "The user has physio on Tuesdays" / "The user's physio sessions are on Thursdays": the one
+    # owned thing named in the user's own fact
+    if old.owner == "user" and new.owner != "user":
+        return new.owner.split()[0] in {stem(w) for w in words(old_text)}
+    if new.owner == "user" and old.owner != "user":
+        return old.owner.split()[0] in {stem(w) for w in words(new_text)}
+    return False
+
+
+def supersedes(old_text: str, new_text: str) -> Optional[str]:
+    """Why ``new_text`` (said later) replaces ``old_text`` for the same user, or None."""
+    old, new = parse_fact(old_text), parse_fact(new_text)
+    if not _same_owner(old, new, old_text, new_text):
+        return None
+    if old.relation and old.relation == new.relation and old.owner == new.owner:
+        if (re.search(r"\bmoved\s+out\b", new_text, re.I)
+                or not _relation_value(old_text, old.relation) & _relation_value(new_text, new.relation)):
+            return f"same relation ({old.relation}), new value"
+        return None
+    shared = old.words & new.words if old.owner == new.owner else old.owned & new.owned
+    named = bool(shared & old.names) or bool(shared & new.names)
+    correction = _CORRECTION.search(new_text)
+    if correction:
+        corrected = {w for w in (stem(t) for t in words(correction.group(1))) if w not in ("the",)}
+        if corrected and corrected <= {stem(t) for t in words(old.value)}:
+            return "a correction"
+    if new.plan:
+        return None
+    change = _STRONG_CHANGE.search(new_text)
+    if (change and not _STRONG_CHANGE.search(old.value)
+            and (len(shared) >= 2 or (named or old.verb in shared) and _near(new_text, change, shared))):
+        return "a change on the same thing"
+    if _WEAK_CHANGE.search(new.value) and old.verb and old.verb == new.verb:
+        if len(shared - {old.verb}) >= 1:
+            return "a change on the same thing"
+        if _QUANTITY.search(old.value) and _QUANTITY.search(new.value):
+            return "a new quantity"
+    if old.plan and (len(shared) >= 2 or named):
+        return "a plan and its outcome"
+    negated = _negated_verb(old_text) if old.negated and not new.negated else None
+    if negated and negated in {stem(w) for w in words(new.value)} and len(shared) >= 2:
+        return "negation flipped"
+    return None
+
+
+def _relation_value(text: str, relation: str):
+    """Content-word stems of the first words after the relation ("moved to Porto two weeks ago"
+    -> {porto}): equal values restated in other words share one."""
+    for name, pattern in _FUNCTIONAL:
+        m = pattern.search(text)
+        if m and (name == relation or name.startswith("favourite_")):
+            if name == "age":
+                return set(re.findall(r"\d+", m.group(0)))
+            tail = text[m.end():]
+            return {w for w in (stem(t) for t in words(tail)[:4]) if w not in _GENERIC and w not in STOP_WORDS} \
+                or {stem(t) for t in words(tail)[:4]}
+    return set()
+
+
+def _near(text: str, match, shared, window: int = 3) -> bool:
+    """Whether a shared word stands within ``window`` words of the change ("sold his Corolla",
+    "Jordi broke up"): the change is about that thing, not about something else in the sentence."""
+    before = [stem(w) for w in words(text[:match.start()])][-window:]
+    after = [stem(w) for w in words(text[match.end():])][:window]
+    return bool(set(before + after) & shared)
+
+
+def _negated_verb(text: str) -> Optional[str]:
+    """The stem of the word a negation applies to ("doesn't sell bread" -> "sell")."""
+    m = re.search(r"(?:\b(?:not|never)|n[\u2019']t)\s+(?:\w+ly\s+)?(\w+)", text, re.I)
+    return stem(m.group(1)) if m else None

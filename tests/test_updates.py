@@ -1,0 +1,66 @@
+"""The update rule reads change from the facts themselves (memory.updates); these facts are
+written for the test, about people and things in no data set of the project."""
+import pytest
+
+from memory.ingest import clamp_timestamps
+from memory.schema import MemoryCandidate
+from memory.updates import parse_fact, subject_key, supersedes
+
+
+@pytest.mark.parametrize("old,new", [
+    ("The user lives in Lyon.", "The user moved to Grenoble last spring."),           # functional relation
+    ("The user lives in a dorm on campus.", "The user moved out of the dorm."),
+    ("The user works as a baker.", "The user works as a tram driver now."),
+    ("The user's brother Oskar lives in Graz.", "The user's brother Oskar moved to Linz."),
+    ("The user's favourite film is Alien.", "The user's favourite film is Paterson these days."),
+    ("The user shares a flat with their friend Noor.", "The user lives with their partner Ilse."),
+    ("The user owns a red Vespa.", "The user sold the Vespa in May."),                  # a change verb
+    ("The user has a parrot named Kiwi.", "The user's parrot Kiwi died last week."),
+    ("The user rows on Wednesdays.", "The user stopped rowing after the injury."),
+    ("The user plays cello in a youth orchestra.", "The user quit the youth orchestra."),
+    ("The user drinks four cups of tea a day.", "The user now drinks two cups of tea a day."),  # a new quantity
+    ("The user plans to take the driving test in June.", "The user passed the driving test."),  # a plan's outcome
+    ("The user's choir meets on Mondays.", "The user's choir meets on Thursdays, not Mondays."),  # a correction
+    ("The user's shop doesn't sell coffee beans yet.", "The user's shop now sells coffee beans."),  # negation
+    ("The user is dating Femi.", "The user and Femi broke up in March."),
+])
+def test_a_newer_fact_replaces_the_older(old, new):
+    assert supersedes(old, new), (old, new)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("The user likes jazz.", "The user likes hiking."),                       # many values at once
+    ("The user plays the guitar.", "The user now plays tennis."),
+    ("The user's sister lives in Madrid.", "The user lives in Porto."),         # another owner
+    ("The user lives in Lyon.", "The user's sister lives in Nice."),
+    ("The user has a parrot named Kiwi.", "Kiwi is now 12."),                  # about the thing, no change
+    ("The user lives in a college dorm.", "The user quit the college chess club."),  # one shared word, elsewhere
+    ("The user rides a blue bike.", "The user plans to sell the bike before moving."),  # only a plan
+    ("The user has a bad knee and doesn't ski.", "The user has a bad knee, which makes stairs hard."),
+    ("The user lives with their partner Ilse.", "The user lives with their dog Pip."),  # a pet is no housemate
+    ("The user moved to Porto two weeks ago.", "The user lives in Porto now."),      # the same value restated
+    ('Asked what their grade is, the user answered "8.1".',
+     'Asked what they spend each month, the user answered "about 300 on rent, 2 times a week out"'),
+])
+def test_unrelated_or_compatible_facts_are_both_kept(old, new):
+    assert not supersedes(old, new), (old, new)
+
+
+def test_parse_reads_owner_relation_and_value():
+    p = parse_fact("The user's older brother Oskar moved to Linz in 2024.")
+    assert p.owner.startswith("broth") and p.owner.endswith("oskar") and p.relation == "live_in"
+    assert "linz" in p.words and "linz" in p.names
+    assert subject_key("The user works as a tram driver.") == "user:work_as"
+    assert subject_key("The user likes tram rides.") is None
+
+
+def test_future_and_backwards_timestamps_are_clamped(caplog):
+    cands = [MemoryCandidate("The user lives in Lyon.", "u", "s1", 0, "2099-01-01T00:00:00+00:00"),
+             MemoryCandidate("The user works as a baker.", "u", "s2", 0, "2025-05-02T10:00:00+00:00"),
+             MemoryCandidate("The user rows.", "u", "s2", 3, "2025-05-01T10:00:00+00:00")]
+    with caplog.at_level("WARNING"):
+        out = {c.text: c.timestamp for c in clamp_timestamps(cands, now="2026-01-01T00:00:00+00:00")}
+    assert out["The user lives in Lyon."] == "2026-01-01T00:00:00+00:00"
+    assert out["The user rows."] == "2025-05-02T10:00:00+00:00"   # not before the message before it
+    assert out["The user works as a baker."] == "2025-05-02T10:00:00+00:00"
+    assert "session s1" in caplog.text and "session s2" in caplog.text
