@@ -83,7 +83,7 @@ def _main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from memory.search import make_search
-    from recall.published import open_version
+    from memory.publish import open_version
 
     model_dir = args.model_dir or str(Path(args.output_dir or "output") / "models")
     try:

@@ -12,6 +12,7 @@ A rerun after a crash or a SIGTERM resumes the unfinished run. Exit codes: 0 don
 stopped cleanly at a safe point by SIGTERM/SIGINT), 1 bad input, 2 bad option, 3 another
 training (or daemon) holds the lock.
 """
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -38,6 +39,24 @@ def main(argv=None) -> int:
         return _main(argv)
 
 
+def _path_problem(chats_dir, output_dir) -> str:
+    """A one-line reason the directories cannot be used, or ''. A missing chats directory is an
+    error, never created: a misspelt path would otherwise read 0 sessions and succeed."""
+    if chats_dir:
+        chats = Path(chats_dir)
+        if not chats.exists():
+            return f"--chats_dir {chats}: no such directory (chat.py creates it when it saves a chat)"
+        if not chats.is_dir():
+            return f"--chats_dir {chats}: not a directory"
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        return f"--output_dir {out}: not a directory"
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        return f"--output_dir {out}: {parent} is not writable"
+    return ""
+
+
 def _main(argv=None) -> int:
     from memory.runs import (LOCK_FILE, AlreadyRunning, ProcessLock, StopRequested, install_stop_handlers,
                              restore_handlers, utc_now)
@@ -54,6 +73,10 @@ def _main(argv=None) -> int:
     if status:
         print("\n".join(status_lines(Path(train_args.output_dir))))
         return 0
+    problem = _path_problem(args.chats_dir, train_args.output_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if daemon:
         from memory.training_scheduler import TrainingScheduler
 

@@ -60,7 +60,7 @@ def run_cycle(work: Path, extra, *flags) -> dict:
 def decode_rate(work: Path, texts) -> dict:
     """The current version decodes these memories (by text) from their DB vectors."""
     from memory.decoding_step import exact_match_rate
-    from recall.published import open_version
+    from memory.publish import open_version
 
     model, db = open_version(work / "models", precision="fp32")
     try:

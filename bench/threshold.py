@@ -35,7 +35,7 @@ def measure(version: str, questions_path: str) -> dict:
     from memory.evaluation import by_user
     from memory.sft_data import HELDOUT_PROMPTS, calibration_prompts, read_prompts
     from memory.search import db_search
-    from recall.published import open_version
+    from memory.publish import open_version
 
     model, db = open_version(version, precision="fp32")
     try:

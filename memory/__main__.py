@@ -65,25 +65,31 @@ def _service(output_dir: str, rest: List[str]):
     return MemoryTrainingService(model_args, args, train_args)
 
 
+def _safe(text) -> str:
+    """Text for the terminal: control characters (escape sequences, newlines) shown escaped, so
+    a memory or user id cannot move the cursor, recolour or fake lines of the output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _line(r) -> str:
-    return f"{r.id:>6}  {r.status:<10} {r.user_id:<12} {r.text}"
+    return f"{r.id:>6}  {r.status:<10} {_safe(r.user_id):<12} {_safe(r.text)}"
 
 
 def _provenance(r) -> List[str]:
-    lines = [f"id:          {r.id}", f"user:        {r.user_id}", f"status:      {r.status}"
-             + (f" (by {r.superseded_by})" if r.superseded_by else ""), f"text:        {r.text}",
+    lines = [f"id:          {r.id}", f"user:        {_safe(r.user_id)}", f"status:      {r.status}"
+             + (f" (by {r.superseded_by})" if r.superseded_by else ""), f"text:        {_safe(r.text)}",
              f"source:      {r.source}", f"created:     {r.created_at}", f"updated:     {r.updated_at}"]
     if r.session_id:
-        lines.append(f"session:     {r.session_id}, message {r.message_index}, said at {r.said_at or '?'}")
+        lines.append(f"session:     {_safe(r.session_id)}, message {r.message_index}, said at {r.said_at or '?'}")
     if r.cues:
         from memory.cues import Cue
 
-        lines += ["cues:"] + [f"  - {c.kind}: {c.text}" for c in map(Cue.decode, r.cues)]
+        lines += ["cues:"] + [f"  - {c.kind}: {_safe(c.text)}" for c in map(Cue.decode, r.cues)]
     from memory.questions import template_questions
 
     questions = template_questions(r.text)
     if questions:  # step 1 drops one that another memory of the user also gets
-        lines += ["rule-made questions:"] + [f"  - {q}" for q in questions]
+        lines += ["rule-made questions:"] + [f"  - {_safe(q)}" for q in questions]
     return lines
 
 
@@ -142,8 +148,14 @@ def _run(args, rest: List[str]) -> int:
             if not args.json:
                 print(f"{len(records)} memories", file=sys.stderr)
             return 0
-        body = "".join(json.dumps({"text": r.text, "user_id": r.user_id, "created_at": r.said_at or r.created_at},
+        body = "".join(json.dumps({"text": r.text, "user_id": r.user_id, "created_at": r.said_at or r.created_at,
+                                   "session_id": r.session_id, "message_index": r.message_index,
+                                   "said_at": r.said_at, "status": r.status, "source": r.source},
                                   ensure_ascii=False) + "\n" for r in records)
+        with _db(args.output_dir) as db:
+            left = {s: db.count(user_id=args.user, statuses=(s,)) for s in ("pending", "active", "superseded")
+                    if s not in tuple(args.status or default)}
+        left_out = ", ".join(f"{n} {s}" for s, n in left.items() if n)
         if args.out == "-":
             sys.stdout.write(body)
         else:
@@ -151,6 +163,10 @@ def _run(args, rest: List[str]) -> int:
 
             atomic_write_text(Path(args.out), body)
             print(f"exported {len(records)} memories to {args.out}", file=sys.stderr)
+        if left_out:
+            print(f"left out by --status ({', '.join(tuple(args.status or default))}): {left_out}"
+                  + (" (memories become active when a training cycle publishes them)" if "pending" in left else ""),
+                  file=sys.stderr)
         return 0
     if args.command == "show":
         with _db(args.output_dir) as db:

@@ -320,13 +320,7 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     started = time.perf_counter()
     tok = loaded.tokenizer
     token_ids = add_memory_tokens(loaded.model, tok)  # idempotent; the ids step 1 used
-    scope = json.loads((recall_dir / "recall_config.json").read_text()).get("adapter_scope", "all")
-    adapter_state = None
-    if scope == "recall":  # continue step 1's activated adapter (recall.activation)
-        lm, adapter_state, query_projector, temperature, args = _continue_activated(loaded, recall_dir, args, start_lm)
-    else:
-        lm, query_projector, temperature = merge_recall_state(loaded.model if start_lm is None else start_lm, tok,
-                                                              recall_dir)
+    scope, lm, adapter_state, query_projector, temperature, args = _start_from_step1(loaded, recall_dir, args, start_lm)
     texts = [neutralize(r.text, tok) for r in records]  # what training targets and decoding yields
     contexts = [decode_contexts(cues[r.id]) for r in records]
     eval_ctx = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
@@ -365,6 +359,39 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     if model is None:
         model = build_decoder_model(lm, token_ids, dataclasses.replace(args, recall_temperature=temperature),
                                     bank.shape[1], memory_bank=bank_t if query_projector is None else None)
+    _init_projector(model, start_projector, bank, reference_vectors)
+    model.to(loaded.runtime.device)
+    with _timed(phases, "anchors"):
+        anchors = _anchors(model, builder, args, loaded.runtime.device)
+    # each memory after the neutral ask (the last context of every memory): what decode_exact_match decodes
+    checks = [builder.memory_sample(row, len(ctxs) - 1) for row, ctxs in enumerate(builder.contexts)]
+    trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank_t, tokenizer=tok,
+                                        train_dataset=dataset, anchors=anchors, kd=kd, check_samples=checks,
+                                        callbacks=list(callbacks))
+    phases["build"] = time.perf_counter() - mark - phases.get("anchors", 0.0)
+    metrics["train"] = _fit(trainer, model, dataset, args, out_dir, loaded.model.dtype)
+    barrier()
+    if not is_main():  # rank 0 measures and publishes
+        return DecodingResult(None, None, query_projector, metrics)
+    with without_zero3_init():  # rank 0 alone from here: generate must not wait for the other ranks
+        return _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir,
+                        texts, eval_ctx, metrics, started, adapter_state)
+
+
+def _start_from_step1(loaded, recall_dir: Path, args: MemoryDecodingArguments, start_lm):
+    """``(scope, lm, adapter_state, query_projector, temperature, args)``: step 1's result to
+    continue, with its activated adapter (scope "recall") or merged into the model ("all")."""
+    scope = json.loads((recall_dir / "recall_config.json").read_text()).get("adapter_scope", "all")
+    if scope == "recall":  # continue step 1's activated adapter (recall.activation)
+        lm, adapter_state, query_projector, temperature, args = _continue_activated(loaded, recall_dir, args, start_lm)
+        return scope, lm, adapter_state, query_projector, temperature, args
+    lm, query_projector, temperature = merge_recall_state(loaded.model if start_lm is None else start_lm,
+                                                          loaded.tokenizer, recall_dir)
+    return scope, lm, None, query_projector, temperature, args
+
+
+def _init_projector(model, start_projector, bank: np.ndarray, reference_vectors: Optional[np.ndarray]) -> None:
+    """The memory projector: the current version's (an incremental cycle), or centred on the bank."""
     if start_projector is not None:
         try:
             model.projector.load_state_dict(start_projector.state_dict())
@@ -374,20 +401,19 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     else:
         refs = bank if reference_vectors is None else np.concatenate([bank, reference_vectors])
         model.projector.fit_center(torch.from_numpy(refs))
-    model.to(loaded.runtime.device)
-    anchors = None
-    with _timed(phases, "anchors"):
-        if args.preserve_weight > 0:  # the <recall> state of every context a sample can have, as step 1 left it
-            device = loaded.runtime.device  # the forward training runs: its autocast and CPU bf16 levers
-            with training_autocast(args, device), bf16_cpu_training(model, args, device):
-                anchors = model.recall_states(builder.anchor_contexts())
-    # each memory after the neutral ask (the last context of every memory): what decode_exact_match decodes
-    checks = [builder.memory_sample(row, len(ctxs) - 1) for row, ctxs in enumerate(builder.contexts)]
-    trainer = EnhancedTextMemoryTrainer(model=model, args=args, memory_vectors=bank_t, tokenizer=tok,
-                                        train_dataset=dataset, anchors=anchors, kd=kd, check_samples=checks,
-                                        callbacks=list(callbacks))
+
+
+def _anchors(model, builder, args: MemoryDecodingArguments, device):
+    """The <recall> state of every context a sample can have, as step 1 left it (the preserve term)."""
+    if args.preserve_weight <= 0:
+        return None
+    with training_autocast(args, device), bf16_cpu_training(model, args, device):  # the forward training runs
+        return model.recall_states(builder.anchor_contexts())
+
+
+def _fit(trainer, model, dataset, args: MemoryDecodingArguments, out_dir: Path, dtype) -> dict:
+    """Train (resuming from the newest complete checkpoint), save, and return the training figures."""
     train_started = time.perf_counter()
-    phases["build"] = train_started - mark - phases.get("anchors", 0.0)
     resume = args.resume_from_checkpoint or last_complete_checkpoint(out_dir)
     if resume:
         logger.info("step 3.2: resuming from %s", resume)
@@ -397,22 +423,17 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     trainer.save_model(str(out_dir))  # collective under DeepSpeed; only rank 0 writes
     epochs_run = trainer.state.epoch or 0.0
     tokens = sum(len(x["input_ids"]) for x in dataset.items) * epochs_run
-    metrics["train"] = {"loss": result.training_loss, "seconds": train_seconds, "samples_per_epoch": len(dataset),
-                        "epochs_run": epochs_run, "tokens_per_second": tokens / max(train_seconds, 1e-9),
-                        "world_size": world_size(), "precision": training_precision(args, loaded.model.dtype),
-                        # the teacher-forced check at each epoch's end (see EnhancedTextMemoryTrainer.decode_check)
-                        "exact_match_by_epoch": [{"epoch": round(h["epoch"], 2), "exact_match": h["decode_exact_match"]}
-                                                 for h in trainer.state.log_history if "decode_exact_match" in h]}
+    train = {"loss": result.training_loss, "seconds": train_seconds, "samples_per_epoch": len(dataset),
+             "epochs_run": epochs_run, "tokens_per_second": tokens / max(train_seconds, 1e-9),
+             "world_size": world_size(), "precision": training_precision(args, dtype),
+             # the teacher-forced check at each epoch's end (see EnhancedTextMemoryTrainer.decode_check)
+             "exact_match_by_epoch": [{"epoch": round(h["epoch"], 2), "exact_match": h["decode_exact_match"]}
+                                      for h in trainer.state.log_history if "decode_exact_match" in h]}
     cache = getattr(model, "context_cache", None)
     if cache is not None:  # the activated adapter's contexts, each run once (MemoryDecodingArguments.context_cache_mb)
-        metrics["train"]["context_cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache.entries),
-                                             "mb": round(cache.bytes / 2 ** 20, 1)}
-    barrier()
-    if not is_main():  # rank 0 measures and publishes
-        return DecodingResult(None, None, query_projector, metrics)
-    with without_zero3_init():  # rank 0 alone from here: generate must not wait for the other ranks
-        return _measure(loaded, model, spare, token_ids, args, temperature, bank, bank_t, query_projector, out_dir,
-                        texts, eval_ctx, metrics, started, adapter_state)
+        train["context_cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache.entries),
+                                  "mb": round(cache.bytes / 2 ** 20, 1)}
+    return train
 
 
 def _schedule(samples_per_epoch: int, args):

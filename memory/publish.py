@@ -143,3 +143,19 @@ def prune(models_dir: Path, retention: int) -> List[Path]:
         removed.append(old)
         logger.info("retention: removed %s", old)
     return removed
+
+
+def open_version(models_dir_or_version, *, device: str = "auto", precision: str = "auto"):
+    """``(RecallModel, MemoryVectorDB of its snapshot)`` for a version directory, or for
+    ``current`` when given the ``models/`` directory."""
+    # imported here: loading a model needs torch and the model classes, listing versions does not
+    from memory.vector_db import MemoryVectorDB
+    from recall.published import RECALL_CONFIG, load_recall_model
+
+    path = Path(models_dir_or_version)
+    if not (path / MANIFEST).is_file():
+        if (path / RECALL_CONFIG).is_file():
+            raise FileNotFoundError(f"{path}: version has no {MANIFEST} (incomplete publish); not used")
+        path = resolve_current(path)
+    model = load_recall_model(path, device=device, precision=precision)
+    return model, MemoryVectorDB(path / "memory_db")

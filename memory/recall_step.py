@@ -178,52 +178,11 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
     cues = memory_cues([db.get(r.id) for r in trained], templates=args.cue_templates)
     bank = torch.from_numpy(db.vectors([r.id for r in records]))
     metrics: Dict[str, object] = {"memories": len(trained), "bank": len(records)}
-    if teacher is not None:
-        metrics["questions_dropped_by_teacher"] = _filter_questions(cues, records, teacher, args.cue_filter_rank)
-    else:
-        extra_texts = ()  # unlabelled texts only teach through a teacher
-    data = build_dataset(loaded.tokenizer, records, cues, extra_texts)
-    if train_args.abstention:
-        data = with_abstention(data, loaded.tokenizer, len(records))
-    with_positives(data, len(records))  # a message stating two facts is a cue of both
-    if teacher is not None:
-        vectors = teacher.vectors([d["raw"] for d in data])  # each text encoded once, for both terms
-        for item, probs, vec in zip(data, teacher.probabilities(vectors), vectors):
-            probs = probs.tolist()
-            if train_args.abstention:  # a class more: no mass on it, or all of it for a general prompt
-                probs = [0.0] * len(probs) + [1.0] if item["kind"] == "abstain" else probs + [0.0]
-            item["teacher"] = probs
-            if train_args.vector_distill_weight > 0:
-                item["teacher_vector"] = vec.tolist()
-    metrics["cues"] = sum(0 <= d["target"] < len(records) for d in data)
-    metrics["abstain_texts"] = sum(d["kind"] == "abstain" for d in data)
-    metrics["unlabelled_texts"] = len(data) - metrics["cues"] - metrics["abstain_texts"]
-    logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts, %d general prompts for 'no memory'",
-                len(records), metrics["cues"], metrics["unlabelled_texts"], metrics["abstain_texts"])
-    model = loaded.model if start_lm is None else start_lm  # 'auto' targets read off the model, recorded by name
-    train_args = dataclasses.replace(train_args, lora_target_modules=",".join(
-        resolve_targets(model, train_args.lora_target_modules, train_args.adapter_scope)))
-    if start_adapter:  # continue every layer of the version's adapter (step 2 may have added targets)
-        targets = [t for t in train_args.lora_target_modules.split(",") if t]
-        targets += sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in start_adapter} - set(targets))
-        train_args = dataclasses.replace(train_args, lora_target_modules=",".join(targets))
+    data = _training_data(loaded.tokenizer, records, cues, extra_texts, teacher, train_args, args, metrics)
+    train_args = _with_targets(train_args, loaded.model if start_lm is None else start_lm, start_adapter)
     fit = _Fitter(loaded.model if start_lm is None else start_lm, loaded.tokenizer, token_ids, bank, train_args,
                   callbacks, query_projector, start_adapter, bank_users=[r.user_id for r in records])
-    if args.k_folds >= 2 and not any(d["kind"] not in ALWAYS_TRAIN_KINDS for d in data):
-        logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
-    elif args.k_folds >= 2:
-        metrics["kfold"] = cross_validate(
-            data, args.k_folds, lambda tr, ev, f: fit(tr, ev, run_dir / "kfold" / f"fold{f}")[1],
-            seed=train_args.seed)
-    if args.eval_unseen_fraction > 0:
-        held = holdout_memories([d["target"] for d in data if 0 <= d["target"] < len(records)],
-                                args.eval_unseen_fraction, train_args.seed)
-        train = [d for d in data if d["target"] not in held]
-        trained_keys = {cue_key(d["raw"]) for d in train}  # a text shared with a trained memory is not unseen
-        metrics["unseen"] = fit(train, [d for d in data if d["target"] in held and cue_key(d["raw"]) not in trained_keys],
-                                run_dir / "unseen")[1]
-    for part in (metrics.get("kfold"), metrics.get("unseen")):
-        _name_misses((part or {}).get("misses", ()), records)
+    _held_out(fit, data, records, args, train_args.seed, run_dir, metrics)
     out = run_dir / "recall"
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     trainer, train_metrics = fit(data, data, out, save=True)
@@ -239,6 +198,64 @@ def train_recall_token(loaded, db, store, args, train_args: RecallTrainingArgume
         _write_config(out, loaded, records, trained, token_ids, train_args, db.encoder_id)
         atomic_write_json(out / COMPLETE_MARKER, metrics)
     return metrics
+
+
+def _training_data(tokenizer, records, cues, extra_texts, teacher, train_args, args, metrics) -> List[dict]:
+    """Step 3.1's rows: cues, unlabelled texts (only with a teacher), general prompts for "no
+    memory", each with the teacher's probabilities when there is one; counts go into ``metrics``."""
+    if teacher is not None:
+        metrics["questions_dropped_by_teacher"] = _filter_questions(cues, records, teacher, args.cue_filter_rank)
+    else:
+        extra_texts = ()  # unlabelled texts only teach through a teacher
+    data = build_dataset(tokenizer, records, cues, extra_texts)
+    if train_args.abstention:
+        data = with_abstention(data, tokenizer, len(records))
+    with_positives(data, len(records))  # a message stating two facts is a cue of both
+    if teacher is not None:
+        vectors = teacher.vectors([d["raw"] for d in data])  # each text encoded once, for both terms
+        for item, probs, vec in zip(data, teacher.probabilities(vectors), vectors):
+            probs = probs.tolist()
+            if train_args.abstention:  # a class more: no mass on it, or all of it for a general prompt
+                probs = [0.0] * len(probs) + [1.0] if item["kind"] == "abstain" else probs + [0.0]
+            item["teacher"] = probs
+            if train_args.vector_distill_weight > 0:
+                item["teacher_vector"] = vec.tolist()
+    metrics["cues"] = sum(0 <= d["target"] < len(records) for d in data)
+    metrics["abstain_texts"] = sum(d["kind"] == "abstain" for d in data)
+    metrics["unlabelled_texts"] = len(data) - metrics["cues"] - metrics["abstain_texts"]
+    logger.info("step 3.1: %d memories, %d cues, %d unlabelled texts, %d general prompts for 'no memory'",
+                len(records), metrics["cues"], metrics["unlabelled_texts"], metrics["abstain_texts"])
+    return data
+
+
+def _with_targets(train_args: RecallTrainingArguments, model, start_adapter: Optional[dict]) -> RecallTrainingArguments:
+    """'auto' LoRA targets read off the model and recorded by name; continuing a version's
+    adapter, every layer it has (step 2 may have added targets)."""
+    train_args = dataclasses.replace(train_args, lora_target_modules=",".join(
+        resolve_targets(model, train_args.lora_target_modules, train_args.adapter_scope)))
+    if start_adapter:
+        targets = [t for t in train_args.lora_target_modules.split(",") if t]
+        targets += sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in start_adapter} - set(targets))
+        train_args = dataclasses.replace(train_args, lora_target_modules=",".join(targets))
+    return train_args
+
+
+def _held_out(fit, data, records, args, seed: int, run_dir: Path, metrics: dict) -> None:
+    """K-fold cross-validation and held-out memories (``metrics["kfold"]``, ``metrics["unseen"]``)."""
+    if args.k_folds >= 2 and not any(d["kind"] not in ALWAYS_TRAIN_KINDS for d in data):
+        logger.warning("step 3.1: no cue besides the memory texts; skipping %d-fold cross-validation", args.k_folds)
+    elif args.k_folds >= 2:
+        metrics["kfold"] = cross_validate(
+            data, args.k_folds, lambda tr, ev, f: fit(tr, ev, run_dir / "kfold" / f"fold{f}")[1], seed=seed)
+    if args.eval_unseen_fraction > 0:
+        held = holdout_memories([d["target"] for d in data if 0 <= d["target"] < len(records)],
+                                args.eval_unseen_fraction, seed)
+        train = [d for d in data if d["target"] not in held]
+        trained_keys = {cue_key(d["raw"]) for d in train}  # a text shared with a trained memory is not unseen
+        metrics["unseen"] = fit(train, [d for d in data if d["target"] in held and cue_key(d["raw"]) not in trained_keys],
+                                run_dir / "unseen")[1]
+    for part in (metrics.get("kfold"), metrics.get("unseen")):
+        _name_misses((part or {}).get("misses", ()), records)
 
 
 def _write_config(out: Path, loaded, records, trained, token_ids, train_args, encoder_id) -> None:

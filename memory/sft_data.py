@@ -1,10 +1,13 @@
 """SFT data for step 2, so memory decoding does not cost the model its chat ability.
 
 Sources, all reduced to ``SFTExample(prompt, answer)``:
-- a JSONL file (``--sft_data``), one example per line in any of the usual shapes:
-  ``{"messages": [{"role", "content"}, ...]}`` (the last assistant turn is the answer,
-  the last user turn before it the prompt), ``{"instruction", "input"?, "output"}`` or
-  ``{"prompt", "completion"}``;
+- ``--sft_data``: a JSONL file (read here, a bad line named by its number), or anything
+  Hugging Face ``datasets`` loads (a Parquet/CSV/JSON file, a directory of them, a dataset saved
+  with ``save_to_disk``, or a hub id where a hub is reachable), its ``train`` split; each
+  example in any of the usual shapes: ``{"messages": [{"role", "content"}, ...]}`` (the last
+  assistant turn is the answer, the last user turn before it the prompt), ``{"instruction",
+  "input"?, "output"}`` or ``{"prompt", "completion"}`` (TRL's conversational and
+  prompt-completion formats);
 - by default, **self-distilled** data: the base model's own greedy answers to the
   bundled prompts (``memory/data/general_prompts.json``), generated once and cached by
   model identity + prompts + settings. Training on the model's own answers teaches
@@ -104,6 +107,39 @@ def parse_sft_record(record, where: str) -> SFTExample:
     if not ex.prompt.strip() or not ex.answer.strip():
         raise SFTFormatError(f"{where}: empty prompt or answer")
     return dataclasses.replace(ex, source=where)
+
+
+def read_sft_data(source: str) -> List[SFTExample]:
+    """``--sft_data``: a ``.jsonl`` file (``read_sft_jsonl``) or a ``datasets`` source (see the
+    module docstring); every example parsed, the first bad one raising with its row."""
+    path = Path(source)
+    if path.suffix == ".jsonl" and not path.is_dir():
+        return read_sft_jsonl(path)
+    # imported here: the datasets package is only needed for this input
+    import datasets
+
+    try:
+        if path.is_dir() and any(path.glob("dataset_info.json")) or (path / "state.json").is_file():
+            data = datasets.load_from_disk(str(path))
+        elif path.is_file():
+            kind = {".parquet": "parquet", ".csv": "csv", ".json": "json"}.get(path.suffix)
+            if kind is None:
+                raise SFTFormatError(f"--sft_data: {path}: expected .jsonl, .json, .parquet or .csv")
+            data = datasets.load_dataset(kind, data_files=str(path))
+        else:
+            data = datasets.load_dataset(str(source))
+    except SFTFormatError:
+        raise
+    except Exception as exc:  # datasets raises many types (missing files, no hub, bad schema)
+        raise SFTFormatError(f"--sft_data: {source}: cannot be loaded by datasets: {exc}") from exc
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise SFTFormatError(f"--sft_data: {source}: no 'train' split (has {sorted(data)})")
+        data = data["train"]
+    out = [parse_sft_record(dict(row), f"{source}[{i}]") for i, row in enumerate(data)]
+    if not out:
+        raise SFTFormatError(f"{source}: no examples")
+    return out
 
 
 def read_sft_jsonl(path) -> List[SFTExample]:

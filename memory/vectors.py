@@ -61,8 +61,11 @@ class SentenceEncoderVectorizer:
         resolved = minilm_path() if path == "minilm" else Path(path)
         if not resolved.is_dir():
             raise FileNotFoundError(f"embedding_model: encoder directory not found: {resolved}")
+        from recall.distributed import without_zero3_init
+
         self.tokenizer = AutoTokenizer.from_pretrained(resolved)
-        self.model = AutoModel.from_pretrained(resolved).eval()
+        with without_zero3_init():  # a helper model, never trained: loaded whole, outside ZeRO-3's partitioning
+            self.model = AutoModel.from_pretrained(resolved).eval()
         self.encoder_id = f"encoder:{resolved.name if path != 'minilm' else 'all-MiniLM-L6-v2'}|mean"
         self.batch_size = batch_size
 

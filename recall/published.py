@@ -14,7 +14,6 @@ from typing import List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from memory.fileio import atomic_write_json
 from recall.generation import RecallEngine
 from recall.text_memory_train import MemoryProjector
 
@@ -52,7 +51,9 @@ def save_recall_model(directory: Path, lm, tokenizer, projector: MemoryProjector
     body = {**config, "memory_dim": projector.memory_dim, "hidden_size": projector.hidden_size,
             "projector_hidden": 0 if projector.mlp is None else projector.mlp[0].out_features,
             "query_projector": query_projector is not None, "adapter_scope": "recall" if activated else "all"}
-    atomic_write_json(directory / RECALL_CONFIG, body)
+    # the directory is a version being staged: it becomes visible only when memory.publish writes
+    # its manifest, so a plain write is safe here
+    (directory / RECALL_CONFIG).write_text(json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n")
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
@@ -89,18 +90,3 @@ def load_recall_model(directory, *, device: str = "auto", precision: str = "auto
     engine = RecallEngine(loaded.model, loaded.tokenizer, cfg["token_ids"], projector, query_projector,
                           cfg.get("activation_phrase", "Let me check my memory."), loaded.runtime.autocast_dtype)
     return RecallModel(engine, cfg, loaded, directory)
-
-
-def open_version(models_dir_or_version, *, device: str = "auto", precision: str = "auto"):
-    """``(RecallModel, MemoryVectorDB of its snapshot)`` for a version directory, or for
-    ``current`` when given the ``models/`` directory."""
-    from memory.publish import MANIFEST, resolve_current
-    from memory.vector_db import MemoryVectorDB
-
-    path = Path(models_dir_or_version)
-    if not (path / MANIFEST).is_file():
-        if (path / RECALL_CONFIG).is_file():
-            raise FileNotFoundError(f"{path}: version has no {MANIFEST} (incomplete publish); not used")
-        path = resolve_current(path)
-    model = load_recall_model(path, device=device, precision=precision)
-    return model, MemoryVectorDB(path / "memory_db")

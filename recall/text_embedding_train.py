@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from memory.token_manager import RECALL_TOKEN, safe_chat_template
+from recall.arg_checks import check_training_numbers
 from recall.activation import (adapter_active, base_context_pass, check_scope, load_lora_state, lora_config,
                                use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
@@ -106,6 +107,7 @@ class RecallTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_scope(self.adapter_scope)
+        check_training_numbers(self)
         default_accelerator = self.accelerator_config is None
         super().__post_init__()
         if default_accelerator:  # batches (pinned by the data loader) go to the GPU without a host sync each

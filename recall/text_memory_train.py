@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from recall.arg_checks import check_training_numbers
 from recall.activation import (adapter_active, base_context_pass, check_scope, load_lora_state, lora_config,
                                use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
@@ -133,6 +134,7 @@ class MemoryDecodingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_scope(self.adapter_scope)
+        check_training_numbers(self, prefix="(step 2) ")
         if self.packing and self.adapter_scope == "recall":
             raise ValueError("packing (--decode_packing) needs adapter_scope 'all': the activated adapter runs the "
                              "context and the tail as two passes over padded rows (use --adapter_scope all in step 1)")

@@ -409,6 +409,16 @@ def test_memory_cli_list_show_add_export(tiny_model_dir, tmp_path, capsys):
     assert memory_cli(["--output_dir", str(out), "export", "--status", "pending", "--out", str(dump)]) == 0
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
     assert sorted(r["text"] for r in rows) == sorted(FIRST + ["The user likes tea."])
+    assert all({"session_id", "message_index", "said_at", "status", "source"} <= set(r) for r in rows)
+    capsys.readouterr()
+    assert memory_cli(["--output_dir", str(out), "export", "--out", str(dump)]) == 0  # active only: none yet
+    assert dump.read_text() == "" and "left out by --status (active): 4 pending" in capsys.readouterr().err
+    assert memory_cli(["--output_dir", str(out), "add", "The user's \x1b[31mred\x1b[0m\nfake line", "--user", "alex",
+                       "--model_name_or_path", str(tiny_model_dir), "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert memory_cli(["--output_dir", str(out), "list", "--user", "alex"]) == 0
+    listed = capsys.readouterr().out
+    assert "\x1b" not in listed and "\\x1b[31mred" in listed
     assert memory_cli(["--output_dir", str(out), "show", "99"]) == 1
     assert "no memory record with id 99" in capsys.readouterr().err
     assert memory_cli(["--output_dir", str(tmp_path / "nowhere"), "list"]) == 1

@@ -112,6 +112,21 @@ def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, sco
     assert multi["metrics"]["decoding"]["decode_exact_match"] is not None  # decoded through <|memory_pad|>
 
 
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
+def test_zero3_with_the_default_teacher_publishes(tiny_model_dir, tmp_path):
+    """The default step 1 loads a helper model (the MiniLM teacher) while a ZeRO-3 config is
+    active: it must load whole, outside ZeRO-3's partitioning, and the run publish."""
+    out = tmp_path / "out"
+    flags = _flags(tiny_model_dir, tmp_path, out)
+    flags = flags[:flags.index("--recall_teacher")]  # the default teacher (all-MiniLM-L6-v2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(28500 + (os.getpid() % 1000)), "run_training.py",
+           "--deepspeed", "ds_configs/zero3.json", *flags]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert done.stdout.count("published: ") == 1 and _published(out)["snapshot"] == sorted(FACTS)
+
+
 @pytest.mark.reliability(fault="Every ZeRO-3 rank killed after step 2's first checkpoint", outcome='resumed from the DeepSpeed checkpoint')
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
 def test_zero3_run_killed_after_a_checkpoint_resumes_from_it(tiny_model_dir, tmp_path, single):

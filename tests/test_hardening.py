@@ -251,7 +251,7 @@ def test_forget_erases_at_once_and_the_next_cycle_no_longer_decodes_or_retrieves
     from memory.decoding_step import normalize_ws
     from memory.publish import resolve_current
     from memory.vector_db import MemoryVectorDB
-    from recall.published import open_version
+    from memory.publish import open_version
 
     facts = ["The user lives in Porto.", "The user has a dog named Max.", "The user works as a nurse."]
     mem = tmp_path / "m.jsonl"

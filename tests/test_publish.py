@@ -12,7 +12,7 @@ import torch
 
 import run_training
 from memory.publish import CURRENT, MANIFEST, VersionError, list_versions, publish_version, resolve_current
-from memory.sft_data import SFTFormatError, read_sft_jsonl, self_distilled
+from memory.sft_data import SFTFormatError, read_sft_data, read_sft_jsonl, self_distilled
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS = ["The user lives in Porto.", "The user has a dog called Max.", "The user works as a nurse."]
@@ -82,7 +82,7 @@ def test_a_version_without_manifest_is_never_used(tmp_path):
     (newer / "recall_config.json").write_text("{}")
     os.unlink(models / CURRENT)
     assert resolve_current(models) == first.resolve()
-    from recall.published import open_version
+    from memory.publish import open_version
 
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         open_version(newer)
@@ -106,6 +106,23 @@ def test_sft_jsonl_formats_and_errors(tmp_path):
     bad.write_text('{"prompt": 3, "completion": "y"}\n')
     with pytest.raises(SFTFormatError, match=r"bad.jsonl:1.prompt: expected a string"):
         read_sft_jsonl(bad)
+
+
+def test_sft_data_from_parquet_and_a_saved_dataset_via_datasets(tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+            {"messages": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Blue."}]}]
+    data = datasets.Dataset.from_list(rows)
+    data.to_parquet(str(tmp_path / "sft.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    for source in (tmp_path / "sft.parquet", tmp_path / "saved"):
+        assert [(e.prompt, e.answer) for e in read_sft_data(str(source))] == [("Hi", "Hello!"), ("Sky colour?", "Blue.")]
+    datasets.Dataset.from_list([{"prompt": "x", "completion": ""}]).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(SFTFormatError, match=r"bad.parquet\[0\]: empty prompt or answer"):
+        read_sft_data(str(tmp_path / "bad.parquet"))
+    with pytest.raises(SFTFormatError, match="cannot be loaded by datasets"):
+        read_sft_data(str(tmp_path / "missing_dir_or_hub_id"))
 
 
 def test_self_distilled_answers_are_cached(tokenizer, tmp_path):
@@ -236,7 +253,7 @@ def test_invented_recall_rate_reads_the_spans_the_user_sees(published):
     none is. A question without user_id asks as the version's default user."""
     from memory.evaluation import chat_figures
     from recall.generation import ChatDefaults
-    from recall.published import open_version
+    from memory.publish import open_version
 
     model, db = open_version(published / "out" / "models", precision="fp32")
     try:
