@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -134,6 +135,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return _run(args, rest)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 1
+    except sqlite3.OperationalError as exc:  # "database is locked" (a run holds it), a read-only file...
+        print(f"error: {args.output_dir}/memory_db: {exc}" + ("; a training run is writing it, try again when it "
+              "has finished" if "locked" in str(exc) else ""), file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a permission: one line naming the path
+        print(f"error: {exc.filename or args.output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

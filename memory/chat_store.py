@@ -498,6 +498,13 @@ class ChatStore:
                     errors.append(ChatFormatError(os.path.join(root, name), None,
                                                   "is a symbolic link to a directory; not followed"))
             found.extend(Path(root) / name for name in files if _is_chat_file(name))
+            for name in files:  # named like a session but not read: say so, never skip in silence
+                if not _is_chat_file(name) and name.lower().endswith(".json") and not name.startswith("."):
+                    logger.warning("%s: not read (chat session files end in lower-case .json)", Path(root) / name)
+            for name in dirs:
+                if name.lower().endswith(".json"):
+                    logger.warning("%s: a directory named like a session file; its *.json files are read as "
+                                   "sessions", Path(root) / name)
         found.sort(key=lambda p: p.relative_to(self.directory).parts)
         return found, errors
 

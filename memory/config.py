@@ -55,6 +55,19 @@ class ModelArguments:
     def __post_init__(self):
         if self.train_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--train_precision: expected auto, bf16 or fp32, got {self.train_precision!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--precision: expected auto, bf16 or fp32, got {self.precision!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(?::\d+)?", self.device):
+            raise ValueError(f"--device: expected auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device}: no CUDA device here (torch {torch.__version__}"
+                                 f"{', a CPU build' if torch.version.cuda is None else ''}); use --device auto or cpu")
+            index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"--device {self.device}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 @dataclasses.dataclass

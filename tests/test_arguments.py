@@ -36,3 +36,46 @@ def test_a_missing_or_wrong_directory_is_an_error_and_never_created(tmp_path, ca
     assert run_training.main(["--chats_dir", "", "--output_dir", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert "--output_dir" in err and "not a directory" in err
+
+
+@pytest.mark.parametrize("flag,value,words", [("--precision", "fp8", "precision"), ("--device", "gpu", "device"),
+                                               ("--device", "cuda:x", "device")])
+def test_a_bad_choice_is_refused_in_one_line(flag, value, words, capsys):
+    assert run_training.main([flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+
+
+def test_cuda_asked_where_there_is_none_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert run_training.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device here" in err[0]
+
+
+def test_the_memory_cli_meeting_a_locked_database_says_so_in_one_line(tmp_path, capsys):
+    import sqlite3
+
+    from memory.__main__ import main as memory_cli
+    from memory.vector_db import MemoryVectorDB
+
+    import numpy as np
+
+    from memory.schema import MemoryCandidate
+
+    out = tmp_path / "out"
+    with MemoryVectorDB(out / "memory_db") as db:
+        [rid] = db.add([MemoryCandidate("The user likes tea.", "alex")], np.ones((1, 4), np.float32), "test")
+    db_file = next((out / "memory_db").glob("*.sqlite*"))
+    holder = sqlite3.connect(db_file)
+    holder.execute("BEGIN EXCLUSIVE")  # a training run writing the store
+    try:
+        code = memory_cli(["--output_dir", str(out), "forget", str(rid), "--yes"])
+    finally:
+        holder.rollback()
+        holder.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "locked" in err[0] and "Traceback" not in err[0]

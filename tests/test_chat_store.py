@@ -141,6 +141,15 @@ def test_recursive_and_skips_dotfiles_and_temp_files(tmp_path):
     assert result.rejected == []
 
 
+def test_files_named_like_sessions_but_not_read_are_named_in_the_log(tmp_path, caplog):
+    write_json(tmp_path / "UPPER.JSON", [{"role": "user", "content": "x"}])
+    write_json(tmp_path / "dir.json" / "inner.json", [{"role": "user", "content": "x"}])
+    with caplog.at_level("WARNING"):
+        result = ChatStore(tmp_path).load_sessions()
+    assert [s.session_id for s in result.sessions] == ["inner"]
+    assert "UPPER.JSON: not read" in caplog.text and "dir.json: a directory named like a session file" in caplog.text
+
+
 # --------------------------------------------------------------------------- writing
 
 def test_atomic_write_modes_and_no_temp_files(tmp_path):
