@@ -13,6 +13,7 @@ from memory.config import parse_args
     ("--near_duplicate_cosine", "0"), ("--near_duplicate_cosine", "nan"), ("--extraction_batch_size", "0"),
     ("--eval_unseen_fraction", "1.5"), ("--keep_versions", "0"), ("--replay_ratio", "inf"),
 ])
+@pytest.mark.reliability(fault="Negative, zero, NaN or infinite numeric options", outcome="refused in one line naming the option, rc 2")
 def test_a_bad_number_is_refused_naming_the_option(flag, value, capsys):
     with pytest.raises(ValueError, match=flag.lstrip("-")):
         parse_args([flag, value])
@@ -26,6 +27,7 @@ def test_the_defaults_pass():
     parse_args(["--trigger_min_sessions", "0", "--k_folds", "0", "--near_duplicate_cosine", "1.01"])
 
 
+@pytest.mark.reliability(fault="A misspelt --chats_dir, or a file given as a directory", outcome="one-line error, rc 2, nothing created")
 def test_a_missing_or_wrong_directory_is_an_error_and_never_created(tmp_path, capsys):
     missing = tmp_path / "chats_typo"
     assert run_training.main(["--chats_dir", str(missing), "--output_dir", str(tmp_path / "out")]) == 2
@@ -56,6 +58,7 @@ def test_cuda_asked_where_there_is_none_is_one_line(capsys):
     assert len(err) == 1 and "no CUDA device here" in err[0]
 
 
+@pytest.mark.reliability(fault="The memory CLI writing while a run holds the DB", outcome="one-line error naming the DB, rc 1")
 def test_the_memory_cli_meeting_a_locked_database_says_so_in_one_line(tmp_path, capsys):
     import sqlite3
 

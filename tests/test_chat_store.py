@@ -141,6 +141,8 @@ def test_recursive_and_skips_dotfiles_and_temp_files(tmp_path):
     assert result.rejected == []
 
 
+@pytest.mark.reliability(fault="UPPER.JSON files and directories named *.json in the chats folder",
+                         outcome="named in the log, never skipped in silence")
 def test_files_named_like_sessions_but_not_read_are_named_in_the_log(tmp_path, caplog):
     write_json(tmp_path / "UPPER.JSON", [{"role": "user", "content": "x"}])
     write_json(tmp_path / "dir.json" / "inner.json", [{"role": "user", "content": "x"}])

@@ -113,6 +113,8 @@ def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, sco
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
+@pytest.mark.reliability(fault="ZeRO-3 over 2 processes with the default MiniLM teacher",
+                         outcome="the helper model loads whole; the run publishes")
 def test_zero3_with_the_default_teacher_publishes(tiny_model_dir, tmp_path):
     """The default step 1 loads a helper model (the MiniLM teacher) while a ZeRO-3 config is
     active: it must load whole, outside ZeRO-3's partitioning, and the run publish."""

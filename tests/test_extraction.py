@@ -141,6 +141,7 @@ def test_combined_asks_the_model_only_where_the_rules_found_nothing(tiny_model, 
     assert combined.units > rewrite.units or 2 in ruled  # the model read message 2 unless the rules did
 
 
+@pytest.mark.reliability(fault="One message stating 60 facts", outcome="at most --max_memories_per_message kept, the rest logged")
 def test_one_message_cannot_cause_unbounded_work(caplog):
     many = " ".join(f"I have a pet snake number {i} called Sly{i}." for i in range(60))
     s = _session(("user", many), ("user", "I live in Lisbon."))
@@ -154,6 +155,7 @@ def test_one_message_cannot_cause_unbounded_work(caplog):
     assert len(res.candidates) == 3
 
 
+@pytest.mark.reliability(fault="SIGTERM during extraction", outcome="stops before the next session; nothing half-stored")
 def test_a_stop_request_ends_extraction_between_sessions():
     from memory.runs import STOP, StopRequested
 

@@ -93,6 +93,8 @@ def test_facts_of_one_message_do_not_supersede_each_other(db, vectorizer):
                       "The user stopped driving the Fiat.": "pending"}
 
 
+@pytest.mark.reliability(fault="A forgotten fact proposed again by a later extraction, reworded in case and order",
+                         outcome="not stored; only the user's own add lifts the tombstone")
 def test_a_forgotten_fact_does_not_come_back_unless_added_by_hand(db, vectorizer):
     rep = ingest_candidates(db, [cand("The user's wifi password is Tulip42.", "2026-01-10", sid="s", idx=1),
                                  cand("The user lives in Lyon.", "2026-01-10", sid="s", idx=2)], vectorizer)
@@ -109,6 +111,7 @@ def test_a_forgotten_fact_does_not_come_back_unless_added_by_hand(db, vectorizer
     assert ingest_candidates(db, [other_user], vectorizer).added  # a tombstone is per user
 
 
+@pytest.mark.reliability(fault="forget while a batch of memories is being stored", outcome="the run skips the forgotten record and goes on")
 def test_a_memory_forgotten_during_ingest_is_not_superseded(db, vectorizer):
     [old] = ingest_candidates(db, [cand("The user lives in Lyon.", "2026-01-10", sid="a")], vectorizer).added
     from memory.ingest import _UserView

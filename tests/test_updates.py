@@ -54,6 +54,8 @@ def test_parse_reads_owner_relation_and_value():
     assert subject_key("The user likes tram rides.") is None
 
 
+@pytest.mark.reliability(fault="A session dated 2099; a message older than the one before it",
+                         outcome="clamped before ordering, logged with the session")
 def test_future_and_backwards_timestamps_are_clamped(caplog):
     cands = [MemoryCandidate("The user lives in Lyon.", "u", "s1", 0, "2099-01-01T00:00:00+00:00"),
              MemoryCandidate("The user works as a baker.", "u", "s2", 0, "2025-05-02T10:00:00+00:00"),
