@@ -69,7 +69,7 @@ _GENERIC = frozenset(stem(w) for w in (
     "monday tuesday wednesday thursday friday saturday sunday mondays tuesdays wednesdays thursdays fridays "
     "saturdays sundays january february march april may june july august september october november december "
     "first second last next early late like likes go goes went get gets got make makes made take takes took "
-    "want wants start started plan plans planning going asked answered "
+    "want wants start started plan plans planning going asked answered yes no yeah ok okay sure "
     "out up off down away back over around together "
     "two three four five six seven eight nine ten once twice half"
 ).split())
@@ -118,7 +118,9 @@ def parse_fact(fact: str) -> FactParse:
     tokens = words(value)
     # 'Asked how often they train, the user answered "..."': the verb says nothing of the fact
     verb = None if text.lower().startswith("asked ") else next((stem(t) for t in tokens if t not in _ADVERBS), None)
-    names = frozenset(stem(w) for w in re.findall(r"(?<![.!?]\s)(?<!^)\b([A-Z][\w-]+)", value))
+    # capitalised words that are not a sentence's or a quotation's first word: names
+    names = frozenset(stem(w) for w in re.findall(r"(?<![.!?\"\u201c]\s)(?<![\"\u201c])(?<!^)\b([A-Z][\w-]+)", value)
+                      if stem(w) not in _GENERIC)
     owner_words = set(owner.split())
     content = frozenset(w for w in content_words(value) if w not in _GENERIC and w not in owner_words
                         and not w.isdigit())

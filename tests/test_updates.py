@@ -39,6 +39,8 @@ def test_a_newer_fact_replaces_the_older(old, new):
     ("The user has a bad knee and doesn't ski.", "The user has a bad knee, which makes stairs hard."),
     ("The user lives with their partner Ilse.", "The user lives with their dog Pip."),  # a pet is no housemate
     ("The user moved to Porto two weeks ago.", "The user lives in Porto now."),      # the same value restated
+    ('Asked if they own a bike, the user answered "Yes. A blue one"',                 # "Yes" is no shared name
+     'Asked if they still sing, the user answered "Yes. Since the choir moved online, every week"'),
     ('Asked what their grade is, the user answered "8.1".',
      'Asked what they spend each month, the user answered "about 300 on rent, 2 times a week out"'),
 ])
