@@ -40,7 +40,7 @@ def test_a_newer_fact_replaces_the_older(old, new):
     ("The user lives with their partner Ilse.", "The user lives with their dog Pip."),  # a pet is no housemate
     ("The user moved to Porto two weeks ago.", "The user lives in Porto now."),      # the same value restated
     ('Asked if they own a bike, the user answered "Yes. A blue one"',                 # "Yes" is no shared name
-     'Asked if they still sing, the user answered "Yes. Since the choir moved online, every week"'),
+     'Asked if they had pets, the user answered "Yes. Bo died in May"'),
     ('Asked what their grade is, the user answered "8.1".',
      'Asked what they spend each month, the user answered "about 300 on rent, 2 times a week out"'),
 ])
