@@ -147,35 +147,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args, rest: List[str]) -> int:
     if args.command in ("list", "export"):
-        default = ("active",) if args.command == "export" else ("pending", "active")
-        with _db(args.output_dir) as db:
-            records = db.records(user_id=args.user, statuses=tuple(args.status or default))
-        if args.command == "list":
-            for r in records:
-                print(json.dumps(_as_json(r), ensure_ascii=False) if args.json else _line(r))
-            if not args.json:
-                print(f"{len(records)} memories", file=sys.stderr)
-            return 0
-        body = "".join(json.dumps({"text": r.text, "user_id": r.user_id, "created_at": r.said_at or r.created_at,
-                                   "session_id": r.session_id, "message_index": r.message_index,
-                                   "said_at": r.said_at, "status": r.status, "source": r.source},
-                                  ensure_ascii=False) + "\n" for r in records)
-        with _db(args.output_dir) as db:
-            left = {s: db.count(user_id=args.user, statuses=(s,)) for s in ("pending", "active", "superseded")
-                    if s not in tuple(args.status or default)}
-        left_out = ", ".join(f"{n} {s}" for s, n in left.items() if n)
-        if args.out == "-":
-            sys.stdout.write(body)
-        else:
-            from memory.fileio import atomic_write_text
-
-            atomic_write_text(Path(args.out), body)
-            print(f"exported {len(records)} memories to {args.out}", file=sys.stderr)
-        if left_out:
-            print(f"left out by --status ({', '.join(tuple(args.status or default))}): {left_out}"
-                  + (" (memories become active when a training cycle publishes them)" if "pending" in left else ""),
-                  file=sys.stderr)
-        return 0
+        return _list_or_export(args)
     if args.command == "show":
         with _db(args.output_dir) as db:
             r = db.get(args.id)
@@ -222,6 +194,38 @@ def _run(args, rest: List[str]) -> int:
         return 0
     finally:
         service.close()
+
+
+def _list_or_export(args) -> int:
+    default = ("active",) if args.command == "export" else ("pending", "active")
+    with _db(args.output_dir) as db:
+        records = db.records(user_id=args.user, statuses=tuple(args.status or default))
+    if args.command == "list":
+        for r in records:
+            print(json.dumps(_as_json(r), ensure_ascii=False) if args.json else _line(r))
+        if not args.json:
+            print(f"{len(records)} memories", file=sys.stderr)
+        return 0
+    body = "".join(json.dumps({"text": r.text, "user_id": r.user_id, "created_at": r.said_at or r.created_at,
+                               "session_id": r.session_id, "message_index": r.message_index,
+                               "said_at": r.said_at, "status": r.status, "source": r.source},
+                              ensure_ascii=False) + "\n" for r in records)
+    with _db(args.output_dir) as db:
+        left = {s: db.count(user_id=args.user, statuses=(s,)) for s in ("pending", "active", "superseded")
+                if s not in tuple(args.status or default)}
+    left_out = ", ".join(f"{n} {s}" for s, n in left.items() if n)
+    if args.out == "-":
+        sys.stdout.write(body)
+    else:
+        from memory.fileio import atomic_write_text
+
+        atomic_write_text(Path(args.out), body)
+        print(f"exported {len(records)} memories to {args.out}", file=sys.stderr)
+    if left_out:
+        print(f"left out by --status ({', '.join(tuple(args.status or default))}): {left_out}"
+              + (" (memories become active when a training cycle publishes them)" if "pending" in left else ""),
+              file=sys.stderr)
+    return 0
 
 
 def _as_json(r) -> dict:
