@@ -200,6 +200,8 @@ def _list_or_export(args) -> int:
     default = ("active",) if args.command == "export" else ("pending", "active")
     with _db(args.output_dir) as db:
         records = db.records(user_id=args.user, statuses=tuple(args.status or default))
+        left = {s: db.count(user_id=args.user, statuses=(s,)) for s in ("pending", "active", "superseded")
+                if s not in tuple(args.status or default)}  # what the filter left out (export says so)
     if args.command == "list":
         for r in records:
             print(json.dumps(_as_json(r), ensure_ascii=False) if args.json else _line(r))
@@ -210,9 +212,6 @@ def _list_or_export(args) -> int:
                                "session_id": r.session_id, "message_index": r.message_index,
                                "said_at": r.said_at, "status": r.status, "source": r.source},
                               ensure_ascii=False) + "\n" for r in records)
-    with _db(args.output_dir) as db:
-        left = {s: db.count(user_id=args.user, statuses=(s,)) for s in ("pending", "active", "superseded")
-                if s not in tuple(args.status or default)}
     left_out = ", ".join(f"{n} {s}" for s, n in left.items() if n)
     if args.out == "-":
         sys.stdout.write(body)

@@ -34,8 +34,8 @@ import torch
 
 from memory.grounding import content_words, grounding_report
 from memory.rewrite import answer_fact, asked_question, introductions, rewrite_message, third_person
-from recall.get_text_embedding import autocast
 from memory.runs import check_stop
+from recall.get_text_embedding import autocast
 from memory.schema import ChatSession, MemoryCandidate
 from memory.token_manager import safe_chat_template
 
@@ -352,9 +352,8 @@ def combined_memory_entries(model, tokenizer, sessions: Sequence[ChatSession], c
                             autocast_dtype: Optional[torch.dtype] = None) -> ExtractionResult:
     """``--extraction_method combined``: the rewrite's facts, plus the model's (grounded, filtered)
     for the user messages where the rules found none."""
-    result = rewrite_memory_entries(sessions, dataclasses.replace(cfg, method="rewrite"))
-    found = {(c.session_id, c.message_index) for c in result.candidates}
-    found |= {(r.session_id, r.message_index) for r in result.rejected if getattr(r, "session_id", None)}
+    result = rewrite_memory_entries(sessions, cfg)
+    found = {(c.session_id, c.message_index) for c in result.candidates + result.rejected}
     rest = []
     for s in sessions:
         missing = [i for i, m in enumerate(s.messages) if m.role == "user" and (s.session_id, i) not in found]

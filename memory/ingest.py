@@ -10,11 +10,11 @@ For each candidate, oldest first:
    correction, a change verb, a plan's outcome or a flipped negation) is marked ``superseded``
    by the newer one, never deleted. A candidate older than the memory it clashes with is
    stored as already superseded.
+4. otherwise it is added as ``pending`` (trained and published later).
 
 Timestamps are guarded before they order anything: one in the future (a wrong clock, a typo
 like 2099) is clamped to the time of the ingest, and one earlier than the message before it in
 the same session is clamped to that message's; each clamp is logged with its session.
-4. otherwise it is added as ``pending`` (trained and published later).
 """
 from __future__ import annotations
 

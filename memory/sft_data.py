@@ -119,7 +119,7 @@ def read_sft_data(source: str) -> List[SFTExample]:
     import datasets
 
     try:
-        if path.is_dir() and any(path.glob("dataset_info.json")) or (path / "state.json").is_file():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():  # save_to_disk
             data = datasets.load_from_disk(str(path))
         elif path.is_file():
             kind = {".parquet": "parquet", ".csv": "csv", ".json": "json"}.get(path.suffix)

@@ -115,6 +115,7 @@ CREATE TABLE IF NOT EXISTS processed_sessions (
 );
 """
 
+
 def forgotten_keys(text: str) -> List[str]:
     """Tombstone keys of a memory text: a hash of its normalised text, and a hash of its set of
     words (the same fact in another order: 'the password is X' / 'X is the password')."""
