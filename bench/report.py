@@ -551,6 +551,37 @@ def latency_section(results: Path, out_dir: Path, log: dict) -> List[str]:
     return lines
 
 
+def reliability_section(results: Path) -> List[str]:
+    """The secret filter and fault injection (docs/RELIABILITY.md has every guarantee and test)."""
+    lines = ["## Reliability", "", "Every guarantee with its tests: [RELIABILITY.md](RELIABILITY.md).", ""]
+    secrets = _load(results / "secrets_filter.json")
+    if secrets:
+        lines += ["### Secret filter (`python -m bench.secrets_filter`)", "",
+                  "Default detector (`library`) against the hand-written regex baseline, in the same run. The "
+                  "templated set is generated from templates the rules were written alongside, so it is a "
+                  "development figure.", "",
+                  "| set | detector | recall | precision | secrets | look-alikes |", "|---|---|---|---|---|---|"]
+        for name, per in secrets.items():
+            for det in ("library", "regex"):
+                r = per.get(det)
+                if r:
+                    lines.append(f"| {name} | {det} | {r['recall']:.3f} | {r['precision']:.3f} | {r['positives']} "
+                                 f"| {r['negatives']} |")
+        lines.append("")
+    faults = _load(results / "fault_injection.json")
+    if faults:
+        kinds = {k: sum(r["kind"] == k for r in faults["results"]) for k in ("time", "commit")}
+        lines += [f"### Fault injection (`{faults['command']}`, {faults.get('date', '?')})", "",
+                  f"Steps 0-2 on {faults['sessions']} development sessions ({faults['reference_rows']} memory rows, "
+                  f"{faults['reference_commits']} DB commits, {faults['reference_seconds']} s uninterrupted). Each "
+                  f"run is killed with SIGKILL ({kinds['time']} at random times, {kinds['commit']} right after a "
+                  "random DB commit), run again, and its DB compared with the uninterrupted run's (rows, statuses, "
+                  "superseded_by, vectors, session marks, tombstones, index keys).", "",
+                  f"**{faults['runs']} runs ({faults['killed']} killed mid-run), {faults['differences']} "
+                  "differences.**", ""]
+    return lines
+
+
 def render(results: Path, docs: Path, log: dict, quick: bool = False) -> None:
     docs.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -573,6 +604,7 @@ def render(results: Path, docs: Path, log: dict, quick: bool = False) -> None:
     out += gpu_section(results)
     out += scale_section(results, docs.parent, log)
     out += latency_section(results, docs.parent, log)
+    out += reliability_section(results)
     failed = {k: v for k, v in log.items() if v.get("exit")}
     if failed:
         out += ["## Parts that failed in the last run", ""]

@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import datetime as _dt
 import logging
-from typing import Dict, FrozenSet, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 
@@ -44,12 +44,14 @@ class IngestReport:
     duplicate_near: int = 0
     superseded: int = 0
     forgotten: int = 0  # candidates the user had forgotten before (tombstones), not stored again
+    already_stored: int = 0  # statements stored by an earlier read of the same session
     secrets: Dict[str, int] = dataclasses.field(default_factory=dict)  # dropped, by secret type
     events: List[dict] = dataclasses.field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
         return {"added": len(self.added), "duplicate_exact": self.duplicate_exact,
                 "duplicate_near": self.duplicate_near, "superseded": self.superseded, "forgotten": self.forgotten,
+                "already_stored": self.already_stored,
                 "secret_filtered": sum(self.secrets.values())}
 
 
@@ -72,10 +74,17 @@ class _UserView:
 
 def ingest_candidates(db: MemoryVectorDB, candidates: Sequence[MemoryCandidate], vectorizer, *,
                       near_duplicate_cosine: float = 0.97, near_duplicate_jaccard: float = 0.6,
-                      secret_filter=None) -> IngestReport:
+                      secret_filter=None, finish: Optional[Callable[[], None]] = None) -> IngestReport:
     """Store ``candidates`` (de-duplicated, update rule applied). With a ``secret_filter``
     (memory.secrets), a candidate holding a password, key, card number, IBAN or private key is
-    dropped before it is embedded or stored; ``report.secrets`` counts them by type."""
+    dropped before it is embedded or stored; ``report.secrets`` counts them by type.
+
+    Everything is stored in ONE transaction (``MemoryVectorDB.batch``), together with what
+    ``finish`` writes (the caller's bookkeeping: the sessions marked processed). A crash or a
+    kill -9 leaves the DB as it was, and the rerun stores exactly what an uninterrupted run
+    would have. A statement stored before (``MemoryVectorDB.stored_from``: an edited session
+    read again) is not stored twice. Candidates are encoded before the transaction starts,
+    so other writers (``python -m memory forget``) wait only for the writes."""
     report = IngestReport()
     if secret_filter is not None:
         counts: collections.Counter = collections.Counter()
@@ -83,31 +92,41 @@ def ingest_candidates(db: MemoryVectorDB, candidates: Sequence[MemoryCandidate],
         report.secrets = dict(counts)
         log_filtered(counts, "memories")
         report.events += [{"event": "secret_filtered", "types": sorted(counts)}] if counts else []
-    kept = []
-    for c in candidates:  # a fact the user forgot stays forgotten, unless they add it themselves
-        if c.source == "manual":
-            db.unforget(c.user_id, c.text)
-        elif db.is_forgotten(c.user_id, c.text):
-            report.forgotten += 1
-            report.events.append({"event": "forgotten", "session_id": c.session_id, "message_index": c.message_index})
-            continue
-        kept.append(c)
-    candidates = kept
-    if not candidates:
-        return report
+    candidates = [c for c in candidates if _not_stored_or_forgotten(db, c, report)]
     ordered = sorted(clamp_timestamps(candidates), key=lambda c: (c.timestamp or "", c.message_index or 0))
     chunks = []
     for i in range(0, len(ordered), 256):  # a stop request (SIGTERM) is honoured between chunks
         check_stop("storing memories")
         chunks.append(np.asarray(vectorizer.encode([c.text for c in ordered[i:i + 256]]), dtype=np.float32))
-    vectors = np.concatenate(chunks)
-    views: Dict[str, _UserView] = {}
-    for cand, vec in zip(ordered, vectors):
-        view = views.setdefault(cand.user_id, _UserView(db, cand.user_id))
-        if _is_duplicate(db, view, cand, vec, report, near_duplicate_cosine, near_duplicate_jaccard):
-            continue
-        _add_with_update_rule(db, view, cand, vec, vectorizer.encoder_id, report)
+    vectors = np.concatenate(chunks) if ordered else []
+    with db.batch():
+        views: Dict[str, _UserView] = {}
+        for cand, vec in zip(ordered, vectors):
+            if not _not_stored_or_forgotten(db, cand, report):  # forgotten since it was read
+                continue
+            if cand.source == "manual":  # the user adds it again: the tombstone goes
+                db.unforget(cand.user_id, cand.text)
+            view = views.setdefault(cand.user_id, _UserView(db, cand.user_id))
+            if _is_duplicate(db, view, cand, vec, report, near_duplicate_cosine, near_duplicate_jaccard):
+                continue
+            _add_with_update_rule(db, view, cand, vec, vectorizer.encoder_id, report)
+        if finish is not None:
+            finish()
     return report
+
+
+def _not_stored_or_forgotten(db: MemoryVectorDB, cand: MemoryCandidate, report: IngestReport) -> bool:
+    """False (counted) for a statement already stored, or a fact the user forgot: it stays
+    forgotten unless they add it themselves."""
+    if cand.source != "manual" and db.stored_from(cand) is not None:
+        report.already_stored += 1
+        return False
+    if cand.source != "manual" and db.is_forgotten(cand.user_id, cand.text):
+        report.forgotten += 1
+        report.events.append({"event": "forgotten", "session_id": cand.session_id,
+                              "message_index": cand.message_index})
+        return False
+    return True
 
 
 def clamp_timestamps(candidates: Sequence[MemoryCandidate], now: Optional[str] = None) -> List[MemoryCandidate]:
@@ -157,24 +176,29 @@ def _same_message(record, cand) -> bool:
 
 
 def _add_with_update_rule(db, view, cand, vec, encoder_id, report) -> None:
-    key = subject_key(cand.text)
+    """Store ``cand``; the live memories it replaces become superseded by it, in the same
+    transaction (``MemoryVectorDB.add_one``). An older statement arriving late loses to the
+    newer memory and is stored already superseded."""
     # facts of one message do not update each other: "I sold my car and don't have one any more"
     # gives two facts on the subject, both true at once
     older = [r for r in view.replaced_by(cand.text) if not _same_message(r, cand)]
-    # a memory forgotten while this batch runs (python -m memory forget) is gone, not replaced
-    older = [r for r in older if db.get(r.id).status in LIVE]
-    [new_id] = db.add([cand], vec[None, :], encoder_id, status="pending", subject_keys=[key])
-    report.added.append(new_id)
+    older = [r for r in older if db.get(r.id).status in LIVE]  # a view read before a forget: gone, not replaced
+    replaced, newer = [], None
     for old in older:
         if (old.said_at or "") <= (cand.timestamp or ""):
-            db.set_status([old.id], "superseded", superseded_by=new_id)
-            view.records.pop(old.id, None)
-            report.events.append({"event": "superseded", "old": old.id, "old_text": old.text,
-                                  "new": new_id, "text": cand.text})
-        else:  # an older statement arriving late: it loses to the newer memory
-            db.set_status([new_id], "superseded", superseded_by=old.id)
-            report.events.append({"event": "superseded", "old": new_id, "new": old.id, "text": cand.text})
-            report.superseded += 1
-            return
-        report.superseded += 1
-    view.records[new_id] = db.get(new_id)
+            replaced.append(old)
+        else:
+            newer = old
+            break
+    new_id = db.add_one(cand, vec, encoder_id, subject_key=subject_key(cand.text),
+                        supersedes=[r.id for r in replaced], superseded_by=None if newer is None else newer.id)
+    report.added.append(new_id)
+    for old in replaced:
+        view.records.pop(old.id, None)
+        report.events.append({"event": "superseded", "old": old.id, "old_text": old.text,
+                              "new": new_id, "text": cand.text})
+    report.superseded += len(replaced) + (newer is not None)
+    if newer is not None:
+        report.events.append({"event": "superseded", "old": new_id, "new": newer.id, "text": cand.text})
+    else:
+        view.records[new_id] = db.get(new_id)

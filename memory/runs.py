@@ -30,6 +30,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from memory.faults import CRASH_ENV, crash_point  # noqa: F401  (re-exported)
 from memory.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -268,18 +269,6 @@ def raise_if_stopped(trainer_state, where: str) -> None:
     if STOP.is_set() and trainer_state.global_step < trainer_state.max_steps:
         raise StopRequested(f"{where} stopped at step {trainer_state.global_step}/{trainer_state.max_steps}; "
                             "checkpoint saved")
-
-
-CRASH_ENV = "RECALL_MEMORY_CRASH_AT"
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for the reliability tests: ``RECALL_MEMORY_CRASH_AT=<name>`` makes the
-    process SIGKILL itself here (no cleanup runs, exactly like ``kill -9`` or a power cut)."""
-    if os.environ.get(CRASH_ENV) == name:
-        logger.warning("%s=%s: killing this process", CRASH_ENV, name)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- status file

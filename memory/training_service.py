@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import datetime as dt
 import json
 import logging
@@ -53,6 +54,7 @@ class RunSummary:
     memories_duplicate: int = 0
     memories_superseded: int = 0
     memories_forgotten: int = 0  # proposed again after the user forgot them: not stored
+    memories_already_stored: int = 0  # stored by an earlier read of the same session (it was edited)
     memories_rejected: int = 0
     memories_imported: int = 0
     recall: Optional[dict] = None
@@ -75,7 +77,8 @@ class RunSummary:
             f"memories: {self.memories_added} added, {self.memories_duplicate} duplicate, "
             f"{self.memories_superseded} superseded, {self.memories_rejected} rejected ({reasons})"
             + (f", {self.memories_imported} imported" if self.memories_imported else "")
-            + (f", {self.memories_forgotten} forgotten before (not stored)" if self.memories_forgotten else ""),
+            + (f", {self.memories_forgotten} forgotten before (not stored)" if self.memories_forgotten else "")
+            + (f", {self.memories_already_stored} stored before" if self.memories_already_stored else ""),
             *([f"resumed unfinished run {self.resumed}"] if self.resumed else []),
             *([_plan_line(self.plan)] if self.plan else []),
             *([_recall_line(self.recall)] if self.recall else []),
@@ -307,12 +310,14 @@ class MemoryTrainingService:
         self._save_decoded(result, run)
         return self.publish_run(run, recall_metrics)
 
-    def publish_run(self, run: RunDir, recall_metrics: Optional[dict]) -> Path:
+    def publish_run(self, run: RunDir, recall_metrics: Optional[dict]) -> Optional[Path]:
         """Step 4: publish ``run/decode/model`` + a DB snapshot (this run's memories active in
         it) as a version, switch ``current``, then activate the memories in the live DB.
-        Idempotent: a crash after the switch is finished on the next run."""
+        Idempotent: a crash after the switch is finished on the next run. A memory the run
+        trained on that is forgotten before the snapshot is taken retires the run (nothing is
+        published; returns None); one forgotten between the snapshot and the switch is erased
+        from the new version's snapshot, and the next cycle retrains without it."""
         from memory.publish import publish_version
-        from memory.vector_db import MemoryVectorDB
 
         plan = run.plan if (run.path / PLAN).is_file() else {}
         cfg = json.loads((run.path / "recall" / "recall_config.json").read_text())
@@ -322,9 +327,7 @@ class MemoryTrainingService:
             version = current
             logger.info("%s was already published as %s; finishing", run.path, version.name)
         else:
-            source = run.path / "decode" / "model"
             metrics = {"recall": recall_metrics, "decoding": json.loads((run.path / "decode" / "metrics.json").read_text())}
-            trained_set = set(trained)
             lm = self.loaded
             manifest = {"base_model": lm.source.identity, "base_location": lm.source.location,
                         "base_gguf_file": lm.source.gguf_file, "run_dir": str(run.path.absolute()),
@@ -332,24 +335,16 @@ class MemoryTrainingService:
                         "mode": plan.get("mode", "full"), "new": len(plan.get("new_ids", [])),
                         "replayed": len(plan.get("replay_ids", [])), "base_version": plan.get("base_version"),
                         "adapter_scope": cfg.get("adapter_scope", "all")}
-
-            def write(tmp: Path) -> List[str]:
-                files = [str(p.relative_to(source)) for p in sorted(source.rglob("*")) if p.is_file()]
-                for f in files:
-                    (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-                    _link_or_copy(source / f, tmp / f)
-                files += [f"memory_db/{f}" for f in self.db.snapshot(tmp / "memory_db")]
-                with MemoryVectorDB(tmp / "memory_db") as snap:  # this run's memories are what the version knows
-                    ids = [r.id for r in snap.records(statuses=("pending",)) if r.id in trained_set]
-                    if ids:
-                        snap.set_status(ids, "active")
-                    known = [r.id for r in snap.records(statuses=("active",))]
-                manifest["memory_ids"] = known  # read by the next plan (forgotten memories force a full retrain)
-                atomic_write_json(tmp / "metrics.json", metrics)
-                return files + ["metrics.json"]
-
-            version = publish_version(self.models_dir(), write, manifest, retention=self.args.keep_versions)
+            writer = functools.partial(self._write_version, run.path / "decode" / "model", set(trained), manifest, metrics)
+            try:
+                version = publish_version(self.models_dir(), writer, manifest, retention=self.args.keep_versions)
+            except _ForgottenDuringRun as gone:
+                run.mark("abandoned", {"reason": f"memories {gone.ids[:10]} were forgotten before publishing"})
+                logger.warning("%s: memories %s were forgotten during the run; nothing published (the next cycle "
+                               "trains without them)", run.path, gone.ids[:10])
+                return None
             crash_point("published")
+            self._erase_forgotten(version, trained)
         pending = [r.id for r in self.db.records(statuses=("pending",)) if r.id in set(trained)]
         if pending:
             self.db.set_status(pending, "active")
@@ -358,6 +353,41 @@ class MemoryTrainingService:
             run.mark("publish", {"version": str(version)})
             shutil.rmtree(run.path / "decode" / "model", ignore_errors=True)  # the version holds it now
         return version
+
+    def _write_version(self, source: Path, trained: set, manifest: dict, metrics: dict, tmp: Path) -> List[str]:
+        """publish_version's ``write``: the model's files, a snapshot of the live DB with this
+        run's memories active, and the metrics. Raises _ForgottenDuringRun when the snapshot
+        shows a trained memory forgotten."""
+        files = [str(p.relative_to(source)) for p in sorted(source.rglob("*")) if p.is_file()]
+        for f in files:
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(source / f, tmp / f)
+        files += [f"memory_db/{f}" for f in self.db.snapshot(tmp / "memory_db")]
+        with MemoryVectorDB(tmp / "memory_db") as snap:  # this run's memories are what the version knows
+            gone = sorted(r.id for r in snap.records(statuses=("deleted",)) if r.id in trained)
+            if gone:
+                raise _ForgottenDuringRun(gone)
+            ids = [r.id for r in snap.records(statuses=("pending",)) if r.id in trained]
+            if ids:
+                snap.set_status(ids, "active")
+            known = [r.id for r in snap.records(statuses=("active",))]
+        manifest["memory_ids"] = known  # read by the next plan (forgotten memories force a full retrain)
+        atomic_write_json(tmp / "metrics.json", metrics)
+        return files + ["metrics.json"]
+
+    def _erase_forgotten(self, version: Path, trained: Sequence[int]) -> None:
+        """Memories forgotten after the snapshot was taken but before ``current`` switched
+        (``python -m memory forget`` did not see this version yet): erase them from it too."""
+        gone = set(r.id for r in self.db.records(statuses=("deleted",)))
+        late = [i for i in trained if i in gone]
+        if not late:
+            return
+        with MemoryVectorDB(version / "memory_db") as snap:
+            present = [i for i in late if snap.get(i).status != "deleted"]
+            if present:
+                snap.forget(present)
+        logger.warning("%s: memories %s were forgotten while it was published; erased from its memory DB, and "
+                       "the next cycle retrains without them", version, late[:10])
 
     def _config_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model_args), "memory": dataclasses.asdict(self.args),
@@ -390,14 +420,18 @@ class MemoryTrainingService:
         return self._vectorizer
 
     def store_memories(self, sessions: List[ChatSession], result: ExtractionResult) -> IngestReport:
-        """Step 2b: de-duplicate, apply the update rule, store; then mark sessions processed."""
+        """Step 2b: de-duplicate, apply the update rule, store, and mark the sessions processed,
+        all in one transaction: a crash anywhere leaves a DB that the rerun completes exactly."""
+        per_session = collections.Counter(c.session_id for c in result.candidates)
+
+        def mark_processed() -> None:
+            for s in sessions:
+                self.db.mark_session_processed(s.session_id, s.content_hash(), s.source_path or "",
+                                               per_session.get(s.session_id, 0))
+
         report = ingest_candidates(self.db, result.candidates, self.vectorizer(),
                                    near_duplicate_cosine=self.args.near_duplicate_cosine,
-                                   secret_filter=self.secret_filter)
-        per_session = collections.Counter(c.session_id for c in result.candidates)
-        for s in sessions:
-            self.db.mark_session_processed(s.session_id, s.content_hash(), s.source_path or "",
-                                           per_session.get(s.session_id, 0))
+                                   secret_filter=self.secret_filter, finish=mark_processed)
         self.db.flush()
         return report
 
@@ -470,6 +504,7 @@ class MemoryTrainingService:
             ingest.duplicate_near += imported.duplicate_near
             ingest.superseded += imported.superseded
             ingest.forgotten += imported.forgotten
+            ingest.already_stored += imported.already_stored
             ingest.events += imported.events
         _fill_counts(summary, extraction, ingest)
         self._new_session_ids = [s.session_id for s in todo]
@@ -631,7 +666,8 @@ class MemoryTrainingService:
         if is_main():
             self.status.update(stage="publish", progress=None)
             with timer("publish"):
-                summary.version = str(self.publish_run(run, summary.recall))
+                version = self.publish_run(run, summary.recall)
+                summary.version = None if version is None else str(version)
         barrier()
 
     def _start_point(self, plan: dict):
@@ -680,6 +716,7 @@ def _fill_counts(summary: RunSummary, extraction: Optional[ExtractionResult], in
     summary.memories_duplicate = counts["duplicate_exact"] + counts["duplicate_near"]
     summary.memories_superseded = counts["superseded"]
     summary.memories_forgotten = counts["forgotten"]
+    summary.memories_already_stored = counts["already_stored"]
     if extraction:
         summary.memories_rejected = len(extraction.rejected)
         reasons = collections.Counter(r.reason.split(":")[0] for r in extraction.rejected)
@@ -706,6 +743,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+class _ForgottenDuringRun(Exception):
+    """A memory the run trained on was forgotten before its version was published."""
+
+    def __init__(self, ids: List[int]):
+        super().__init__(f"memories {ids[:10]} were forgotten")
+        self.ids = ids
 
 
 class _StageTimer:

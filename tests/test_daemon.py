@@ -255,7 +255,8 @@ def test_a_checkpoint_cut_short_by_a_kill_is_never_resumed_from(tmp_path):
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
-@pytest.mark.reliability(fault='SIGTERM during training (systemd stop)', outcome='exit 0 with a checkpoint; next run resumes')
+@pytest.mark.reliability(fault='SIGTERM during training (systemd stop)',
+                         outcome='exit 0 with a checkpoint; next run resumes', cls="bounded")
 def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_the_next_run_resumes(tiny_model_dir, tmp_path):
     f = _files(tmp_path)
     out = tmp_path / "out"
@@ -275,7 +276,7 @@ def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_the_next_run_resumes(
     assert _state(out)["snapshot"] == sorted(FIRST)
 
 
-@pytest.mark.reliability(fault='A chat session written while a cycle runs', outcome='nothing lost: trained in the next cycle')
+@pytest.mark.reliability(fault='A chat session written while a cycle runs', outcome='nothing lost: trained in the next cycle', cls="daemon")
 def test_a_session_written_during_a_cycle_waits_for_the_next_one(tiny_model_dir, tmp_path):
     from memory.chat_store import ChatStore
     from memory.schema import ChatMessage, ChatSession
@@ -300,7 +301,8 @@ def test_a_session_written_during_a_cycle_waits_for_the_next_one(tiny_model_dir,
 
 
 # ------------------------------------------------------------------ the daemon
-@pytest.mark.reliability(fault='Two daemons and a manual run at once', outcome="one trains; the others exit 3 with the holder's pid")
+@pytest.mark.reliability(fault='Two daemons and a manual run at once',
+                         outcome="one trains; the others exit 3 with the holder's pid", cls="daemon")
 def test_two_daemons_one_trains_and_a_manual_run_is_refused(tiny_model_dir, tmp_path):
     f = _files(tmp_path)
     out = tmp_path / "out"
@@ -333,7 +335,7 @@ def test_two_daemons_one_trains_and_a_manual_run_is_refused(tiny_model_dir, tmp_
 
 
 @pytest.mark.reliability(fault='A cycle failing on a corrupt SFT file under the daemon',
-                         outcome='daemon alive; current kept; recovered when fixed')
+                         outcome='daemon alive; current kept; recovered when fixed', cls="daemon")
 def test_the_daemon_survives_a_failed_cycle_and_keeps_current(tiny_model_dir, tmp_path):
     f = _files(tmp_path)
     out = tmp_path / "out"

@@ -113,17 +113,18 @@ def test_two_process_deepspeed_run_publishes_what_one_process_trains(config, sco
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed")
-@pytest.mark.reliability(fault="ZeRO-3 over 2 processes with the default MiniLM teacher",
-                         outcome="the helper model loads whole; the run publishes")
-def test_zero3_with_the_default_teacher_publishes(tiny_model_dir, tmp_path):
-    """The default step 1 loads a helper model (the MiniLM teacher) while a ZeRO-3 config is
-    active: it must load whole, outside ZeRO-3's partitioning, and the run publish."""
+@pytest.mark.reliability(fault="ZeRO-2, ZeRO-3 and ZeRO-3 offload over 2 processes with the default MiniLM teacher",
+                         outcome="the helper model loads whole; the run publishes a loadable version")
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_zero_with_the_default_teacher_publishes(config, tiny_model_dir, tmp_path):
+    """The default step 1 loads a helper model (the MiniLM teacher) while a ZeRO config is
+    active: under ZeRO-3 it must load whole, outside the partitioning, and every run publish."""
     out = tmp_path / "out"
     flags = _flags(tiny_model_dir, tmp_path, out)
     flags = flags[:flags.index("--recall_teacher")]  # the default teacher (all-MiniLM-L6-v2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(28500 + (os.getpid() % 1000)), "run_training.py",
-           "--deepspeed", "ds_configs/zero3.json", *flags]
+           "--deepspeed", f"ds_configs/{config}", *flags]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert done.stdout.count("published: ") == 1 and _published(out)["snapshot"] == sorted(FACTS)

@@ -99,7 +99,7 @@ def test_half_written_version_directory_is_never_used(published):
     assert resolve_current(out / "models") != junk
 
 
-@pytest.mark.reliability(fault='Wall clock set back a day under the scheduler', outcome='jobs rescheduled from the new time')
+@pytest.mark.reliability(fault='Wall clock set back a day under the scheduler', outcome='jobs rescheduled from the new time', cls="daemon")
 def test_scheduler_survives_the_clock_jumping_backwards(tiny_model_dir, tmp_path, monkeypatch):
     """A wall clock set back (NTP, a VM restore) must not park the daemon until the clock
     catches up with the old next-run time: it reschedules from the new time."""

@@ -118,7 +118,7 @@ def test_recall_for_one_user_never_returns_another_users_memory(tmp_path):
         assert db_search(db, "carol", top_k=5)(v) == [[]]
 
 
-@pytest.mark.reliability(fault='A run under umask 022', outcome='every file 0600, every directory 0700')
+@pytest.mark.reliability(fault='A run under umask 022', outcome='every file 0600, every directory 0700', cls="privacy")
 def test_everything_a_run_writes_is_the_owners_alone(tiny_model_dir, tmp_path):
     """0600 files and 0700 directories for the DB, runs, checkpoints, reports and versions."""
     import json
@@ -164,7 +164,8 @@ LOOKALIKES = ["The user's password is too short.", "The user's phone is 555 123 
               "Invoice 4111111111111112 is overdue.", "The ISBN is 978-0-306-40615-7.", "The user likes tea."]
 
 
-@pytest.mark.reliability(fault='Secrets of 6 kinds and 5 look-alikes', outcome='each kind found; no look-alike flagged (library)')
+@pytest.mark.reliability(fault='Secrets of 6 kinds and 5 look-alikes',
+                         outcome='each kind found; no look-alike flagged (library)', cls="secrets")
 @pytest.mark.parametrize("detector", ["library", "regex"])
 def test_secret_filter_finds_each_kind_and_passes_lookalikes(detector):
     from memory.secrets import SecretFilter
@@ -179,7 +180,7 @@ def test_secret_filter_finds_each_kind_and_passes_lookalikes(detector):
         SecretFilter("magic")
 
 
-@pytest.mark.reliability(fault='Memories holding secrets', outcome='never stored; logged by type, never by value')
+@pytest.mark.reliability(fault='Memories holding secrets', outcome='never stored; logged by type, never by value', cls="secrets")
 def test_memories_with_secrets_are_never_stored_and_logged_by_type_only(tmp_path, tiny_model, tokenizer, caplog):
     import logging
 
@@ -202,7 +203,7 @@ def test_memories_with_secrets_are_never_stored_and_logged_by_type_only(tmp_path
                 assert secret_part not in caplog.text
 
 
-@pytest.mark.reliability(fault='Chat turns holding secrets', outcome='not used as SFT data')
+@pytest.mark.reliability(fault='Chat turns holding secrets', outcome='not used as SFT data', cls="secrets")
 def test_chat_turns_with_secrets_do_not_become_sft_or_cues(tmp_path, tiny_model_dir):
     import json
 
@@ -239,7 +240,7 @@ def decoding_model_dir(tokenizer, tmp_path_factory):
 
 
 @pytest.mark.reliability(fault='forget on a memory the model decodes exactly',
-                         outcome='erased at once; after the next cycle neither decoded nor retrieved')
+                         outcome='erased at once; after the next cycle neither decoded nor retrieved', cls="forget")
 def test_forget_erases_at_once_and_the_next_cycle_no_longer_decodes_or_retrieves_it(decoding_model_dir, tmp_path):
     """forget removes the record and vector from the live DB and every version's snapshot at
     once; the next cycle retrains from the base model without it, after which its old vector

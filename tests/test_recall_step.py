@@ -181,9 +181,9 @@ def test_import_then_train_recall_with_kfold(tiny_model_dir, tmp_path, capsys):
     with MemoryVectorDB(tmp_path / "out" / "memory_db") as db:
         cues_before = {r.id: r.cues for r in db.records()}
     assert all(cues_before.values())  # stored with the memory
-    # rerun: the same memories are duplicates, cues are reused, not regenerated
+    # rerun: the same statements are already stored (not stored twice); cues are reused, not regenerated
     code = _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "0")
-    assert code == 0 and "3 duplicate" in capsys.readouterr().out
+    assert code == 0 and "0 added" in (out := capsys.readouterr().out) and "3 stored before" in out
     with MemoryVectorDB(tmp_path / "out" / "memory_db") as db:
         assert {r.id: r.cues for r in db.records()} == cues_before
 
