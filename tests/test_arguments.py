@@ -59,7 +59,7 @@ def test_cuda_asked_where_there_is_none_is_one_line(capsys):
 
 
 @pytest.mark.reliability(fault="The memory CLI writing while a run holds the DB", outcome="one-line error naming the DB, rc 1")
-def test_the_memory_cli_meeting_a_locked_database_says_so_in_one_line(tmp_path, capsys):
+def test_the_memory_cli_meeting_a_locked_database_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     import sqlite3
 
     from memory.__main__ import main as memory_cli
@@ -75,6 +75,7 @@ def test_the_memory_cli_meeting_a_locked_database_says_so_in_one_line(tmp_path, 
     db_file = next((out / "memory_db").glob("*.sqlite*"))
     holder = sqlite3.connect(db_file)
     holder.execute("BEGIN EXCLUSIVE")  # a training run writing the store
+    monkeypatch.setattr("memory.vector_db.BUSY_TIMEOUT_S", 0.5)  # it waits 60 s for the run by default
     try:
         code = memory_cli(["--output_dir", str(out), "forget", str(rid), "--yes"])
     finally:
