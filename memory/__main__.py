@@ -96,27 +96,10 @@ def _provenance(r) -> List[str]:
 
 def _forget_in_versions(models_dir: Path, ids: List[int]) -> int:
     """Erase ``ids`` from every published version's DB snapshot too (recall reads those)."""
-    from memory.publish import list_versions
+    from memory.publish import forget_in_version, list_versions
 
-    n = 0
-    for version in list_versions(models_dir) if models_dir.is_dir() else []:
-        snap = version / "memory_db"
-        if not snap.is_dir():
-            continue
-        with MemoryVectorDB(snap) as db:
-            present = [i for i in ids if _status(db, i) not in (None, "deleted")]
-            if present:
-                db.forget(present)
-                n += 1
-    return n
-
-
-def _status(db: MemoryVectorDB, id: int) -> Optional[str]:
-    """The record's status in ``db``, or None when the snapshot predates it."""
-    try:
-        return db.get(id).status
-    except KeyError:
-        return None
+    versions = list_versions(models_dir) if models_dir.is_dir() else []
+    return sum(forget_in_version(version, ids) for version in versions)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -51,4 +51,6 @@ def after_commit() -> None:
 
 def _report_unreached(spec: str) -> None:
     """At a normal exit: how many commits there were (bench.fault_injection reads this line)."""
+    # print, not logging: the run's log handlers may go to stdout or be closed by now, and the
+    # benchmark reads this line from stderr
     print(f"{CRASH_ENV}={spec} not reached: {_commits} commits", file=sys.stderr, flush=True)

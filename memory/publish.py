@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from memory.fileio import atomic_write_json
+from memory.vector_db import MemoryVectorDB
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,26 @@ def is_complete(version_dir: Path) -> bool:
     except ValueError:
         return False
     return isinstance(data, dict) and all((Path(version_dir) / f).exists() for f in data.get("files", []))
+
+
+def forget_in_version(version: Path, ids: List[int]) -> bool:
+    """Erase ``ids`` from a published version's DB snapshot too (recall reads it); whether any
+    was there (a snapshot older than a record does not hold it)."""
+    snap = Path(version) / "memory_db"
+    if not snap.is_dir():
+        return False
+    with MemoryVectorDB(snap) as db:
+        present = [i for i in ids if _status(db, i) not in (None, "deleted")]
+        if present:
+            db.forget(present)
+    return bool(present)
+
+
+def _status(db: MemoryVectorDB, id: int) -> Optional[str]:
+    try:
+        return db.get(id).status
+    except KeyError:
+        return None
 
 
 def list_versions(models_dir: Path) -> List[Path]:

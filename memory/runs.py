@@ -30,7 +30,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from memory.faults import CRASH_ENV, crash_point  # noqa: F401  (re-exported)
+from memory.faults import crash_point
 from memory.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ from memory.config import MemoryArguments, ModelArguments
 from memory.fileio import atomic_write_json
 from memory.extraction import ExtractionConfig, ExtractionResult, extract_memory_entries
 from memory.ingest import IngestReport, ingest_candidates
-from memory.runs import (PLAN, MarkCompleteCheckpoints, ProgressCallback, RunDir, Status, StopAtStepEnd, check_stop, crash_point,
+from memory.faults import crash_point
+from memory.runs import (PLAN, MarkCompleteCheckpoints, ProgressCallback, RunDir, Status, StopAtStepEnd, check_stop,
                          find_unfinished)
 from memory.schema import ChatSession
 from recall.activation import is_activated
@@ -378,16 +379,12 @@ class MemoryTrainingService:
     def _erase_forgotten(self, version: Path, trained: Sequence[int]) -> None:
         """Memories forgotten after the snapshot was taken but before ``current`` switched
         (``python -m memory forget`` did not see this version yet): erase them from it too."""
-        gone = set(r.id for r in self.db.records(statuses=("deleted",)))
-        late = [i for i in trained if i in gone]
-        if not late:
-            return
-        with MemoryVectorDB(version / "memory_db") as snap:
-            present = [i for i in late if snap.get(i).status != "deleted"]
-            if present:
-                snap.forget(present)
-        logger.warning("%s: memories %s were forgotten while it was published; erased from its memory DB, and "
-                       "the next cycle retrains without them", version, late[:10])
+        from memory.publish import forget_in_version
+
+        late = self.forgotten_since({"memory_ids": trained})
+        if late and forget_in_version(version, late):
+            logger.warning("%s: memories %s were forgotten while it was published; erased from its memory DB, and "
+                           "the next cycle retrains without them", version, late[:10])
 
     def _config_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model_args), "memory": dataclasses.asdict(self.args),

@@ -556,14 +556,21 @@ class MemoryVectorDB:
             if not candidates:
                 return []
             with self._transaction() as conn:
-                if self.encoder_id is None:
-                    self._set_meta(conn, "encoder_id", encoder_id)
-                    self._set_meta(conn, "ndim", str(vecs.shape[1]))
+                self._claim_encoder(conn, encoder_id, vecs.shape[1])
                 ids = self._insert_rows(conn, candidates, vecs, encoder_id, status, keys)
-            if self._index is None:
-                self._index = self._new_index(vecs.shape[1])
-            self._index_add(ids, vecs)
+            self._index_new(ids, vecs)
             return ids
+
+    def _claim_encoder(self, conn, encoder_id: str, ndim: int) -> None:
+        """The first vectors stored fix the DB's encoder and width (checked by _check_encoder)."""
+        if self.encoder_id is None:
+            self._set_meta(conn, "encoder_id", encoder_id)
+            self._set_meta(conn, "ndim", str(ndim))
+
+    def _index_new(self, ids: Sequence[int], vecs: np.ndarray) -> None:
+        if self._index is None:
+            self._index = self._new_index(vecs.shape[1])
+        self._index_add(ids, vecs)
 
     def _insert_rows(self, conn, candidates, vecs, encoder_id, status, keys) -> List[int]:
         now = _utc_now()
@@ -590,9 +597,7 @@ class MemoryVectorDB:
         with self._lock:
             self._check_encoder(encoder_id, vecs.shape[1])
             with self._transaction() as conn:
-                if self.encoder_id is None:
-                    self._set_meta(conn, "encoder_id", encoder_id)
-                    self._set_meta(conn, "ndim", str(vecs.shape[1]))
+                self._claim_encoder(conn, encoder_id, vecs.shape[1])
                 targets = olds + ([int(superseded_by)] if superseded_by is not None else [])
                 existing = self._existing(conn, targets) if targets else {}
                 self._check_status_change(conn, olds, existing, "superseded", None)
@@ -604,9 +609,7 @@ class MemoryVectorDB:
                 for chunk in _chunks(olds):
                     conn.execute(f"UPDATE memories SET status = 'superseded', superseded_by = ?, updated_at = ? "
                                  f"WHERE id IN ({_placeholders(len(chunk))})", [new_id, now, *chunk])
-            if self._index is None:
-                self._index = self._new_index(vecs.shape[1])
-            self._index_add([new_id], vecs)
+            self._index_new([new_id], vecs)
             return new_id
 
     def stored_from(self, candidate: MemoryCandidate) -> Optional[int]:

@@ -3,7 +3,7 @@ the training lock, sessions arriving mid-cycle, failed cycles, and the memory CL
 
 Real processes (``run_training.py`` / ``--daemon`` / ``python -m memory``) on the tiny random
 model; a crash is a real SIGKILL, either from outside or self-inflicted at a named point
-(``RECALL_MEMORY_CRASH_AT``, see memory.runs.crash_point)."""
+(``RECALL_MEMORY_CRASH_AT``, see memory.faults.crash_point)."""
 import json
 import os
 import signal
