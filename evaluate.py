@@ -10,8 +10,10 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from memory.evaluation import QuestionsFormatError, evaluate_retrieval, find_model_dir, format_table
+from memory.sft_data import SFTFormatError, read_prompts
 
 
 def main(argv=None) -> int:
@@ -31,13 +33,20 @@ def _main(argv=None) -> int:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--memories_per_recall", type=int, default=None,
                     help="memories injected per <recall> in the answer figures (default: the version's)")
+    ap.add_argument("--general_prompts", default=None,
+                    help="JSON list of general prompts no memory answers, for the false-recall and forgetting "
+                         "figures (default: memory/data/heldout_prompts.json, never trained on)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        prompts = read_prompts(Path(args.general_prompts)) if args.general_prompts else None
         model_dir = args.model_dir or find_model_dir(args.output_dir)
         report = evaluate_retrieval(args.output_dir, model_dir, args.questions, device=args.device,
-                                    precision=args.precision, memories_per_recall=args.memories_per_recall)
-    except (QuestionsFormatError, FileNotFoundError) as exc:
+                                    precision=args.precision, memories_per_recall=args.memories_per_recall,
+                                    heldout_prompts=prompts)
+        if prompts is not None and "general" in report:
+            report["general"]["prompts"] = args.general_prompts
+    except (QuestionsFormatError, SFTFormatError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_table(report))

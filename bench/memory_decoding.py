@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no_throughput", action="store_true", help="skip the default-vs-naive throughput check")
     ap.add_argument("--questions", default=str(ROOT / "examples" / "questions.json"),
                     help="questions the published version is evaluated on (with -- --chats_dir DIR for other chats)")
+    ap.add_argument("--general_prompts", default=None,
+                    help="general prompts for the false-recall figure (default: memory/data/heldout_prompts.json)")
     ap.add_argument("pipeline_args", nargs="*", help="extra run_training.py flags (after --)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -168,7 +170,13 @@ def main(argv=None) -> int:
         else:
             work = Path(args.work or tempfile.mkdtemp(prefix="bench-decoding-"))
             result["pipeline"] = run_pipeline(work, args.pipeline_args)
-        report = evaluate_version(result["pipeline"]["version"], args.questions, precision="fp32")
+        from memory.sft_data import read_prompts
+
+        prompts = read_prompts(Path(args.general_prompts)) if args.general_prompts else None
+        report = evaluate_version(result["pipeline"]["version"], args.questions, precision="fp32",
+                                  heldout_prompts=prompts)
+        if args.general_prompts:
+            report["general"]["prompts"] = args.general_prompts
         result["evaluation"] = report
         print("\n".join(result["pipeline"]["lines"]))
         print(format_table(report))

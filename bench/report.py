@@ -224,7 +224,9 @@ def answers_section(results: Path, out_dir: Path) -> List[str]:
         m = e["no_memory"]
         lines += [f"| no memory | {m['final_hit_rate']:.3f} | | | {m['context_tokens']:.0f} | "
                   f"{m['seconds_per_answer']:.2f} |", "",
-                  f"General prompts never trained on ({g['n']}): false recall rate **{g['false_recall_rate']:.3f}**. "
+                  f"General prompts never trained on ({g['n']} answers, "
+                  f"`{g.get('prompts', 'memory/data/heldout_prompts.json')}` asked by each user): false recall "
+                  f"rate **{g['false_recall_rate']:.3f}**. "
                   f"Retrieval recall@1: trained `<recall>` {e['trained_recall']['recall_at_1']:.3f}, fused with MiniLM "
                   f"{e.get('fused_recall_minilm', {}).get('recall_at_1', float('nan')):.3f}, MiniLM "
                   f"{e['minilm_rag']['recall_at_1']:.3f}. Decode exact match {e['decoding']['decode_exact_match']:.3f}.",
@@ -467,14 +469,17 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
         first = next(iter(scale["training"].values()))
         if first.get("machine"):
             prec = first.get("precision") or {}
-            lines += [f"Training cycles measured {first.get('date', '')} on {first['machine']}; step 1 trained in "
+            dates = sorted({v.get("date", "") for v in scale["training"].values()} - {""})
+            when = dates[0] if len(dates) == 1 else "on the dates in the last column, rows of a date with that date's defaults,"
+            lines += [f"Training cycles measured {when} on {first['machine']}; step 1 trained in "
                       f"{prec.get('step1', '?')}, step 2 in {prec.get('step2', '?')}. "
                       + ("Earlier series (other hosts or defaults) are kept in the JSON under "
                          + ", ".join(f"`{k}`" for k in scale if k.startswith("training_")) + "."
                          if any(k.startswith("training_") for k in scale) else ""), ""]
         lines += ["| memories | wall time of one default training cycle (s) | stages (s) | step-1 cues | "
-                  "step-2 samples per epoch | step-2 epochs run | step-2 s per sample drawn | decode exact match |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "step-2 samples per epoch | step-2 epochs run | step-2 s per sample drawn | decode exact match | "
+                  "measured |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for n, v in sorted(scale["training"].items(), key=lambda kv: int(kv[0])):
             stages = ", ".join(f"{k} {s:.0f}" for k, s in v["stage_seconds"].items() if s >= 0.5)
             em = v.get("decode_exact_match")
@@ -482,7 +487,7 @@ def scale_section(results: Path, out_dir: Path, log: dict) -> List[str]:
             per = f"{v['stage_seconds']['decode'] / drawn:.2f}" if drawn and "decode" in v["stage_seconds"] else "–"
             lines.append(f"| {n} | {v['seconds']:.0f} | {stages} | {v.get('step1_cues', '–')} | "
                          f"{v.get('step2_samples_per_epoch', '–')} | {v.get('step2_epochs', '–')} | {per} | "
-                         f"{'–' if em is None else f'{em:.2f}'} |")
+                         f"{'–' if em is None else f'{em:.2f}'} | {v.get('date', '–')} |")
         lines.append("")
     if ex:
         lines += ["| LoCoMo sessions | chat sessions | user turns | facts | extraction method | extraction (s) |",

@@ -6,10 +6,13 @@ computes, and what each threshold lets through on held-out questions.
 
 On the version and its own memory DB, in one process:
 - the calibration of ``memory.decoding_step.calibrate_threshold`` on the version's trained
-  cues (each active memory's text and stored cues) and half (67) of the bundled general prompts,
-  which no memory answers (the other half may train step 1's "no memory" class): the value,
-  the bound that decided it, and how often each sample passes;
-- for each threshold (0, the old default 0.5, the version's own and the calibrated one), on the
+  cues (each active memory's text and stored cues) and the calibration prompts
+  (``memory.sft_data.calibration_prompts``: 462 general prompts no memory answers and nothing
+  trains on): the value, the bound that decided it, and how often each sample passes;
+- the unrelated-prompt bound alone at rates 0.01, 0.025 and 0.05, beside the rule it replaced
+  (numpy's "lower" 97.5% quantile of the 67 bundled prompts);
+- for each threshold (0, the old default 0.5, the version's own, the calibrated one and those
+  bounds), on the
   held-out questions: the share whose top memory (the question's user's, as the recall loop
   searches) is at or above the threshold and contains ``expected`` ("right, injected"), and the
   share at or above it at all ("injected"), and the share of the 40 held-out general prompts
@@ -31,7 +34,7 @@ RESULTS = Path("bench/results/threshold.json")
 
 def measure(version: str, questions_path: str) -> dict:
     from memory.cues import memory_cues
-    from memory.decoding_step import calibrate_threshold
+    from memory.decoding_step import calibrate_threshold, rejecting_level
     from memory.evaluation import by_user
     from memory.sft_data import HELDOUT_PROMPTS, calibration_prompts, read_prompts
     from memory.search import db_search
@@ -57,9 +60,16 @@ def measure(version: str, questions_path: str) -> dict:
         # general prompts no memory answers and nothing trained on: how often each threshold injects one
         unit = bank / np.linalg.norm(bank, axis=1, keepdims=True).clip(1e-12)
         heldout = (engine.query_vectors(read_prompts(HELDOUT_PROMPTS)) @ unit.T).max(1)
+        # the unrelated-prompt bound alone, by calibration sample and rate, beside the quantile rule
+        # of the 67 bundled prompts it replaced
+        small = (engine.query_vectors(calibration_prompts(extra=None)) @ unit.T).max(1)
+        large = (engine.query_vectors(calibration_prompts()) @ unit.T).max(1)
+        levels = {"67 prompts, 97.5% quantile (previous rule)": float(np.quantile(small, 0.975, method="lower"))}
+        for rate in (0.01, 0.025, 0.05):
+            levels[f"{len(large)} prompts, at most {rate:g} pass"] = rejecting_level(large, rate)
         rows = {}
         for name, t in (("none (0)", 0.0), ("old default (0.5)", 0.5), ("the version's", own),
-                        ("calibrated", calibration["value"])):
+                        ("calibrated", calibration["value"]), *levels.items()):
             rows[name] = {"threshold": t, "right_injected": float(np.mean([ok and s >= t for s, ok in best])),
                           "injected": float(np.mean([s >= t for s, _ in best])),
                           "heldout_prompts_injected": float(np.mean(heldout >= t))}

@@ -161,10 +161,10 @@ def step1_scorers(model_dir, db: MemoryVectorDB, *, device="auto", precision="au
 
 
 def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto",
-                       memories_per_recall: Optional[int] = None) -> dict:
+                       memories_per_recall: Optional[int] = None, heldout_prompts: Optional[List[str]] = None) -> dict:
     if is_version(model_dir):
         return evaluate_version(model_dir, questions_path, device=device, precision=precision,
-                                memories_per_recall=memories_per_recall)
+                                memories_per_recall=memories_per_recall, heldout_prompts=heldout_prompts)
     questions = load_questions(questions_path)
     db = MemoryVectorDB(Path(output_dir) / "memory_db")
     try:
@@ -352,6 +352,7 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
         report["no_memory"] = no_memory
         prompts = heldout_prompts if heldout_prompts is not None else read_prompts(HELDOUT)
         report["general"] = general_figures(engine, db, list(by_user(questions)), prompts, threshold, encoder=minilm)
+        report["general"]["prompts"] = "memory/data/heldout_prompts.json" if heldout_prompts is None else "given"
         report["forgetting"] = forgetting(base, model.loaded.model, engine.tokenizer, prompts)
         report["decoding_seconds"] = time.perf_counter() - start
         return report

@@ -391,7 +391,7 @@ def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: E
         cand = MemoryCandidate(text=fact, user_id=session.user_id, session_id=session.session_id,
                                message_index=idx, timestamp=_timestamp(session, idx))
         result.raw_facts.append(cand)
-        reason = _rejection_reason(fact, unit, cfg)
+        reason = _rejection_reason(fact, unit, cfg, rewrite=rewrite)
         if reason:
             result.rejected.append(RejectedFact(fact, reason, session.session_id, idx))
             logger.info("rejected fact (%s) from %s[%s]: %r", reason, session.session_id, idx, fact)
@@ -415,6 +415,13 @@ def _closest_clause(fact: str, sentence: str) -> str:
     return max(clauses, key=lambda c: len(words & content_words(c)), default=sentence)
 
 
+def _polarity_differs(fact: str, sentence: str) -> bool:
+    """Whether a clause of ``fact`` is negated where the sentence's clause closest to it is not,
+    or the reverse ("She drives a Kia and never has problems": each half is judged by its own)."""
+    clauses = [c for c in _CLAUSE_SPLIT.split(fact) if c and c.strip() and content_words(c)] or [fact]
+    return any(bool(_NEGATION.search(c)) != bool(_NEGATION.search(_closest_clause(c, sentence))) for c in clauses)
+
+
 def _is_tautology(fact: str) -> bool:
     """'The user's guitar is a guitar', 'The user's favourite band is now'."""
     parts = _COPULA.split(fact, maxsplit=1)
@@ -423,11 +430,13 @@ def _is_tautology(fact: str) -> bool:
     return not (content_words(parts[1]) - content_words(parts[0]))
 
 
-def _rejection_reason(fact: str, unit: ExtractionUnit, cfg: ExtractionConfig) -> Optional[str]:
+def _rejection_reason(fact: str, unit: ExtractionUnit, cfg: ExtractionConfig, rewrite: bool = False) -> Optional[str]:
     """Why ``fact`` must not be stored, or None. Every rule guards a failure seen in
-    the 135M model's output (see module docstring and README)."""
+    the 135M model's output (see module docstring and README). A fact the rules wrote
+    (``rewrite``, also inside ``combined``) may name the user later in the sentence ('Asked how
+    often they swim, the user answered "twice a week"'); a model's fact must open with them."""
     low = fact.lower()
-    if not low.startswith("the user") and (cfg.method != "rewrite" or "the user" not in low):
+    if not low.startswith("the user") and (not (rewrite or cfg.method == "rewrite") or "the user" not in low):
         return "not about the user"
     if len(fact.split()) < cfg.min_fact_words or not content_words(fact):
         return "too short"
@@ -436,7 +445,7 @@ def _rejection_reason(fact: str, unit: ExtractionUnit, cfg: ExtractionConfig) ->
     if _is_tautology(fact):
         return "tautology"
     if cfg.grounding:
-        if bool(_NEGATION.search(fact)) != bool(_NEGATION.search(_closest_clause(fact, unit.text))):
+        if _polarity_differs(fact, unit.text):
             return "polarity differs from the sentence"
         unsupported = grounding_report(fact, unit.evidence)
         if unsupported:

@@ -42,7 +42,8 @@ _TAIL = re.compile(r"(?:\s*(?:,|;|\s-\s|\s\u2013\s)\s*(?:so|but|because|although
                    r"honestly|haha)\b|\s+and\s+(?:it|that|this)\b).*$", re.I)
 # a clause joined to the next by "and/so/but/because ..." whose subject is the user again: two facts
 # ("I'm lactose intolerant so I use oat milk" -> both)
-_AND_I = re.compile(r",?\s+(?:and|so|but|because|since|and so)\s+(?=(?:i|i'm|i've|my|we|we're)\b)", re.I)
+_AND_I = re.compile(r",?\s+(?:and|so|but|because|since|and so)\s+(?=(?:(?:now|then|also|still)\s+)?"
+                    r"(?:i|i'm|i've|my|we|we're)\b)", re.I)
 # chat filler that is no part of a fact: laughter, acronyms, emoji; and a trailing tag question
 _FILLER = re.compile(r"\s*\b(?:lol|lmao|rofl|haha+|hehe+|omg|ugh+|smh|tbh|btw|fyi|xd|tho)\b[.!]*", re.I)
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D]+")
@@ -94,6 +95,7 @@ _NAME = re.compile(r"\b([A-Z][a-z]+(?:\s+(?:[A-Z][a-z]+|of|the|de|da|van|von)){0
 # "my sister Marta", "my beagle Max", "a dog called Max", "a cat named Pixel"
 _INTRO = (re.compile(r"\b[Mm]y\s+(?:[a-z]+\s+)?([a-z]+)\s+([A-Z][a-z]+)\b"),
           re.compile(r"\b[Aa]n?\s+(?:[a-z]+\s+)?([a-z]+)\s+(?:called|named)\s+([A-Z][a-z]+)\b"))
+_WITH_I = re.compile(r"^((?:[Mm]y|[Oo]ur)\s+[a-z]+(?:\s+[A-Z][a-z]+)?|[A-Z][a-z]+)\s+and\s+I\b(?!')")
 _PRONOUN_START = re.compile(r"^(they're|they are|they|it's|it is|he's|he is|she's|she is|he|she)\b\s*", re.I)
 _PRONOUN_VERB = {"they're": "are", "they are": "are", "it's": "is", "it is": "is", "he's": "is", "he is": "is",
                  "she's": "is", "she is": "is"}
@@ -256,6 +258,16 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
         s = f"{person[1]} {verb} {s[m.end():]}" if verb else f"{person[1]} {s[m.end():]}"
         known = {**known, person[1]: person[0]}
     s = _SO_TAIL.sub("", s).strip()
+    together = _WITH_I.match(s)  # "Efua and I are moving in together": the user and Efua
+    if together:
+        partner = re.sub(r"^(?:my|our)\b", "their", together.group(1), flags=re.I)
+        rest = s[together.end():]
+        verb = next((w for w in rest.split() if w.lower() not in _ADVERBS and not w.endswith("ly")), "")
+        facts = [re.sub(r"^The user\b(?!')", f"The user and {partner}", f, count=1)
+                 for f in rewrite_sentence("We" + rest, "", known)]
+        # two people: the verb stays plural ("The user and their wife go hiking")
+        return [re.sub(r"(?<=\s)" + re.escape(third_person(verb)) + r"\b", verb, f, count=1) if verb else f
+                for f in facts]
     lead = s.split()[0].strip(",.!") if s.split() else ""
     if not _FIRST.search(s) and lead in known:  # "Max is a beagle." about an introduced name
         rest = _TAIL.sub("", s[len(lead):]).strip()
@@ -291,8 +303,12 @@ def clean_chat_text(text: str) -> str:
 _PERSON_PRONOUNS = {"he", "he's", "he is", "she", "she's", "she is"}
 # a word that points at something said elsewhere: a third-person pronoun, a demonstrative standing
 # alone ("this" but not "this year"), "there" as a place (not "there is")
-_REFERENCE_WORD = re.compile(r"\b(?:he|she|him|her|it|its)\b|\b(?:this|these|those|that)\b(?![ \t]+[a-z])"
-                             r"|\bthere\b(?!\s+(?:is|are|was|were|will|has|have)\b|'s\b)", re.I)
+_REFERENCE_WORD = re.compile(r"\b(?:he|she|him|her|it|its)\b"
+                             r"|\b(?:this|these|those|that)\b(?![ \t]+(?!(?:up|down|out|off|back|away|over|again|too|"
+                             r"either|anymore|any\s+more|now|then|yet)\b)[a-z])"
+                             r"|\bthere\b(?!\s+(?:is|are|was|were|will|has|have)\b|'s\b)"
+                             r"|\b(?:says?|said|think|thinks|thought|told\s+\w+)\s+so\b"
+                             r"|\b(?:this|that|these|those)\s+(?:sort|kind)s?\s+of\s+things?\b", re.I)
 
 
 _CLAUSE_PRONOUN = re.compile(r"^(they're|they are|they|he's|he is|he|she's|she is|she)\s+", re.I)
@@ -396,6 +412,8 @@ def answer_fact(question: str, sentences: Sequence[str]) -> Optional[Tuple[str, 
         if not s:
             continue
         if s.endswith("?") or _FIRST.search(s) or _ADDRESS.search(s) or _ACK.match(s) or _HYPOTHETICAL.search(s):
+            break
+        if lead and _REFERENCE_WORD.search(s):  # "Uber for now. its not that bad": the answer ends before
             break
         lead.append(s)
     answer = ". ".join(lead)

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent / "data"
 GENERAL_PROMPTS = DATA_DIR / "general_prompts.json"
 HELDOUT_PROMPTS = DATA_DIR / "heldout_prompts.json"
+CALIBRATION_PROMPTS = DATA_DIR / "calibration_prompts.json"
 DISTILL_VERSION = 1
 
 
@@ -50,7 +51,10 @@ class SFTExample:
 
 
 def read_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SFTFormatError(f"{path}: not a JSON file ({exc})") from exc
     if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
         raise SFTFormatError(f"{path}: expected a JSON list of non-empty strings")
     return data
@@ -63,10 +67,12 @@ def abstention_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
     return read_prompts(path)[0::2]
 
 
-def calibration_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
-    """The other half of the general prompts (odd positions): the unrelated sample of the
-    recall threshold's calibration."""
-    return read_prompts(path)[1::2]
+def calibration_prompts(path: Path = GENERAL_PROMPTS, extra: Optional[Path] = CALIBRATION_PROMPTS) -> List[str]:
+    """The unrelated sample of the recall threshold's calibration, never trained on: the other
+    half of the general prompts (odd positions) and ``calibration_prompts.json`` (395 prompts
+    over 40 topics, a quarter in the first person, written by another hand than the held-out
+    prompts ``evaluate.py`` measures false recall on)."""
+    return read_prompts(path)[1::2] + (read_prompts(extra) if extra is not None else [])
 
 
 def _from_messages(messages, where: str) -> SFTExample:

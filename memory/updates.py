@@ -15,8 +15,13 @@ is compared with general rules of English about change:
    older one ("owns a Corolla" / "sold his Corolla"); a weaker marker (now, new, instead,
    switched) needs two shared words, or the same verb with a new quantity ("runs three times a
    week" / "now runs four times a week");
-4. **a plan and its outcome**: "plans to take the exam" / "passed the exam" (two shared words
-   or a shared name);
+   an ending verb (quit, sold, stopped, gave up...) whose object the older fact names in the
+   same form ("sings in a gospel choir" / "quit the choir"); and a thing that ended (died, broke
+   up...) when it is a shared name or the owner itself ("hamster Biscuit sleeps all day" /
+   "hamster Biscuit died");
+4. **a plan and its outcome**: "plans to take the exam" or "is sitting the exam in April" (a
+   progressive with a time to come) / "passed the exam": the newer fact reports something done
+   (its first verb in the past) and shares two words or a name with the plan;
 5. **negation flipped**: "doesn't sell bread yet" / "now sells bread" (two shared words or a
    shared name).
 
@@ -31,6 +36,7 @@ import re
 from typing import FrozenSet, Optional
 
 from memory.grounding import STOP_WORDS, content_words, stem, words
+from memory.rewrite import IRREGULAR_PAST
 
 _OWNER = re.compile(r"^\s*the\s+user(?:'s|\u2019s)\s+", re.I)
 _USER = re.compile(r"^\s*the\s+user\b", re.I)
@@ -59,6 +65,16 @@ _STRONG_CHANGE = re.compile(
 _WEAK_CHANGE = re.compile(r"\b(?:now|new|instead|switched|changed|these\s+days|started|starts)\b", re.I)
 _PLAN = re.compile(r"\b(?:plans?|planning|planned|going\s+to|will|wants?\s+to|hopes?\s+to|intends?\s+to|"
                    r"considering|thinking\s+(?:about|of)|might)\b", re.I)
+# "is sitting the exam in April", "starting a course next month": a progressive with a time to come
+_PROGRESSIVE = re.compile(r"\b(?!(?:morn|even|noth|someth|anyth|everyth|dur|th|k|r|spr|w|build|s)ing\b)\w{2,}ing\b", re.I)
+_FUTURE = re.compile(r"\b(?:next|tomorrow|soon|upcoming)\b|\bin\s+(?:a\s+few|\d+|two|three|four|a|an)\s+(?:days?|weeks?|months?)\b"
+                     r"|\bin\s+(?:january|february|march|april|may|june|july|august|september|october|november|december)\b",
+                     re.I)
+# change verbs that end what they are done to ("quit the band", "sold the corolla"); "moved the
+# bakery" moves it, and the bakery's other facts stay
+_ENDING = re.compile(r"(?:stopped|stops|quit|quits|gave\s+up|given\s+up|sold|dropped|cancell?ed|ended|got\s+rid)", re.I)
+# changes that end the thing itself: said of a named thing or of the owner, nothing else is needed
+_TERMINAL = re.compile(r"\b(?:died|passed\s+away|broke\s+up|split\s+up|divorced|closed\s+down)\b", re.I)
 _NEGATION = re.compile(r"\b(?:not|never|no)\b|n[\u2019']t\b", re.I)
 _CORRECTION = re.compile(r",\s*not\s+(?:the\s+|on\s+|in\s+|at\s+)?([^,.;]+)", re.I)
 _QUANTITY = re.compile(r"\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|once|twice|half)\b", re.I)
@@ -94,7 +110,9 @@ def parse_fact(fact: str) -> FactParse:
     m = _OWNER.match(text)
     if m:
         toks = text[m.end():].split()
-        i = 1 if len(toks) > 1 and toks[0].lower() in _ADJECTIVES else 0
+        i = 0
+        while i < len(toks) - 1 and (toks[i].lower() in _ADJECTIVES or toks[i].isdigit()):  # "older", "2009"
+            i += 1
         head = toks[i].lower().strip(",") if toks else ""
         if head in ("favourite", "favorite"):
             value = text[m.end():]
@@ -117,7 +135,8 @@ def parse_fact(fact: str) -> FactParse:
             break
     tokens = words(value)
     # 'Asked how often they train, the user answered "..."': the verb says nothing of the fact
-    verb = None if text.lower().startswith("asked ") else next((stem(t) for t in tokens if t not in _ADVERBS), None)
+    verb = _asked_verb(text) if text.lower().startswith("asked ") else next(
+        (stem(t) for t in tokens if t not in _ADVERBS and t not in STOP_WORDS), None)
     # capitalised words that are not a sentence's or a quotation's first word: names
     names = frozenset(stem(w) for w in re.findall(r"(?<![.!?\"\u201c]\s)(?<![\"\u201c])(?<!^)\b([A-Z][\w-]+)", value)
                       if stem(w) not in _GENERIC)
@@ -126,7 +145,16 @@ def parse_fact(fact: str) -> FactParse:
                         and not w.isdigit())
     owned = content | frozenset(w for w in owner_words if w != "user")
     return FactParse(owner=owner, relation=relation, value=value, verb=verb, words=content, owned=owned, names=names,
-                     negated=bool(_NEGATION.search(value)), plan=bool(_PLAN.search(value)))
+                     negated=bool(_NEGATION.search(value)),
+                     plan=bool(_PLAN.search(value) or (_PROGRESSIVE.search(value) and _FUTURE.search(value))))
+
+
+def _asked_verb(text: str) -> Optional[str]:
+    """The verb of the question in 'Asked how often are they running, the user answered ...'
+    ("run"): the first word of the question that is no question word, auxiliary or pronoun."""
+    question = text[len("asked "):].split(",", 1)[0]
+    skip = _ADVERBS | STOP_WORDS | {"if", "whether", "often", "long", "far", "kind", "sort"}
+    return next((stem(t) for t in words(question) if t not in skip), None)
 
 
 def subject_key(fact: str) -> Optional[str]:
@@ -168,19 +196,36 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
         return None
     change = _STRONG_CHANGE.search(new_text)
     if (change and not _STRONG_CHANGE.search(old.value)
-            and (len(shared) >= 2 or (named or old.verb in shared) and _near(new_text, change, shared))):
+            and (len(shared) >= 2 or (named or old.verb in shared) and _near(new_text, change, shared)
+                 or _ENDING.fullmatch(change.group(0)) and _object_head(new_text, change) in words(old_text))):
         return "a change on the same thing"
+    terminal = _TERMINAL.search(new.value)
+    if terminal and not _TERMINAL.search(old.value) and (
+            named or (old.owner == new.owner != "user" and terminal.start() == len(new.value) - len(new.value.lstrip()))):
+        return "the thing itself ended"
     if _WEAK_CHANGE.search(new.value) and old.verb and old.verb == new.verb:
         if len(shared - {old.verb}) >= 1:
             return "a change on the same thing"
         if _QUANTITY.search(old.value) and _QUANTITY.search(new.value):
             return "a new quantity"
-    if old.plan and (len(shared) >= 2 or named):
+    if old.plan and _outcome(new.value, new_text) and (len(shared) >= 2 or named):
         return "a plan and its outcome"
     negated = _negated_verb(old_text) if old.negated and not new.negated else None
     if negated and negated in {stem(w) for w in words(new.value)} and len(shared) >= 2:
         return "negation flipped"
     return None
+
+
+def _outcome(value: str, text: str) -> bool:
+    """Whether a fact reports something done: its first verb is in the past ("passed the exam",
+    "started the course", "was admitted"), in a short answer the answer's ("... answered "started
+    in May""). "is gonna show their paintings" or "is inspired by it" is no plan's outcome."""
+    quoted = re.search(r"answered\s+[\"\u201c]([^\"\u201d]*)", text) if text.lower().startswith("asked ") else None
+    tokens = words(quoted.group(1) if quoted else value)
+    at = next((i for i, t in enumerate(tokens) if t not in _ADVERBS and t not in STOP_WORDS), None)
+    if at is None or (at and tokens[at - 1] in ("is", "are", "am", "be", "being")):  # "is inspired": a state
+        return False
+    return tokens[at].endswith("ed") or tokens[at] in IRREGULAR_PAST
 
 
 def _relation_value(text: str, relation: str):
@@ -203,6 +248,24 @@ def _near(text: str, match, shared, window: int = 3) -> bool:
     before = [stem(w) for w in words(text[:match.start()])][-window:]
     after = [stem(w) for w in words(text[match.end():])][:window]
     return bool(set(before + after) & shared)
+
+
+def _object_head(text: str, match) -> Optional[str]:
+    """The head noun of what the change is done to, as written: the last word of the noun phrase
+    right after it ("quit the band" -> band, "sold the old corolla last week" -> corolla, "quit
+    the college chess club" -> club), or None. The older fact must name it in the same form ("sold
+    their car" is not about "small cars")."""
+    clause = re.split(r"[,.;:!?]", text[match.end():], maxsplit=1)[0]
+    head = None
+    for w in words(clause):
+        if w in ("the", "a", "an", "his", "her", "their", "my", "its", "this", "that", "our"):
+            if head is None:
+                continue
+            break
+        if w in STOP_WORDS or stem(w) in _GENERIC or w.isdigit():
+            break
+        head = w
+    return head
 
 
 def _negated_verb(text: str) -> Optional[str]:

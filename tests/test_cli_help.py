@@ -15,7 +15,7 @@ from memory.__main__ import main as memory_main
 
 @pytest.mark.parametrize("main, expected", [
     (run_training.main, ["--recall_threshold", "--decode_length_grouped", "only 2.5% of", "--daemon", "--status"]),
-    (evaluate.main, ["--output_dir", "--questions"]),
+    (evaluate.main, ["--output_dir", "--questions", "--general_prompts"]),
     (chat.main, ["--output_dir", "--model_dir", "--ask", "--recall", "--retrieval", "--force_recall"]),
     (memory_main, ["show"]),
     (precision_seeds_main, ["--seeds", "--k_folds"]),
@@ -52,3 +52,15 @@ def test_recall_bench_set_takes_typed_training_fields_and_refuses_unknown_ones()
     for bad in (["no_such_field=1"], ["lora_r"], ["lora_r=abc"], ["abstention=maybe"]):
         with pytest.raises(SystemExit):
             training_overrides(bad)
+
+
+@pytest.mark.parametrize("content", ['{"prompts": ["hi"]}', '["fine", ""]', "not json"])
+def test_evaluate_names_a_bad_general_prompts_file(tmp_path, capsys, content):
+    bad = tmp_path / "general.json"
+    bad.write_text(content)
+    questions = tmp_path / "q.json"
+    questions.write_text('[{"question": "Where do I live?", "expected": "porto"}]')
+    rc = evaluate.main(["--output_dir", str(tmp_path / "none"), "--questions", str(questions),
+                        "--general_prompts", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1 and str(bad) in err

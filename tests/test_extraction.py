@@ -83,6 +83,15 @@ def test_rejection_reasons(fact, sentence, reason):
     assert (got is None) if reason is None else (got is not None and got.startswith(reason))
 
 
+def test_a_short_answer_the_rules_wrote_is_kept_in_combined_mode():
+    """``combined`` runs the rules first: their facts keep the rules' check (the user may be named
+    after the question), while a model's fact must still open with the user."""
+    fact = 'Asked how often they swim, the user answered "twice a week".'
+    unit = _unit("How often do you swim? Twice a week.")
+    assert _rejection_reason(fact, unit, ExtractionConfig(method="combined"), rewrite=True) is None
+    assert _rejection_reason(fact, unit, ExtractionConfig(method="combined")).startswith("not about the user")
+
+
 @pytest.mark.parametrize("fact,sentence,fixed", [
     ("The user's work as a nurse.", "I work as a nurse.", "The user works as a nurse."),
     ("The user's a architect.", "My sister is an architect.", "The user is an architect."),

@@ -239,6 +239,24 @@ def test_a_stop_share_outside_0_1_is_refused(tmp_path):
         parse_args(["--output_dir", str(tmp_path), "--decode_stop_at_exact_match", "-0.1"])
 
 
+@pytest.mark.parametrize("n,rate", [(67, 0.025), (462, 0.025), (462, 0.01), (40, 0.0), (10, 0.5), (7, 1.0)])
+def test_the_rejecting_level_lets_at_most_the_rate_through(n, rate):
+    """The calibrated bound never rounds above the rate: numpy's "lower" 97.5% quantile of 67
+    scores lets 3 through (4.5%); the level lets floor(rate * n) through, ties included."""
+    from memory.decoding_step import rejecting_level
+
+    scores = np.round(np.random.default_rng(n).normal(0.6, 0.05, n), 2)  # rounding makes ties
+    level = rejecting_level(scores, rate)
+    allowed = int(rate * n + 1e-9)
+    passed = int((scores >= level).sum())
+    assert passed <= allowed
+    if allowed < n:  # the lowest such level: the score below it lets more than the rate through
+        below = np.sort(scores)[::-1][allowed]
+        assert below < level <= np.nextafter(below, np.inf) and (scores >= below).sum() > allowed
+    if rate == 0.025 and n == 67:
+        assert (scores >= np.quantile(scores, 0.975, method="lower")).sum() > passed
+
+
 def test_recall_threshold_is_auto_or_a_number(tmp_path):
     from memory.config import parse_args
 

@@ -288,7 +288,11 @@ def test_abstention_trains_general_prompts_as_no_memory(tiny_model_dir, tmp_path
 
     caplog.set_level("INFO", logger="recall.text_embedding_train")
     assert not set(abstention_prompts()) & set(calibration_prompts())  # calibration never sees a trained prompt
-    assert len(abstention_prompts()) + len(calibration_prompts()) == len(read_prompts())
+    assert len(abstention_prompts()) + len(calibration_prompts(extra=None)) == len(read_prompts())
+    # the 395 extra calibration prompts are never trained on, and the held-out ones never calibrate
+    from memory.sft_data import HELDOUT_PROMPTS
+    assert len(calibration_prompts()) == len(calibration_prompts(extra=None)) + 395
+    assert not set(calibration_prompts()) & (set(abstention_prompts()) | set(read_prompts(HELDOUT_PROMPTS)))
     mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
     assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "2",
                 "--abstention", "true", "--cue_templates", "true") == 0

@@ -21,6 +21,10 @@ from memory.updates import supersedes
     ("I study French and I'm learning to cook.", ["The user studies French.", "The user is learning to cook."]),
     ("My beagle Max comes running with me.", ["The user's beagle Max comes running with them."]),
     ("I use an inhaler before I run.", ["The user uses an inhaler before they run."]),
+    ("Noor and I are moving in together in June!", ["The user and Noor are moving in together in June."]),  # two people
+    ("My husband and I usually cook on Fridays.", ["The user and their husband usually cook on Fridays."]),
+    ("I taught piano for 20 years and retired in 2019 so now I finally have time for this sort of thing",
+     ["The user taught piano for 20 years and retired in 2019."]),                 # a vague tail dropped
 ])
 def test_first_person_sentences_become_third_person_facts(sentence, facts):
     assert rewrite_sentence(sentence) == facts
@@ -28,6 +32,8 @@ def test_first_person_sentences_become_third_person_facts(sentence, facts):
 
 @pytest.mark.parametrize("sentence", [
     "Can you recommend some songs?",                       # a question
+    "I'm not giving that up.",                             # "that" with a particle still points elsewhere
+    "Everyone in my class says so.",                       # "so" standing for what was said
     "If I ever studied medicine, I'd want to be a surgeon.",  # hypothetical
     "Thanks, I'll make a playlist.",                       # a plan, not a fact
     "I need dinner ideas for tonight.",                    # a request for the moment
@@ -52,6 +58,16 @@ def test_an_introduced_name_keeps_its_relation_and_a_pronoun_takes_the_previous_
     assert rewrite_sentence("They're my favourite band now.", previous="The first record I played was by Big Thief.") \
         == ["Big Thief are the user's favourite band now."]
     assert rewrite_sentence("They're my favourite band now.", previous="I love this.") == []
+
+
+def test_polarity_is_judged_clause_by_clause():
+    """A fact with a positive and a negated half keeps both; a flipped half is still rejected."""
+    from memory.extraction import _polarity_differs
+
+    sentence = "She rides a green Vespa and never has problems."
+    assert not _polarity_differs("The user's aunt Lidia rides a green Vespa and never has problems.", sentence)
+    assert _polarity_differs("The user's aunt Lidia rides a green Vespa and has problems.", sentence)
+    assert _polarity_differs("The user's aunt Lidia doesn't ride a green Vespa.", sentence)
 
 
 def test_rewritten_facts_are_read_by_the_update_rule():
@@ -108,3 +124,18 @@ def test_a_rewritten_secret_is_still_caught_by_the_secret_filter():
     facts = rewrite_sentence("My email password is Kx9!mQ2pz.") + rewrite_sentence("My card number is 4111 1111 1111 1111.")
     assert facts == ["The user's email password is Kx9!mQ2pz.", "The user's card number is 4111 1111 1111 1111."]
     assert not any(SecretFilter().keep(f) for f in facts)
+
+
+@pytest.mark.parametrize("question,sentences,answer", [
+    ("How do you get to the office these days?", ["Tram for now.", "its fine honestly"], "Tram for now"),
+    ("How often do you swim?", ["Twice a week, mornings.", "I love it"], "Twice a week, mornings"),
+    ("What do you do for work?", ["Night porter at a hotel."], "Night porter at a hotel"),
+])
+def test_a_short_answer_is_read_with_the_question_and_ends_before_a_reference(question, sentences, answer):
+    """A bare answer to the assistant's question becomes a fact that keeps the question; a later
+    sentence pointing elsewhere ("its fine") ends the answer instead of spoiling it."""
+    from memory.rewrite import answer_fact
+
+    got = answer_fact(question, sentences)
+    assert got is not None and got[0] == answer
+    assert got[1].startswith("Asked ") and f'the user answered "{answer}"' in got[1]

@@ -23,6 +23,13 @@ from memory.updates import parse_fact, subject_key, supersedes
     ("The user's choir meets on Mondays.", "The user's choir meets on Thursdays, not Mondays."),  # a correction
     ("The user's shop doesn't sell coffee beans yet.", "The user's shop now sells coffee beans."),  # negation
     ("The user is dating Femi.", "The user and Femi broke up in March."),
+    ("The user is going out with Arne.", "Arne and the user split up."),              # a named thing ended
+    ("The user's hamster Biscuit sleeps all day.", "The user's hamster Biscuit died on Sunday."),
+    ("The user is sitting the bar exam in May.", "The user passed the bar exam."),     # a progressive plan
+    ('Asked how often are they swimming, the user answered "Twice a week"',             # the question's verb
+     "Now the user swims three times a week."),
+    ("The user's 2012 scooter keeps stalling.", "The user sold the scooter last month."),  # a year before the owner
+    ("The user sings in a gospel choir.", "The user quit the choir."),                 # what the change ends
 ])
 def test_a_newer_fact_replaces_the_older(old, new):
     assert supersedes(old, new), (old, new)
@@ -41,6 +48,11 @@ def test_a_newer_fact_replaces_the_older(old, new):
     ("The user moved to Porto two weeks ago.", "The user lives in Porto now."),      # the same value restated
     ('Asked if they own a bike, the user answered "Yes. A blue one"',                 # "Yes" is no shared name
      'Asked if they had pets, the user answered "Yes. Bo died in May"'),
+    ("The user is used to small vans.", "The user sold their van."),               # another mention of vans
+    ("The user is putting together a pottery show next month.",                      # nothing done: no outcome
+     "The user is inspired by the pottery show crowd."),
+    ("The user started selling lemon tarts at the cafe.", "The user moved the cafe to a bigger street."),
+    ("The user's hamster Biscuit sleeps all day.", "The user's sister died in 2019."),   # another owner ended
     ('Asked what their grade is, the user answered "8.1".',
      'Asked what they spend each month, the user answered "about 300 on rent, 2 times a week out"'),
 ])
