@@ -209,11 +209,15 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
     # the version keeps its recall loop settings
     assert json.loads((current / "recall_config.json").read_text())["memories_per_recall"] == 1
     # recall_threshold auto: the version keeps the calibrated cosine, the lower of two bounds: at least
-    # 95% of the correct training cues and at least 2.5% of the 67 calibration prompts (never trained) reach it
+    # 95% of the correct training cues reach it, and, when the prompts' bound decides, at most 5% of the
+    # 462 calibration prompts (never trained on) do
+    from memory.sft_data import calibration_prompts
+
     calibrated = metrics["threshold"]
     assert json.loads((current / "recall_config.json").read_text())["recall_threshold"] == calibrated["value"]
-    assert calibrated["unrelated"] == 67 and calibrated["correct_contexts"] > 0
-    assert calibrated["correct_pass"] >= 0.95 and calibrated["unrelated_pass"] >= 0.025
+    assert calibrated["unrelated"] == len(calibration_prompts()) == 462 and calibrated["correct_contexts"] > 0
+    assert calibrated["correct_pass"] >= 0.95
+    assert calibrated["decided_by"] != "unrelated prompts" or calibrated["unrelated_pass"] <= 0.05
     plain = AutoModelForCausalLM.from_pretrained(current)  # ordinary chat: the base model plus the memory tokens
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     x = torch.tensor([[1, 2, 3, 4]])
