@@ -43,9 +43,7 @@ def _main(argv=None) -> int:
         model_dir = args.model_dir or find_model_dir(args.output_dir)
         report = evaluate_retrieval(args.output_dir, model_dir, args.questions, device=args.device,
                                     precision=args.precision, memories_per_recall=args.memories_per_recall,
-                                    heldout_prompts=prompts)
-        if prompts is not None and "general" in report:
-            report["general"]["prompts"] = args.general_prompts
+                                    heldout_prompts=prompts, heldout_source=args.general_prompts)
     except (QuestionsFormatError, SFTFormatError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

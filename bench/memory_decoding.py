@@ -174,9 +174,7 @@ def main(argv=None) -> int:
 
         prompts = read_prompts(Path(args.general_prompts)) if args.general_prompts else None
         report = evaluate_version(result["pipeline"]["version"], args.questions, precision="fp32",
-                                  heldout_prompts=prompts)
-        if args.general_prompts:
-            report["general"]["prompts"] = args.general_prompts
+                                  heldout_prompts=prompts, heldout_source=args.general_prompts)
         result["evaluation"] = report
         print("\n".join(result["pipeline"]["lines"]))
         print(format_table(report))

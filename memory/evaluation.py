@@ -161,10 +161,12 @@ def step1_scorers(model_dir, db: MemoryVectorDB, *, device="auto", precision="au
 
 
 def evaluate_retrieval(output_dir, model_dir, questions_path, *, device="auto", precision="auto",
-                       memories_per_recall: Optional[int] = None, heldout_prompts: Optional[List[str]] = None) -> dict:
+                       memories_per_recall: Optional[int] = None, heldout_prompts: Optional[List[str]] = None,
+                       heldout_source: Optional[str] = None) -> dict:
     if is_version(model_dir):
         return evaluate_version(model_dir, questions_path, device=device, precision=precision,
-                                memories_per_recall=memories_per_recall, heldout_prompts=heldout_prompts)
+                                memories_per_recall=memories_per_recall, heldout_prompts=heldout_prompts,
+                                heldout_source=heldout_source)
     questions = load_questions(questions_path)
     db = MemoryVectorDB(Path(output_dir) / "memory_db")
     try:
@@ -300,9 +302,12 @@ def forgetting(base, trained_lm, tokenizer, prompts, max_new_tokens: int = 48) -
 
 
 def evaluate_version(version_dir, questions_path, *, device="auto", precision="auto",
-                     heldout_prompts: Optional[List[str]] = None, memories_per_recall: Optional[int] = None) -> dict:
+                     heldout_prompts: Optional[List[str]] = None, memories_per_recall: Optional[int] = None,
+                     heldout_source: Optional[str] = None) -> dict:
     """Retrieval (trained ``<recall>`` vs the untrained base and MiniLM), decode exact
-    match, answer hit rate and forgetting for a published version, on its own DB snapshot."""
+    match, answer hit rate and forgetting for a published version, on its own DB snapshot.
+    ``heldout_prompts`` (default: ``memory/data/heldout_prompts.json``) are the general prompts;
+    ``heldout_source`` names where they came from in the report (``general.prompts``)."""
     from memory.sft_data import read_prompts
     from recall.get_text_embedding import TEMPLATES, extract_last_token_embedding
     from recall.published import load_recall_model
@@ -352,7 +357,8 @@ def evaluate_version(version_dir, questions_path, *, device="auto", precision="a
         report["no_memory"] = no_memory
         prompts = heldout_prompts if heldout_prompts is not None else read_prompts(HELDOUT)
         report["general"] = general_figures(engine, db, list(by_user(questions)), prompts, threshold, encoder=minilm)
-        report["general"]["prompts"] = "memory/data/heldout_prompts.json" if heldout_prompts is None else "given"
+        report["general"]["prompts"] = heldout_source or (
+            "memory/data/heldout_prompts.json" if heldout_prompts is None else "given")
         report["forgetting"] = forgetting(base, model.loaded.model, engine.tokenizer, prompts)
         report["decoding_seconds"] = time.perf_counter() - start
         return report

@@ -436,7 +436,7 @@ def _rejection_reason(fact: str, unit: ExtractionUnit, cfg: ExtractionConfig, re
     (``rewrite``, also inside ``combined``) may name the user later in the sentence ('Asked how
     often they swim, the user answered "twice a week"'); a model's fact must open with them."""
     low = fact.lower()
-    if not low.startswith("the user") and (not (rewrite or cfg.method == "rewrite") or "the user" not in low):
+    if not low.startswith("the user") and (not rewrite or "the user" not in low):
         return "not about the user"
     if len(fact.split()) < cfg.min_fact_words or not content_words(fact):
         return "too short"

@@ -135,8 +135,8 @@ def parse_fact(fact: str) -> FactParse:
             break
     tokens = words(value)
     # 'Asked how often they train, the user answered "..."': the verb says nothing of the fact
-    verb = _asked_verb(text) if text.lower().startswith("asked ") else next(
-        (stem(t) for t in tokens if t not in _ADVERBS and t not in STOP_WORDS), None)
+    at = _first_word(tokens)
+    verb = _asked_verb(text) if text.lower().startswith("asked ") else (None if at is None else stem(tokens[at]))
     # capitalised words that are not a sentence's or a quotation's first word: names
     names = frozenset(stem(w) for w in re.findall(r"(?<![.!?\"\u201c]\s)(?<![\"\u201c])(?<!^)\b([A-Z][\w-]+)", value)
                       if stem(w) not in _GENERIC)
@@ -147,6 +147,12 @@ def parse_fact(fact: str) -> FactParse:
     return FactParse(owner=owner, relation=relation, value=value, verb=verb, words=content, owned=owned, names=names,
                      negated=bool(_NEGATION.search(value)),
                      plan=bool(_PLAN.search(value) or (_PROGRESSIVE.search(value) and _FUTURE.search(value))))
+
+
+def _first_word(tokens) -> Optional[int]:
+    """The position of the first word that is neither an adverb nor a stop word (the verb of
+    "is now working at ...", the noun of "is a nurse"), or None."""
+    return next((i for i, t in enumerate(tokens) if t not in _ADVERBS and t not in STOP_WORDS), None)
 
 
 def _asked_verb(text: str) -> Optional[str]:
@@ -222,7 +228,7 @@ def _outcome(value: str, text: str) -> bool:
     in May""). "is gonna show their paintings" or "is inspired by it" is no plan's outcome."""
     quoted = re.search(r"answered\s+[\"\u201c]([^\"\u201d]*)", text) if text.lower().startswith("asked ") else None
     tokens = words(quoted.group(1) if quoted else value)
-    at = next((i for i, t in enumerate(tokens) if t not in _ADVERBS and t not in STOP_WORDS), None)
+    at = _first_word(tokens)
     if at is None or (at and tokens[at - 1] in ("is", "are", "am", "be", "being")):  # "is inspired": a state
         return False
     return tokens[at].endswith("ed") or tokens[at] in IRREGULAR_PAST
