@@ -190,11 +190,12 @@ def _e2e_plot(e2e: List[dict], out_dir: Path, mode: str) -> List[str]:
 
 
 ANSWER_SETS = (  # (results file, data set, command)
-    ("memory_decoding.json", "development: `examples/` (49 questions of 2 users)", "python -m bench.memory_decoding"),
+    ("memory_decoding.json", "development: `examples/` (49 questions of 2 users)",
+     "python -m bench.memory_decoding --no_throughput --general_prompts examples/dev/general_prompts.json"),
     ("memory_decoding_test_set.json", "test: `examples/test/` (an independent writer's 13 sessions of 3 users, "
                                       "59 questions; never used to choose)",
      "python -m bench.memory_decoding --no_throughput --questions examples/test/questions.json "
-     "--json bench/results/memory_decoding_test_set.json -- --chats_dir examples/test/chats"),
+     "--general_prompts examples/test/general_prompts.json --json bench/results/memory_decoding_test_set.json -- --chats_dir examples/test/chats"),
 )
 
 

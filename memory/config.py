@@ -136,6 +136,7 @@ class MemoryArguments:
     decode_lora_alpha: int = _decoding_default("lora_alpha")
     decode_lora_target_modules: str = _decoding_default("lora_target_modules")
     decode_projector_hidden: int = _decoding_default("projector_hidden")
+    decode_noise_std: float = _decoding_default("noise_std")
     decode_max_length: int = _decoding_default("max_length")
     decode_mix: str = _decoding_default("mix")
     decode_recall_loss_weight: float = _decoding_default("recall_loss_weight")
@@ -187,6 +188,8 @@ class MemoryArguments:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.decode_noise_std < 0:
+            raise ValueError(f"decode_noise_std: expected a standard deviation >= 0, got {self.decode_noise_std}")
         if not 0.0 <= self.decode_stop_at_exact_match <= 1.0:
             raise ValueError(f"decode_stop_at_exact_match: expected a share in [0, 1], got {self.decode_stop_at_exact_match}")
         if self.keep_versions < 1:

@@ -464,11 +464,16 @@ def rejecting_level(scores: np.ndarray, rate: float) -> float:
     """The lowest level that at most ``floor(rate * n)`` of the ``n`` scores reach (``>=``): just
     above the next-highest score. A quantile rounds the other way on small samples (numpy's
     "lower" 97.5% quantile of 67 scores lets 3 through, 4.5%)."""
-    top = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    # the next value up in the scores' own precision: a float64 step above a float32 score rounds
+    # back onto it when the threshold meets float32 scores again (numpy casts a Python float to
+    # the array's dtype), and that score would pass
+    values = np.asarray(scores)
+    values = values.astype(np.float64) if not np.issubdtype(values.dtype, np.floating) else values
+    top = np.sort(values)[::-1]
     allowed = int(np.floor(rate * len(top) + 1e-9))
     if allowed >= len(top):
         return float(top[-1])
-    return float(np.nextafter(top[allowed], np.inf))
+    return float(np.nextafter(top[allowed], np.array(np.inf, dtype=top.dtype)))
 
 
 def calibrate_threshold(engine: RecallEngine, contexts: Sequence[str], targets: Sequence[int],

@@ -96,6 +96,9 @@ _NAME = re.compile(r"\b([A-Z][a-z]+(?:\s+(?:[A-Z][a-z]+|of|the|de|da|van|von)){0
 _INTRO = (re.compile(r"\b[Mm]y\s+(?:[a-z]+\s+)?([a-z]+)\s+([A-Z][a-z]+)\b"),
           re.compile(r"\b[Aa]n?\s+(?:[a-z]+\s+)?([a-z]+)\s+(?:called|named)\s+([A-Z][a-z]+)\b"))
 _WITH_I = re.compile(r"^((?:[Mm]y|[Oo]ur)\s+[a-z]+(?:\s+[A-Z][a-z]+)?|[A-Z][a-z]+)\s+and\s+I\b(?!')")
+# a question put after a statement: "Efua's birthday is October 12, what should I get her?"
+_ASK_TAIL = re.compile(r",\s+(?:what|how|where|when|which|who|why|any|anything|can|could|should|would|do|does|"
+                       r"is|are|will)\b[^,.!]*\?$", re.I)
 _PRONOUN_START = re.compile(r"^(they're|they are|they|it's|it is|he's|he is|she's|she is|he|she)\b\s*", re.I)
 _PRONOUN_VERB = {"they're": "are", "they are": "are", "it's": "is", "it is": "is", "he's": "is", "he is": "is",
                  "she's": "is", "she is": "is"}
@@ -241,8 +244,12 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
     last proper name); ``known``: names the user introduced, with their relation."""
     known = known or {}
     s = _with_subject(_strip_openers(clean_chat_text(sentence)))
+    s = _ASK_TAIL.sub(".", s) if len(_ASK_TAIL.sub("", s).split()) >= 3 else s  # "X is Y, what should I do?"
     if not s or s.endswith("?") or _HYPOTHETICAL.search(s):
         return []
+    if not _FIRST.search(s) and s.split()[0].strip(",.!") not in known:
+        # "Big news in the family, Sigrid moved to Trondheim": the clause that opens with a known name
+        s = next((c for c in re.split(r"(?<=\S),\s+", s)[1:] if c.split()[0].strip(",.!'s") in known), s)
     m = _PRONOUN_START.match(s)
     if m and _FIRST.search(s):
         name = _last_name(previous)
@@ -251,7 +258,7 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
         verb = _PRONOUN_VERB.get(m.group(1).lower())
         s = f"{name} {verb} {s[m.end():]}" if verb else f"{name} {s[m.end():]}"
     elif m:  # "She drives a Kia." after "my girlfriend Efua says ...": the person just introduced
-        person = _last_person(previous, m.group(1))
+        person = _last_person(previous, m.group(1), known)
         if not person:
             return []
         verb = _PRONOUN_VERB.get(m.group(1).lower())
@@ -269,11 +276,14 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
         return [re.sub(r"(?<=\s)" + re.escape(third_person(verb)) + r"\b", verb, f, count=1) if verb else f
                 for f in facts]
     lead = s.split()[0].strip(",.!") if s.split() else ""
-    if not _FIRST.search(s) and lead in known:  # "Max is a beagle." about an introduced name
-        rest = _TAIL.sub("", s[len(lead):]).strip()
+    owner = lead[:-2] if lead.endswith("'s") else lead  # "Efua's birthday is October 12"
+    if not _FIRST.search(s) and owner in known:  # "Max is a beagle." about an introduced name
+        rest = _TAIL.sub("", s[len(owner):]).strip()
         if _TRANSIENT.search(s):
             return []
-        return [_finish(f) for f in _self_contained(f"The user's {known[lead]} {lead} {rest}")]
+        joined = f"The user's {known[owner]} {owner}{rest}" if rest.startswith("'s") else \
+            f"The user's {known[owner]} {owner} {rest}"
+        return [_finish(f) for f in _self_contained(joined)]
     facts = []
     for part in _AND_I.split(s):
         part = _TAIL.sub("", part).strip().strip(",")
@@ -340,14 +350,17 @@ def _self_contained(fact: str) -> List[str]:
     return out
 
 
-def _last_person(previous: str, pronoun: str) -> Optional[Tuple[str, str]]:
-    """(relation, name) of the last person ``previous`` introduces ("my sister Marta"), when
-    ``pronoun`` (he/she) can refer to one."""
+def _last_person(previous: str, pronoun: str, known: Optional[Dict[str, str]] = None) -> Optional[Tuple[str, str]]:
+    """(relation, name) of the last person ``previous`` introduces ("my sister Marta") or names
+    among ``known`` ("Efua's birthday is ..."), when ``pronoun`` (he/she) can refer to one."""
     if pronoun.lower() not in _PERSON_PRONOUNS:
         return None
-    found = [(rel, name) for pattern in _INTRO for rel, name in pattern.findall(previous)
-             if name not in _NOT_NAMES and rel not in ("name", "favourite", "favorite", "own")]
-    return found[-1] if found else None
+    found = [(m.start(), (rel, name)) for pattern in _INTRO for m in pattern.finditer(previous)
+             for rel, name in [m.groups()] if name not in _NOT_NAMES and rel not in ("name", "favourite", "favorite",
+                                                                                     "own")]
+    found += [(m.start(), (known[m.group(1)], m.group(1))) for m in _NAME.finditer(previous)
+              if known and m.group(1) in known]
+    return max(found, key=lambda f: f[0])[1] if found else None
 
 
 # a question that offers or asks about the conversation itself ("Would you like ...?"), not about the user
@@ -467,8 +480,22 @@ def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = 
     refers to the last thing the user said they have or got in the message."""
     out: List[Tuple[str, str]] = []
     previous, thing = "", None
+    # the last sentence that introduced a person, while the sentences after it open with the same
+    # he or she ("My gf Efua says ... She drives a Kia. She works as a pharmacist.")
+    anchor, gender = "", ""
     for sentence in sentences:
-        facts = rewrite_sentence(sentence, previous, known)
+        clean = _strip_openers(clean_chat_text(sentence))
+        starts = _PRONOUN_START.match(clean)
+        pronoun = starts.group(1).lower().split("'")[0].split()[0] if starts else ""
+        chained = pronoun in ("he", "she") and anchor and not _FIRST.search(clean) \
+            and not _last_person(previous, "she") and gender in ("", pronoun)
+        facts = rewrite_sentence(sentence, anchor if chained else previous, known)
+        if _last_person(sentence, "she"):
+            anchor, gender = sentence, ""
+        elif pronoun in ("he", "she") and anchor and gender in ("", pronoun):
+            gender = pronoun
+        else:
+            anchor, gender = "", ""
         if not facts:
             facts = _thing_fact(sentence, thing)
         out += [(sentence, fact) for fact in facts]

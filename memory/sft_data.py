@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import random
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -36,6 +37,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 GENERAL_PROMPTS = DATA_DIR / "general_prompts.json"
 HELDOUT_PROMPTS = DATA_DIR / "heldout_prompts.json"
 CALIBRATION_PROMPTS = DATA_DIR / "calibration_prompts.json"
+ABSTENTION_PROMPTS = DATA_DIR / "abstention_prompts.json"
 DISTILL_VERSION = 1
 
 
@@ -60,11 +62,19 @@ def read_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
     return data
 
 
-def abstention_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
-    """Half of the general prompts (even positions): step 1's "no memory" examples
-    (``--abstention``). The other half calibrates the recall threshold, which must not see
-    texts step 1 trained on."""
-    return read_prompts(path)[0::2]
+def abstention_prompts(path: Path = GENERAL_PROMPTS, extra: Optional[Path] = ABSTENTION_PROMPTS) -> List[str]:
+    """Step 1's "no memory" examples (``--abstention``): half of the general prompts (even
+    positions) and ``abstention_prompts.json`` (309 everyday requests, two thirds in the first
+    person: "I want to start running again, how should I ease into it?"), in a fixed shuffled
+    order so that the first few, all a small bank takes, have both styles. The other half of
+    the general prompts calibrates the recall threshold, which must not see texts step 1
+    trained on."""
+    prompts = read_prompts(path)[0::2]
+    if extra is None:
+        return prompts
+    prompts += read_prompts(extra)
+    random.Random(0).shuffle(prompts)
+    return prompts
 
 
 def calibration_prompts(path: Path = GENERAL_PROMPTS, extra: Optional[Path] = CALIBRATION_PROMPTS) -> List[str]:

@@ -9,7 +9,7 @@ The model learns to read a memory vector, injected as the input embedding at
   is *replaced* by ``projector(memory vector)``. The projector unit-normalises the vector,
   scales it to the mean norm of the embedding rows, and adds a small residual MLP
   (initialised to zero, so training starts from the plain rescaled vector). Gaussian noise
-  is added in training. Memory vectors travel as one flat ``(n_pads, d)`` tensor in the
+  in training is small by default (``noise_std`` 0.005). Memory vectors travel as one flat ``(n_pads, d)`` tensor in the
   order the pads appear in the batch, so batches mixing memory and SFT samples work.
 - **Labels**: ``<recall>`` (the model learns to ask after the activation phrase), the
   memory text, ``</recall>`` and the continuation; context, phrase and pad are -100.
@@ -87,7 +87,12 @@ class MemoryDecodingArguments(TrainingArguments):
         default="auto", metadata={"help": "auto: the block's projections but a separate key and gate projection "
                                           "(Llama: q,v,o,up,down_proj); recall.lora_targets"})
     projector_hidden: int = dataclasses.field(default=1024, metadata={"help": "0: rescale only, no MLP"})
-    noise_std: float = dataclasses.field(default=0.01, metadata={"help": "Gaussian noise on the unit memory vector"})
+    # little noise: the injected vector is the stored one, exactly. N(0, 0.01) per coordinate
+    # slowed learning to tell close memories apart (100 LoCoMo facts: exact match 0.945; 0.986
+    # with 0.005 or none), and none at all cost answers on the dev chats (chat.py's final hit
+    # 0.694 against 0.755 with 0.005 or 0.01): docs/step2.md#exact-match-by-bank-size
+    noise_std: float = dataclasses.field(default=0.005, metadata={"help": "Gaussian noise on the unit memory vector "
+                                                                         "in training (std per coordinate)"})
     max_length: int = dataclasses.field(default=192, metadata={"help": "tokens per sample; context cut from the left"})
     # two answer samples per memory: with one, the answer after a recall drifted from the memory on
     # questions unlike the rule-made ones (chat.py's answers held the fact for 0.673 of the dev
@@ -138,6 +143,8 @@ class MemoryDecodingArguments(TrainingArguments):
         if self.packing and self.adapter_scope == "recall":
             raise ValueError("packing (--decode_packing) needs adapter_scope 'all': the activated adapter runs the "
                              "context and the tail as two passes over padded rows (use --adapter_scope all in step 1)")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std (--decode_noise_std): expected a standard deviation >= 0, got {self.noise_std}")
         if not 0.0 <= self.stop_at_exact_match <= 1.0:
             raise ValueError(f"stop_at_exact_match (--decode_stop_at_exact_match): expected a share in [0, 1], "
                              f"got {self.stop_at_exact_match}")
@@ -196,7 +203,7 @@ class MemoryDecoderModel(TrainableStateMixin, nn.Module):
     extra_state_buffers = ("projector.embed_norm", "projector.center")
 
     def __init__(self, lm, token_ids: Dict[str, int], memory_dim: int, projector_hidden: int = 1024,
-                 noise_std: float = 0.01, memory_bank: Optional[torch.Tensor] = None,
+                 noise_std: float = 0.0, memory_bank: Optional[torch.Tensor] = None,
                  recall_temperature: float = 0.05):
         super().__init__()
         from memory.token_manager import MEMORY_PAD_TOKEN, RECALL_END_TOKEN, RECALL_TOKEN

@@ -239,20 +239,23 @@ def test_a_stop_share_outside_0_1_is_refused(tmp_path):
         parse_args(["--output_dir", str(tmp_path), "--decode_stop_at_exact_match", "-0.1"])
 
 
-@pytest.mark.parametrize("n,rate", [(67, 0.025), (462, 0.025), (462, 0.01), (40, 0.0), (10, 0.5), (7, 1.0)])
-def test_the_rejecting_level_lets_at_most_the_rate_through(n, rate):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n,rate", [(67, 0.025), (462, 0.025), (462, 0.01), (462, 0.05), (40, 0.0), (10, 0.5),
+                                    (7, 1.0)])
+def test_the_rejecting_level_lets_at_most_the_rate_through(n, rate, dtype):
     """The calibrated bound never rounds above the rate: numpy's "lower" 97.5% quantile of 67
-    scores lets 3 through (4.5%); the level lets floor(rate * n) through, ties included."""
+    scores lets 3 through (4.5%); the level lets floor(rate * n) through, ties included, also
+    when it meets float32 scores (as the engine's cosines are) that numpy compares in float32."""
     from memory.decoding_step import rejecting_level
 
-    scores = np.round(np.random.default_rng(n).normal(0.6, 0.05, n), 2)  # rounding makes ties
+    scores = np.round(np.random.default_rng(n).normal(0.6, 0.05, n), 2).astype(dtype)  # rounding makes ties
     level = rejecting_level(scores, rate)
     allowed = int(rate * n + 1e-9)
     passed = int((scores >= level).sum())
     assert passed <= allowed
     if allowed < n:  # the lowest such level: the score below it lets more than the rate through
         below = np.sort(scores)[::-1][allowed]
-        assert below < level <= np.nextafter(below, np.inf) and (scores >= below).sum() > allowed
+        assert below < level <= np.nextafter(below, np.array(np.inf, dtype)) and (scores >= below).sum() > allowed
     if rate == 0.025 and n == 67:
         assert (scores >= np.quantile(scores, 0.975, method="lower")).sum() > passed
 
@@ -560,3 +563,23 @@ def test_data_loader_workers_train_on_each_epochs_fresh_draw(tiny, tmp_path):
     assert sorted(s for b in seen[:per_epoch] for s in b) != sorted(s for b in seen[per_epoch:] for s in b)
     with pytest.raises(ValueError, match="persistent"):
         _args(tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True)
+
+
+def test_decode_noise_reaches_step2_and_zero_injects_the_stored_vector(tmp_path):
+    """``--decode_noise_std`` reaches step 2's arguments and a negative one is refused at parsing;
+    with 0 the projector injects the same embedding every time in training, with noise it does not."""
+    import torch
+
+    from memory.config import parse_args
+    from memory.training_service import MemoryTrainingService
+    from recall.text_memory_train import MemoryProjector
+
+    with pytest.raises(ValueError, match="decode_noise_std.*-0.1"):
+        parse_args(["--output_dir", str(tmp_path), "--decode_noise_std", "-0.1"])
+    service = MemoryTrainingService(*parse_args(["--output_dir", str(tmp_path / "w"), "--decode_noise_std", "0.02",
+                                                 "--chats_dir", "", "--use_cpu"]))
+    assert service.decoding_arguments(tmp_path / "d").noise_std == 0.02
+    projector = MemoryProjector(8, 8, embed_norm=1.0, mlp_hidden=0)
+    vectors = torch.randn(3, 8)
+    assert torch.equal(projector(vectors, 0.0), projector(vectors, 0.0))
+    assert not torch.allclose(projector(vectors, 0.02), projector(vectors, 0.0))

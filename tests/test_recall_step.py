@@ -288,11 +288,23 @@ def test_abstention_trains_general_prompts_as_no_memory(tiny_model_dir, tmp_path
 
     caplog.set_level("INFO", logger="recall.text_embedding_train")
     assert not set(abstention_prompts()) & set(calibration_prompts())  # calibration never sees a trained prompt
-    assert len(abstention_prompts()) + len(calibration_prompts(extra=None)) == len(read_prompts())
+    assert len(abstention_prompts(extra=None)) + len(calibration_prompts(extra=None)) == len(read_prompts())
+    # the 309 everyday requests train "no memory" beside the bundled half; none is measured anywhere
+    from memory.sft_data import ABSTENTION_PROMPTS
+    assert len(abstention_prompts()) == len(abstention_prompts(extra=None)) + len(read_prompts(ABSTENTION_PROMPTS))
+    measured = [read_prompts(Path(f)) for f in ("examples/dev/general_prompts.json", "examples/test/general_prompts.json")]
+    def norm(prompts):
+        return {" ".join(p.lower().split()) for p in prompts}
+
+    assert not norm(abstention_prompts()) & norm(p for group in measured for p in group)
+    first = abstention_prompts()[:20]  # a fixed order, and a small bank's first few have both styles
+    assert first == abstention_prompts()[:20]
+    assert set(first) & set(read_prompts(ABSTENTION_PROMPTS)) and set(first) & set(abstention_prompts(extra=None))
     # the 395 extra calibration prompts are never trained on, and the held-out ones never calibrate
     from memory.sft_data import HELDOUT_PROMPTS
     assert len(calibration_prompts()) == len(calibration_prompts(extra=None)) + 395
     assert not set(calibration_prompts()) & (set(abstention_prompts()) | set(read_prompts(HELDOUT_PROMPTS)))
+    assert not set(abstention_prompts()) & set(read_prompts(HELDOUT_PROMPTS))
     mem = _jsonl(tmp_path / "m.jsonl", [{"text": t, "user_id": "alex"} for t in FACTS])
     assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "2",
                 "--abstention", "true", "--cue_templates", "true") == 0
@@ -323,7 +335,7 @@ def test_no_memory_prompts_are_at_most_one_per_cue_and_never_also_unlabelled(tok
     most; a prompt that is also an unlabelled text (--recall_general_prompts) is not kept twice
     with two opposite targets."""
     from memory.recall_step import build_dataset, with_abstention
-    from memory.sft_data import abstention_prompts, read_prompts
+    from memory.sft_data import ABSTENTION_PROMPTS, abstention_prompts, read_prompts
     from memory.vector_db import MemoryRecord
 
     records = [MemoryRecord(id=i, user_id="alex", text=t, status="active", session_id=None, message_index=None,
@@ -331,7 +343,8 @@ def test_no_memory_prompts_are_at_most_one_per_cue_and_never_also_unlabelled(tok
                             encoder_id="x", subject_key=None)
                for i, t in enumerate(["The user lives in Porto.", "The user has a dog called Max."])]
     cues = {0: [Cue("question", "Where do I live?")], 1: [Cue("question", "What is my dog called?")]}
-    data = build_dataset(tokenizer, records, cues, extra_texts=read_prompts())
+    # every general prompt, the ones step 1 trains as "no memory" included, also as an unlabelled text
+    data = build_dataset(tokenizer, records, cues, extra_texts=read_prompts() + read_prompts(ABSTENTION_PROMPTS))
     labelled = sum(0 <= d["target"] < 2 for d in data)
     out = with_abstention(data, tokenizer, n_rows=2)
     no_memory = [d["raw"] for d in out if d["target"] == 2]

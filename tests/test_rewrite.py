@@ -139,3 +139,36 @@ def test_a_short_answer_is_read_with_the_question_and_ends_before_a_reference(qu
     got = answer_fact(question, sentences)
     assert got is not None and got[0] == answer
     assert got[1].startswith("Asked ") and f'the user answered "{answer}"' in got[1]
+
+
+def test_a_person_stays_resolved_across_sentences_of_the_same_pronoun():
+    """He/she keeps pointing at the person the message introduced while each sentence opens with
+    the same pronoun; another pronoun, or a sentence about something else, ends the chain."""
+    from memory.rewrite import rewrite_message
+
+    def facts(sentences, known=None):
+        return [(sentences.index(sentence), fact) for sentence, fact in rewrite_message(sentences, known or {})]
+
+    msg = ["My cousin Ottilie visited us in spring.", "She teaches cello in Leipzig.", "She has two cats."]
+    assert facts(msg)[1:] == [(1, "The user's cousin Ottilie teaches cello in Leipzig."),
+                              (2, "The user's cousin Ottilie has two cats.")]
+    # "He" cannot be Ottilie, and a sentence in between about the weather breaks the chain
+    assert [i for i, _ in facts(["My cousin Ottilie visited us.", "She teaches cello.", "He is a pilot."])] == [0, 1]
+    assert [i for i, _ in facts(["My cousin Ottilie visited us.", "It rained all week.", "She teaches cello."])] == [0]
+    # a known name in the sentence before (not introduced there) is the one a pronoun refers to
+    known = {"Bastian": "brother"}
+    assert facts(["Bastian turns 40 in June.", "He collects old radios."], known) == [
+        (0, "The user's brother Bastian turns 40 in June."), (1, "The user's brother Bastian collects old radios.")]
+
+
+def test_a_known_name_after_an_opening_phrase_or_before_a_question_is_read():
+    """A clause opening with a name the user introduced is a fact about that person, after an
+    opening phrase ("Quick update,"), in the possessive, or before a question put after it."""
+    known = {"Bastian": "brother"}
+    assert rewrite_sentence("Quick update on the family, Bastian moved to Graz.", known=known) == \
+        ["The user's brother Bastian moved to Graz."]
+    assert rewrite_sentence("Bastian's wedding is on 3 May, any gift ideas?", known=known) == \
+        ["The user's brother Bastian's wedding is on 3 May."]
+    # a question alone, or a name nobody introduced, still gives nothing
+    assert rewrite_sentence("What should I get Bastian?", known=known) == []
+    assert rewrite_sentence("Quick update, Joachim moved to Graz.", known=known) == []
