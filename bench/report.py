@@ -195,7 +195,8 @@ ANSWER_SETS = (  # (results file, data set, command)
     ("memory_decoding_test_set.json", "test: `examples/test/` (an independent writer's 13 sessions of 3 users, "
                                       "59 questions; never used to choose)",
      "python -m bench.memory_decoding --no_throughput --questions examples/test/questions.json "
-     "--general_prompts examples/test/general_prompts.json --json bench/results/memory_decoding_test_set.json -- --chats_dir examples/test/chats"),
+     "--general_prompts examples/test/general_prompts.json "
+     "--json bench/results/memory_decoding_test_set.json -- --chats_dir examples/test/chats"),
 )
 
 
