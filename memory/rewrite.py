@@ -121,14 +121,27 @@ def third_person(verb: str) -> str:
     return verb + "s"
 
 
+def _introduced(text: str):
+    """(position, relation, name) of each person or pet ``text`` introduces ("my sister Marta")."""
+    for pattern in _INTRO:
+        for m in pattern.finditer(text):
+            relation, name = m.groups()
+            if name not in _NOT_NAMES and relation not in ("name", "favourite", "favorite", "own"):
+                yield m.start(), relation, name
+
+
+def _owner(word: str) -> str:
+    """A sentence's first word as a possible name: "Efua's" -> "Efua", "Bastian," -> "Bastian"."""
+    word = word.strip(",.!")
+    return word[:-2] if word.endswith("'s") else word
+
+
 def introductions(texts: Sequence[str]) -> Dict[str, str]:
     """Names the user introduced with their relation: {"Marta": "sister", "Max": "dog"}."""
     found: Dict[str, str] = {}
     for text in texts:
-        for pattern in _INTRO:
-            for relation, name in pattern.findall(text):
-                if name not in _NOT_NAMES and relation not in ("name", "favourite", "favorite", "own"):
-                    found.setdefault(name, relation)
+        for _, relation, name in _introduced(text):
+            found.setdefault(name, relation)
     return found
 
 
@@ -247,9 +260,9 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
     s = _ASK_TAIL.sub(".", s) if len(_ASK_TAIL.sub("", s).split()) >= 3 else s  # "X is Y, what should I do?"
     if not s or s.endswith("?") or _HYPOTHETICAL.search(s):
         return []
-    if not _FIRST.search(s) and s.split()[0].strip(",.!") not in known:
+    if not _FIRST.search(s) and _owner(s.split()[0]) not in known:
         # "Big news in the family, Sigrid moved to Trondheim": the clause that opens with a known name
-        s = next((c for c in re.split(r"(?<=\S),\s+", s)[1:] if c.split()[0].strip(",.!'s") in known), s)
+        s = next((c for c in re.split(r"(?<=\S),\s+", s)[1:] if _owner(c.split()[0]) in known), s)
     m = _PRONOUN_START.match(s)
     if m and _FIRST.search(s):
         name = _last_name(previous)
@@ -276,7 +289,7 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
         return [re.sub(r"(?<=\s)" + re.escape(third_person(verb)) + r"\b", verb, f, count=1) if verb else f
                 for f in facts]
     lead = s.split()[0].strip(",.!") if s.split() else ""
-    owner = lead[:-2] if lead.endswith("'s") else lead  # "Efua's birthday is October 12"
+    owner = _owner(lead)  # "Efua's birthday is October 12"
     if not _FIRST.search(s) and owner in known:  # "Max is a beagle." about an introduced name
         rest = _TAIL.sub("", s[len(owner):]).strip()
         if _TRANSIENT.search(s):
@@ -355,9 +368,7 @@ def _last_person(previous: str, pronoun: str, known: Optional[Dict[str, str]] = 
     among ``known`` ("Efua's birthday is ..."), when ``pronoun`` (he/she) can refer to one."""
     if pronoun.lower() not in _PERSON_PRONOUNS:
         return None
-    found = [(m.start(), (rel, name)) for pattern in _INTRO for m in pattern.finditer(previous)
-             for rel, name in [m.groups()] if name not in _NOT_NAMES and rel not in ("name", "favourite", "favorite",
-                                                                                     "own")]
+    found = [(start, (relation, name)) for start, relation, name in _introduced(previous)]
     found += [(m.start(), (known[m.group(1)], m.group(1))) for m in _NAME.finditer(previous)
               if known and m.group(1) in known]
     return max(found, key=lambda f: f[0])[1] if found else None
@@ -488,9 +499,9 @@ def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = 
         starts = _PRONOUN_START.match(clean)
         pronoun = starts.group(1).lower().split("'")[0].split()[0] if starts else ""
         chained = pronoun in ("he", "she") and anchor and not _FIRST.search(clean) \
-            and not _last_person(previous, "she") and gender in ("", pronoun)
+            and not any(_introduced(previous)) and gender in ("", pronoun)
         facts = rewrite_sentence(sentence, anchor if chained else previous, known)
-        if _last_person(sentence, "she"):
+        if any(_introduced(sentence)):
             anchor, gender = sentence, ""
         elif pronoun in ("he", "she") and anchor and gender in ("", pronoun):
             gender = pronoun
