@@ -154,8 +154,8 @@ class MemoryArguments:
     keep_versions: int = dataclasses.field(default=3, metadata={"help": "published versions kept (retention)"})
     recall_threshold: str = dataclasses.field(
         default="auto", metadata={"help": "cosine below which a recall injects nothing (stored in the version): a "
-                                          "number, or 'auto': calibrated after step 2 so that only 2.5%% of the "
-                                          "bundled general prompts never trained on reach it"})
+                                          "number, or 'auto': calibrated after step 2 so that at most 1%% of the "
+                                          "462 bundled calibration prompts (never trained on) reach it"})
     memories_per_recall: int = dataclasses.field(
         default=1, metadata={"help": "memories injected per <recall> (stored in the version): the best hits above "
                                      "the threshold, each decoded in its own recall span. 1: the answer says back "

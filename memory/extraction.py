@@ -422,6 +422,14 @@ def _polarity_differs(fact: str, sentence: str) -> bool:
     return any(bool(_NEGATION.search(c)) != bool(_NEGATION.search(_closest_clause(c, sentence))) for c in clauses)
 
 
+def _quotes_verbatim(fact: str, text: str) -> bool:
+    """Whether a rule's short-answer fact quotes the user's answer as said ('..., the user
+    answered "eggs yes, dairy not really"'): a quote keeps the answer's polarity whatever its
+    clauses look like beside the question's."""
+    quoted = re.search(r'answered "(.+)"\.?$', fact)
+    return bool(quoted) and quoted.group(1) in text
+
+
 def _is_tautology(fact: str) -> bool:
     """'The user's guitar is a guitar', 'The user's favourite band is now'."""
     parts = _COPULA.split(fact, maxsplit=1)
@@ -445,7 +453,7 @@ def _rejection_reason(fact: str, unit: ExtractionUnit, cfg: ExtractionConfig, re
     if _is_tautology(fact):
         return "tautology"
     if cfg.grounding:
-        if _polarity_differs(fact, unit.text):
+        if _polarity_differs(fact, unit.text) and not (rewrite and _quotes_verbatim(fact, unit.text)):
             return "polarity differs from the sentence"
         unsupported = grounding_report(fact, unit.evidence)
         if unsupported:

@@ -35,13 +35,13 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "metrics.json"
 
 
-def with_abstention(data: List[dict], tokenizer, n_rows: int) -> List[dict]:
+def with_abstention(data: List[dict], tokenizer, n_rows: int, per_cue: float = 2.0) -> List[dict]:
     """``data`` plus general prompts that no memory answers, targeting the "no memory" class
-    (row ``n_rows``): at most one per labelled cue, so a small bank is not swamped. A prompt
-    that is also an unlabelled text (``--recall_general_prompts``) is kept as "no memory" only:
-    the two would pull it two ways."""
+    (row ``n_rows``): at most ``per_cue`` per labelled cue (``--abstention_per_cue``), so a small
+    bank is not swamped. A prompt that is also an unlabelled text (``--recall_general_prompts``)
+    is kept as "no memory" only: the two would pull it two ways."""
     n_cues = sum(0 <= d["target"] < n_rows for d in data)
-    prompts = abstention_prompts()[:n_cues]
+    prompts = abstention_prompts()[:int(n_cues * per_cue)]
     taken = set(prompts)
     return [d for d in data if d["target"] >= 0 or d["raw"] not in taken] + [
         {"text": format_query(tokenizer, t), "raw": t, "target": n_rows, "kind": "abstain", "memory_id": None}
@@ -209,7 +209,7 @@ def _training_data(tokenizer, records, cues, extra_texts, teacher, train_args, a
         extra_texts = ()  # unlabelled texts only teach through a teacher
     data = build_dataset(tokenizer, records, cues, extra_texts)
     if train_args.abstention:
-        data = with_abstention(data, tokenizer, len(records))
+        data = with_abstention(data, tokenizer, len(records), train_args.abstention_per_cue)
     with_positives(data, len(records))  # a message stating two facts is a cue of both
     if teacher is not None:
         vectors = teacher.vectors([d["raw"] for d in data])  # each text encoded once, for both terms

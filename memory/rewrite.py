@@ -377,13 +377,21 @@ def _last_person(previous: str, pronoun: str, known: Optional[Dict[str, str]] = 
 # a question that offers or asks about the conversation itself ("Would you like ...?"), not about the user
 _OFFER = re.compile(r"^(?:would you like|would you prefer|do you want|want me|shall i|should i|can i|could i|"
                     r"may i|would it help|do you need|is there anything|anything else|how about|what about|"
-                    r"what would you like|would you rather|ready)\b", re.I)
+                    r"what would you like\s+(?:me|us|help)|would you rather|ready)\b", re.I)
 _ACK = re.compile(r"^(?:thanks|thank you|ok|okay|cool|great|perfect|awesome|nice|sure|no worries|gracias|cheers)\b",
                   re.I)
 _TO_THEM = {"you": "they", "your": "their", "yours": "theirs", "yourself": "themselves", "you're": "they're",
             "you've": "they've", "you'd": "they'd", "you'll": "they'll"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MAX_ANSWER_WORDS = 16
+# a word that points at something said before: a question with one and no "you" is not a question
+# about the user that its answer could stand with ("Is this for this weekend?")
+_POINTER = re.compile(r"\b(?:it|its|this|that|these|those|he|she|him|her|they|them|there)\b", re.I)
+# how a whole question opens (not a list after a colon: "...: wool, cotton, a blend?")
+_ASKS = re.compile(r"(?:what|which|how|where|when|who|whose|why|is|are|was|were|does|do|did|has|have|can|will|any)\b",
+                   re.I)
+# a possession named alone, as a short answer: "my scooter", "our neighbour's van"
+_OWN_THING = re.compile(r"(?:my|our)\s+[\w'-]+(?:\s+[\w'-]+)?", re.I)
 
 
 # what may stand before the question itself in its sentence: "Caffeine can raise it — do you drink
@@ -391,16 +399,20 @@ MAX_ANSWER_WORDS = 16
 _QUESTION_LEAD = re.compile(r"^.*(?:[.!?]['\"”]?\s+|\s[—–-]\s|:\s)")
 # answer words that say nothing by themselves ("Yes.", "Pretty well.", "Not sure yet.")
 _BARE_ANSWER = frozenset("yes no yeah yep yup nope nah sure ok okay maybe probably perhaps definitely absolutely "
-                         "not really good great fine well pretty question idea yet thanks alright".split())
+                         "not really good great fine well pretty question idea yet thanks alright please".split())
 
 
 def asked_question(assistant_text: str) -> Optional[str]:
     """The question the assistant's message closes on when it asks about the user: the last
-    sentence that ends in "?" and addresses the user ("How often do you train?"), without what
-    leads up to it in its sentence, unless it is an offer ("Would you like a recipe?")."""
+    sentence that ends in "?" and addresses the user ("How often do you train?") or names what
+    it asks about ("How many bedrooms does the flat have?"), without what leads up to it in its
+    sentence, unless it is an offer ("Would you like a recipe?"). A question that points back
+    ("What kind of shop is it?") or speaks of the assistant ("Anything I should know?") is
+    none: its answer would not stand alone."""
     for sentence in reversed(_SENTENCE_END.split(assistant_text.strip())):
         s = _QUESTION_LEAD.sub("", sentence.strip()).strip()
-        if s.endswith("?") and _ADDRESS.search(s) and not _OFFER.match(s):
+        if s.endswith("?") and not _OFFER.match(s) and (
+                _ADDRESS.search(s) or _ASKS.match(s) and not (_POINTER.search(s) or _FIRST.search(s))):
             return s
         if sentence.strip().endswith("?"):
             return None  # the message closes on another kind of question: the answer is not about the user
@@ -435,9 +447,14 @@ def answer_fact(question: str, sentences: Sequence[str]) -> Optional[Tuple[str, 
         s = clean_chat_text(sentence).rstrip(".!")
         if not s:
             continue
-        if s.endswith("?") or _FIRST.search(s) or _ADDRESS.search(s) or _ACK.match(s) or _HYPOTHETICAL.search(s):
+        first = _FIRST.search(s)
+        if first and _OWN_THING.fullmatch(s):  # "my scooter": a possession named, no statement
+            first = None
+        if s.endswith("?") or first or _ADDRESS.search(s) or _ACK.match(s) or _HYPOTHETICAL.search(s):
             break
         if lead and _REFERENCE_WORD.search(s):  # "Uber for now. its not that bad": the answer ends before
+            break
+        if lead and len(" ".join(lead + [s]).split()) > MAX_ANSWER_WORDS:  # the answer is done; more follows
             break
         lead.append(s)
     answer = ". ".join(lead)
@@ -464,6 +481,22 @@ _IT_VERB = {"it's": "is", "it is": "is", "it was": "was"}
 # a statement of a value about a definite thing ("rent is 9000 each", "the clinic opens at 8")
 _VALUE_STATEMENT = re.compile(r"^(?:the\s+)?([a-z][a-z-]*(?:\s+[a-z][a-z-]*){0,3})\s+(?=(?:is|are|was|were|costs?|"
                               r"charges?|opens?|closes?|pays?|starts?|ends?|takes?|lasts?)\b)")
+
+
+# where a sentence's clauses part: a value statement may stand in any of them ("can you make me a
+# budget, salary is going up to 14k a month")
+_CLAUSE = re.compile(r"\s*(?:[,;]|\s-\s|\s\u2013\s)\s*|\s+(?:and|so|but)\s+", re.I)
+_VALUE_START = re.compile(r"^(?:[Tt]he\s+)?[a-z][a-z-]*(?:\s+[a-z][a-z-]*){0,3}\s+(?:is|are|costs?|charges?|pays?)\b.*\d")
+
+
+def _clause_values(sentence: str, first_clause: bool) -> List[str]:
+    """Value statements in clauses of their own: "the mess charges 3500 a month and the food is
+    bad so I eat out" or "can you make me a budget, salary is going up to 14k a month". The first
+    clause only when the sentence's facts came from elsewhere (a first-person clause): alone, the
+    sentence was read whole."""
+    clauses = _CLAUSE.split(sentence)[0 if first_clause else 1:]
+    return [f for clause in clauses if _VALUE_START.match(_strip_openers(clean_chat_text(clause)))
+            for f in _thing_fact(clause, None)]
 
 
 def _thing_fact(sentence: str, thing: Optional[str]) -> List[str]:
@@ -507,8 +540,9 @@ def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = 
             gender = pronoun
         else:
             anchor, gender = "", ""
-        if not facts:
-            facts = _thing_fact(sentence, thing)
+        stated = bool(facts)
+        facts = facts or _thing_fact(sentence, thing)
+        facts += [f for f in _clause_values(sentence, first_clause=stated) if f not in facts]
         out += [(sentence, fact) for fact in facts]
         said = _with_subject(clean_chat_text(sentence))
         if _FIRST.search(said):

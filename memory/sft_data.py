@@ -24,7 +24,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -38,6 +38,7 @@ GENERAL_PROMPTS = DATA_DIR / "general_prompts.json"
 HELDOUT_PROMPTS = DATA_DIR / "heldout_prompts.json"
 CALIBRATION_PROMPTS = DATA_DIR / "calibration_prompts.json"
 ABSTENTION_PROMPTS = DATA_DIR / "abstention_prompts.json"
+SMALL_TALK_PROMPTS = DATA_DIR / "small_talk_prompts.json"
 DISTILL_VERSION = 1
 
 
@@ -62,17 +63,21 @@ def read_prompts(path: Path = GENERAL_PROMPTS) -> List[str]:
     return data
 
 
-def abstention_prompts(path: Path = GENERAL_PROMPTS, extra: Optional[Path] = ABSTENTION_PROMPTS) -> List[str]:
+def abstention_prompts(path: Path = GENERAL_PROMPTS,
+                       extra: Union[Path, Sequence[Path], None] = (ABSTENTION_PROMPTS, SMALL_TALK_PROMPTS)) -> List[str]:
     """Step 1's "no memory" examples (``--abstention``): half of the general prompts (even
-    positions) and ``abstention_prompts.json`` (309 everyday requests, two thirds in the first
-    person: "I want to start running again, how should I ease into it?"), in a fixed shuffled
-    order so that the first few, all a small bank takes, have both styles. The other half of
+    positions), ``abstention_prompts.json`` (309 everyday requests, two thirds in the first
+    person: "I want to start running again, how should I ease into it?") and
+    ``small_talk_prompts.json`` (168 greetings, thanks, reactions and remarks on the assistant or
+    the user's mood: "hey how r u", "ok that makes sense", "ugh mondays"), in a fixed shuffled
+    order so that the first few, all a small bank takes, have every style. The other half of
     the general prompts calibrates the recall threshold, which must not see texts step 1
     trained on."""
     prompts = read_prompts(path)[0::2]
     if extra is None:
         return prompts
-    prompts += read_prompts(extra)
+    for extra_path in ([extra] if isinstance(extra, (str, Path)) else extra):
+        prompts += read_prompts(extra_path)
     random.Random(0).shuffle(prompts)
     return prompts
 

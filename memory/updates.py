@@ -23,7 +23,14 @@ is compared with general rules of English about change:
    progressive with a time to come) / "passed the exam": the newer fact reports something done
    (its first verb in the past) and shares two words or a name with the plan;
 5. **negation flipped**: "doesn't sell bread yet" / "now sells bread" (two shared words or a
-   shared name).
+   shared name);
+6. **what it replaced, named**: "cycles to work instead of taking the metro" / "takes the metro":
+   the head noun of what "instead of" or "rather than" sets aside is a word of the older fact (an
+   activity alone, "instead of working", names no one fact);
+7. **a new one of the same thing**: "the user's new flat is on the ground floor" / "the user's flat
+   is on the third floor": the newer fact's owner is a new X, the older one's the X, and both say
+   the same kind of thing of it (the same words up to the first content word: "is on the").
+   A new activity alone replaces nothing: "is learning German now" leaves "is learning the violin".
 
 Owners must agree: "The user's sister lives in Madrid" never replaces where the user lives.
 A missed update leaves two facts (visible, fixable with the memory CLI); a wrong one would hide
@@ -75,6 +82,8 @@ _FUTURE = re.compile(r"\b(?:next|tomorrow|soon|upcoming)\b|\bin\s+(?:a\s+few|\d+
 _ENDING = re.compile(r"(?:stopped|stops|quit|quits|gave\s+up|given\s+up|sold|dropped|cancell?ed|ended|got\s+rid)", re.I)
 # changes that end the thing itself: said of a named thing or of the owner, nothing else is needed
 _TERMINAL = re.compile(r"\b(?:died|passed\s+away|broke\s+up|split\s+up|divorced|closed\s+down)\b", re.I)
+_INSTEAD = re.compile(r"\b(?:instead\s+of|rather\s+than)\s+(?:\w+ing\s+(?=(?:the|a|an|his|her|their|my|its|our)\b))?", re.I)
+_NEW_OWNER = re.compile(r"^\s*the\s+user(?:'s|\u2019s)\s+(?:brand\s+)?new\s+", re.I)
 _NEGATION = re.compile(r"\b(?:not|never|no)\b|n[\u2019']t\b", re.I)
 _CORRECTION = re.compile(r",\s*not\s+(?:the\s+|on\s+|in\s+|at\s+)?([^,.;]+)", re.I)
 _QUANTITY = re.compile(r"\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|once|twice|half)\b", re.I)
@@ -200,6 +209,13 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
             return "a correction"
     if new.plan:
         return None
+    instead = _INSTEAD.search(new_text)
+    replaced = _object_head(new_text, instead) if instead else None
+    if replaced and not replaced.endswith("ing") and stem(replaced) in old.owned:
+        return "what it replaced, named"
+    if (old.owner == new.owner != "user" and _NEW_OWNER.match(new_text) and not _NEW_OWNER.match(old_text)
+            and _frame(old.value) and _frame(old.value) == _frame(new.value)):
+        return "a new one of the same thing"
     change = _STRONG_CHANGE.search(new_text)
     if (change and not _STRONG_CHANGE.search(old.value)
             and (len(shared) >= 2 or (named or old.verb in shared) and _near(new_text, change, shared)
@@ -220,6 +236,14 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
     if negated and negated in {stem(w) for w in words(new.value)} and len(shared) >= 2:
         return "negation flipped"
     return None
+
+
+def _frame(value: str) -> tuple:
+    """The words of a fact's value before its first content word ("is on the third floor" -> is,
+    on, the): what kind of thing it says of its owner."""
+    tokens = words(value)
+    at = _first_word(tokens)
+    return tuple(tokens[:at]) if at else ()
 
 
 def _outcome(value: str, text: str) -> bool:

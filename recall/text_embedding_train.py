@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from memory.token_manager import RECALL_TOKEN, safe_chat_template
-from recall.arg_checks import check_training_numbers
+from recall.arg_checks import check_numbers, check_training_numbers
 from recall.activation import (adapter_active, base_context_pass, check_scope, load_lora_state, lora_config,
                                use_fast_forward)
 from recall.distributed import prepare_deepspeed_args
@@ -96,6 +96,9 @@ class RecallTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "learn a 'no memory' level: general prompts no memory answers train "
                                         "against an extra class whose logit is a learned cosine, so they score "
                                         "below it and the cues of real memories above it (recall threshold)"})
+    abstention_per_cue: float = dataclasses.field(
+        default=2.0, metadata={"help": "with abstention: general prompts trained as 'no memory', per labelled cue "
+                                       "(at most the bundled 544)"})
     context_cache_mb: float = dataclasses.field(
         default=2048.0, metadata={"help": "with adapter_scope 'recall': keep each context's KV cache (base model, "
                                           "fixed during training) for later epochs, up to this many MB; 0 = off"})
@@ -108,6 +111,7 @@ class RecallTrainingArguments(TrainingArguments):
     def __post_init__(self):
         check_scope(self.adapter_scope)
         check_training_numbers(self)
+        check_numbers(self, positive=("abstention_per_cue",))
         default_accelerator = self.accelerator_config is None
         super().__post_init__()
         if default_accelerator:  # batches (pinned by the data loader) go to the GPU without a host sync each

@@ -209,7 +209,7 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
     # the version keeps its recall loop settings
     assert json.loads((current / "recall_config.json").read_text())["memories_per_recall"] == 1
     # recall_threshold auto: the version keeps the calibrated cosine, the lower of two bounds: at least
-    # 95% of the correct training cues reach it, and, when the prompts' bound decides, at most 5% of the
+    # 95% of the correct training cues reach it, and, when the prompts' bound decides, at most 1% of the
     # 462 calibration prompts (never trained on) do
     from memory.sft_data import calibration_prompts
 
@@ -217,7 +217,7 @@ def test_the_pipeline_publishes_an_activated_version(tiny_model_dir, tmp_path, c
     assert json.loads((current / "recall_config.json").read_text())["recall_threshold"] == calibrated["value"]
     assert calibrated["unrelated"] == len(calibration_prompts()) == 462 and calibrated["correct_contexts"] > 0
     assert calibrated["correct_pass"] >= 0.95
-    assert calibrated["decided_by"] != "unrelated prompts" or calibrated["unrelated_pass"] <= 0.05
+    assert calibrated["decided_by"] != "unrelated prompts" or calibrated["unrelated_pass"] <= 0.01
     plain = AutoModelForCausalLM.from_pretrained(current)  # ordinary chat: the base model plus the memory tokens
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     x = torch.tensor([[1, 2, 3, 4]])

@@ -14,7 +14,7 @@ from memory.__main__ import main as memory_main
 
 
 @pytest.mark.parametrize("main, expected", [
-    (run_training.main, ["--recall_threshold", "--decode_length_grouped", "only 2.5% of", "--daemon", "--status"]),
+    (run_training.main, ["--recall_threshold", "--decode_length_grouped", "at most 1% of", "--daemon", "--status"]),
     (evaluate.main, ["--output_dir", "--questions", "--general_prompts"]),
     (chat.main, ["--output_dir", "--model_dir", "--ask", "--recall", "--retrieval", "--force_recall"]),
     (memory_main, ["show"]),

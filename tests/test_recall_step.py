@@ -289,9 +289,13 @@ def test_abstention_trains_general_prompts_as_no_memory(tiny_model_dir, tmp_path
     caplog.set_level("INFO", logger="recall.text_embedding_train")
     assert not set(abstention_prompts()) & set(calibration_prompts())  # calibration never sees a trained prompt
     assert len(abstention_prompts(extra=None)) + len(calibration_prompts(extra=None)) == len(read_prompts())
-    # the 309 everyday requests train "no memory" beside the bundled half; none is measured anywhere
-    from memory.sft_data import ABSTENTION_PROMPTS
-    assert len(abstention_prompts()) == len(abstention_prompts(extra=None)) + len(read_prompts(ABSTENTION_PROMPTS))
+    # the 309 everyday requests and 168 small-talk messages train "no memory" beside the bundled
+    # half; none is measured anywhere
+    from memory.sft_data import ABSTENTION_PROMPTS, SMALL_TALK_PROMPTS
+    assert len(read_prompts(SMALL_TALK_PROMPTS)) == 168
+    assert len(abstention_prompts()) == (len(abstention_prompts(extra=None)) + len(read_prompts(ABSTENTION_PROMPTS))
+                                         + len(read_prompts(SMALL_TALK_PROMPTS)))
+    assert abstention_prompts(extra=ABSTENTION_PROMPTS) != abstention_prompts()  # one file or several
     measured = [read_prompts(Path(f)) for f in ("examples/dev/general_prompts.json", "examples/test/general_prompts.json")]
     def norm(prompts):
         return {" ".join(p.lower().split()) for p in prompts}
@@ -300,6 +304,7 @@ def test_abstention_trains_general_prompts_as_no_memory(tiny_model_dir, tmp_path
     first = abstention_prompts()[:20]  # a fixed order, and a small bank's first few have both styles
     assert first == abstention_prompts()[:20]
     assert set(first) & set(read_prompts(ABSTENTION_PROMPTS)) and set(first) & set(abstention_prompts(extra=None))
+    assert set(first) & set(read_prompts(SMALL_TALK_PROMPTS))
     # the 395 extra calibration prompts are never trained on, and the held-out ones never calibrate
     from memory.sft_data import HELDOUT_PROMPTS
     assert len(calibration_prompts()) == len(calibration_prompts(extra=None)) + 395
@@ -309,8 +314,8 @@ def test_abstention_trains_general_prompts_as_no_memory(tiny_model_dir, tmp_path
     assert _run(tiny_model_dir, tmp_path, "--memories", str(mem), "--stage", "recall", "--k_folds", "2",
                 "--abstention", "true", "--cue_templates", "true") == 0
     metrics = json.loads((sorted((tmp_path / "out" / "runs").iterdir())[-1] / "recall" / "metrics.json").read_text())
-    # at most one "no memory" prompt per labelled cue: a small bank is not swamped by them
-    assert metrics["abstain_texts"] == min(len(abstention_prompts()), metrics["cues"]) and metrics["cues"] > 0
+    # at most two "no memory" prompts per labelled cue (--abstention_per_cue): a small bank is not swamped
+    assert metrics["abstain_texts"] == min(len(abstention_prompts()), 2 * metrics["cues"]) and metrics["cues"] > 0
     assert isinstance(metrics["abstain_level"], float) and "'no memory' level starts at" in caplog.text
     assert len(metrics["kfold"]["per_fold"]) == 2  # "no memory" texts always train, never held out as cues
 
@@ -330,12 +335,13 @@ def test_a_step1_run_loads_with_or_without_a_no_memory_level(tiny_model_dir, tmp
     assert model.abstain is None
 
 
-def test_no_memory_prompts_are_at_most_one_per_cue_and_never_also_unlabelled(tokenizer):
-    """``with_abstention``: general prompts target the "no memory" row, one per labelled cue at
-    most; a prompt that is also an unlabelled text (--recall_general_prompts) is not kept twice
+@pytest.mark.parametrize("per_cue", [1.0, 2.0])
+def test_no_memory_prompts_are_at_most_per_cue_and_never_also_unlabelled(tokenizer, per_cue):
+    """``with_abstention``: general prompts target the "no memory" row, ``per_cue`` per labelled
+    cue at most; a prompt that is also an unlabelled text (--recall_general_prompts) is not kept twice
     with two opposite targets."""
     from memory.recall_step import build_dataset, with_abstention
-    from memory.sft_data import ABSTENTION_PROMPTS, abstention_prompts, read_prompts
+    from memory.sft_data import ABSTENTION_PROMPTS, SMALL_TALK_PROMPTS, abstention_prompts, read_prompts
     from memory.vector_db import MemoryRecord
 
     records = [MemoryRecord(id=i, user_id="alex", text=t, status="active", session_id=None, message_index=None,
@@ -344,11 +350,12 @@ def test_no_memory_prompts_are_at_most_one_per_cue_and_never_also_unlabelled(tok
                for i, t in enumerate(["The user lives in Porto.", "The user has a dog called Max."])]
     cues = {0: [Cue("question", "Where do I live?")], 1: [Cue("question", "What is my dog called?")]}
     # every general prompt, the ones step 1 trains as "no memory" included, also as an unlabelled text
-    data = build_dataset(tokenizer, records, cues, extra_texts=read_prompts() + read_prompts(ABSTENTION_PROMPTS))
+    data = build_dataset(tokenizer, records, cues, extra_texts=read_prompts() + read_prompts(ABSTENTION_PROMPTS)
+                         + read_prompts(SMALL_TALK_PROMPTS))
     labelled = sum(0 <= d["target"] < 2 for d in data)
-    out = with_abstention(data, tokenizer, n_rows=2)
+    out = with_abstention(data, tokenizer, n_rows=2, per_cue=per_cue)
     no_memory = [d["raw"] for d in out if d["target"] == 2]
-    assert no_memory == abstention_prompts()[:labelled] and labelled < len(abstention_prompts())
+    assert no_memory == abstention_prompts()[:int(per_cue * labelled)] and per_cue * labelled < len(abstention_prompts())
     raws = [d["raw"] for d in out]
     assert all(raws.count(t) == 1 for t in no_memory)  # not also an unlabelled text
     assert sum(d["target"] == -1 for d in out) == sum(d["target"] == -1 for d in data) - len(no_memory)

@@ -130,6 +130,10 @@ def test_a_rewritten_secret_is_still_caught_by_the_secret_filter():
     ("How do you get to the office these days?", ["Tram for now.", "its fine honestly"], "Tram for now"),
     ("How often do you swim?", ["Twice a week, mornings.", "I love it"], "Twice a week, mornings"),
     ("What do you do for work?", ["Night porter at a hotel."], "Night porter at a hotel"),
+    ("How do you get to the gym?", ["my bike.", "a cheap one"], "my bike. a cheap one"),       # a possession named
+    ("Do you drink tea or coffee?",
+     ["tea mostly, coffee never.", "the weather here has been really awful and rainy all week long honestly"],
+     "tea mostly, coffee never"),                              # the answer ends before a long new sentence
 ])
 def test_a_short_answer_is_read_with_the_question_and_ends_before_a_reference(question, sentences, answer):
     """A bare answer to the assistant's question becomes a fact that keeps the question; a later
@@ -139,6 +143,31 @@ def test_a_short_answer_is_read_with_the_question_and_ends_before_a_reference(qu
     got = answer_fact(question, sentences)
     assert got is not None and got[0] == answer
     assert got[1].startswith("Asked ") and f'the user answered "{answer}"' in got[1]
+
+
+def test_the_question_a_short_answer_answers():
+    """The assistant's closing question is read when it addresses the user or names what it
+    asks about; one that points back, speaks of the assistant, offers something or is a list
+    after a colon is not."""
+    from memory.rewrite import asked_question
+
+    assert asked_question("Nice! How many rooms does the cabin have?") == "How many rooms does the cabin have?"
+    assert asked_question("Great plan. What would you like to plant first?") == "What would you like to plant first?"
+    for text in ("What colour is it?", "Anything I should know before we start?", "What would you like me to draft?",
+                 "Which fabric do you prefer: linen, cotton, a blend?", "Would a checklist help?"):
+        assert asked_question(text) is None, text
+
+
+def test_a_quoted_negative_answer_keeps_its_polarity():
+    """'... the user answered "fish yes, meat not really"' quotes the answer as said: the polarity
+    guard (meant for a model that flips facts) does not reject it."""
+    from memory.schema import ChatMessage, ChatSession
+
+    session = ChatSession("s", "u", "2025-01-01T00:00:00", [
+        ChatMessage("user", "hi"), ChatMessage("assistant", "Do you eat meat and fish?"),
+        ChatMessage("user", "fish yes, meat not really.")])
+    result = extract_memory_entries(None, None, [session], ExtractionConfig(method="rewrite"))
+    assert [c.text for c in result.candidates] == ['Asked do they eat meat and fish, the user answered "fish yes, meat not really".']
 
 
 def test_a_person_stays_resolved_across_sentences_of_the_same_pronoun():
@@ -172,3 +201,18 @@ def test_a_known_name_after_an_opening_phrase_or_before_a_question_is_read():
     # a question alone, or a name nobody introduced, still gives nothing
     assert rewrite_sentence("What should I get Bastian?", known=known) == []
     assert rewrite_sentence("Quick update, Joachim moved to Graz.", known=known) == []
+
+
+def test_a_value_in_a_clause_of_its_own_is_read():
+    """A value statement about a definite thing is read in any clause of a sentence, also beside a
+    first-person clause or a request ("..., salary is going up to 14k a month"); a clause with no
+    number is not one."""
+    from memory.rewrite import rewrite_message
+
+    def facts(sentence):
+        return [f for _, f in rewrite_message([sentence], {})]
+
+    assert facts("the gym charges 40 a month and the showers are cold so I shower at home") == [
+        "The user showers at home.", "The user's gym charges 40 a month."]
+    assert facts("could you help me plan, the deposit is 2000") == ["The user's deposit is 2000."]
+    assert facts("the weather is lovely, the sea is warm so we swim") == ["The user swims."]

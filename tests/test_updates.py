@@ -30,6 +30,10 @@ from memory.updates import parse_fact, subject_key, supersedes
      "Now the user swims three times a week."),
     ("The user's 2012 scooter keeps stalling.", "The user sold the scooter last month."),  # a year before the owner
     ("The user sings in a gospel choir.", "The user quit the choir."),                 # what the change ends
+    ("The user takes the tram to the office.", "The user walks to the office instead of taking the tram."),  # instead of
+    ("The user drinks oat milk.", "The user drinks soy milk rather than oat milk now."),
+    ("The user's studio is on the fifth floor.", "The user's new studio is on the first floor."),  # a new one
+    ("The user's bike is a heavy Dutch bike.", "The user's new bike is a carbon racer."),
 ])
 def test_a_newer_fact_replaces_the_older(old, new):
     assert supersedes(old, new), (old, new)
@@ -53,6 +57,10 @@ def test_a_newer_fact_replaces_the_older(old, new):
      "The user is inspired by the pottery show crowd."),
     ("The user started selling lemon tarts at the cafe.", "The user moved the cafe to a bigger street."),
     ("The user's hamster Biscuit sleeps all day.", "The user's sister died in 2019."),   # another owner ended
+    ("The user works at a bakery.", "The user naps instead of working on Sundays."),  # an activity, no named thing
+    ("The user is learning the violin.", "The user is learning Korean now."),         # two activities at once
+    ("The user's studio has big windows.", "The user's new studio is on the first floor."),  # another kind of thing
+    ("The user's new studio is on the first floor.", "The user's new studio is on a quiet street."),
     ('Asked what their grade is, the user answered "8.1".',
      'Asked what they spend each month, the user answered "about 300 on rent, 2 times a week out"'),
 ])
