@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "metrics.json"
 
 
-def with_abstention(data: List[dict], tokenizer, n_rows: int, per_cue: float = 2.0) -> List[dict]:
+def with_abstention(data: List[dict], tokenizer, n_rows: int, per_cue: float) -> List[dict]:
     """``data`` plus general prompts that no memory answers, targeting the "no memory" class
     (row ``n_rows``): at most ``per_cue`` per labelled cue (``--abstention_per_cue``), so a small
     bank is not swamped. A prompt that is also an unlabelled text (``--recall_general_prompts``)

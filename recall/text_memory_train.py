@@ -9,8 +9,9 @@ The model learns to read a memory vector, injected as the input embedding at
   is *replaced* by ``projector(memory vector)``. The projector unit-normalises the vector,
   scales it to the mean norm of the embedding rows, and adds a small residual MLP
   (initialised to zero, so training starts from the plain rescaled vector). Gaussian noise
-  in training is small by default (``noise_std`` 0.005). Memory vectors travel as one flat ``(n_pads, d)`` tensor in the
-  order the pads appear in the batch, so batches mixing memory and SFT samples work.
+  in training is small by default (``noise_std`` 0.005). Memory vectors travel as one flat
+  ``(n_pads, d)`` tensor in the order the pads appear in the batch, so batches mixing memory
+  and SFT samples work.
 - **Labels**: ``<recall>`` (the model learns to ask after the activation phrase), the
   memory text, ``</recall>`` and the continuation; context, phrase and pad are -100.
 - **Loss**: next-token cross-entropy, with the LM head applied only at labelled positions
