@@ -296,7 +296,8 @@ def extraction_section(results: Path) -> List[str]:
 
     lines = ["## Memory extraction", "",
              "Rules: the docstring of `bench/extraction_quality.py`. Sets: `dev` = `examples/`, `dev2` = "
-             "`examples/dev/` (both used to choose), `test` = `examples/test/` (never used to choose); LoCoMo "
+             "`examples/dev/`, `dev3` = `examples/dev3/` (all used to choose; dev3's figures before any rule was "
+             "changed for it are in docs/memory.md), `test` = `examples/test/` (never used to choose); LoCoMo "
              f"conversations 0-4 are development, 5-9 test. Targets (issue): {EXTRACTION_TARGETS}.", ""]
     found = False
     for name, command in EXTRACTION_FILES:

@@ -59,7 +59,9 @@ GLUE_WORDS = (
 
 _FIRST_PERSON = re.compile(r"\b(i|i'm|i've|i'd|i'll|me|my|mine|we|our|us)\b", re.I)
 _HYPOTHETICAL = re.compile(r"^\s*(if|maybe|perhaps|imagine|suppose)\b|\b(i'd|i would|would i|wish)\b", re.I)
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+# sentences end at . ! ? and at a chat emoticon or emoji run ("She said yes :) Wedding is in May")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?:(?<=\s[:;][)(DPp])|(?<=\s[:;]-[)(DPp]))\s+"
+                             r"|(?<=[\U0001F000-\U0001FAFF\u2600-\u27BF])\s+(?=[A-Z])")
 # a user message that addresses the memory system instead of stating something: it overrides
 # instructions, fakes a role or a chat-template marker, or dictates facts about "the user"
 _INJECTION = re.compile(
@@ -343,7 +345,9 @@ def rewrite_memory_entries(sessions: Sequence[ChatSession], config: Optional[Ext
                 answer, fact = qa
                 _collect(ExtractionUnit(s, unit.message_index, f"{question} {answer}", f"{evidence}\n{question}"),
                          fact, cfg, result, rewrite=True)
-            for sentence, fact in rewrite_message(sentences, known[s.user_id]):
+            before = s.messages[unit.message_index - 1] if unit.message_index else None
+            context = before.content if before is not None and before.role == "assistant" else ""
+            for sentence, fact in rewrite_message(sentences, known[s.user_id], context):
                 _collect(ExtractionUnit(s, unit.message_index, sentence, evidence), fact, cfg, result, rewrite=True)
     return result
 
@@ -400,7 +404,8 @@ def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: E
             result.candidates.append(cand)
 
 
-_NEGATION = re.compile(r"\b(not|no|never|none|nothing|anymore|longer)\b|n't\b", re.I)
+_NEGATION = re.compile(r"\b(not|no|never|none|nothing|anymore|longer|dont|didnt|doesnt|cant|isnt|havent|wasnt|arent|"
+                       r"wouldnt)\b|n't\b", re.I)
 _COPULA = re.compile(r"\s(?:is|are|was|were)\s", re.I)
 
 

@@ -28,6 +28,8 @@ theyre theyve theyll theyd youre youve youll youd
 # week"'), never add an entity.
 RELATION_WORDS = frozenset("age year old live work job asked answered".split())
 
+_IRREGULAR_PLURAL = (("children", "child"), ("women", "woman"), ("men", "man"), ("people", "person"), ("feet", "foot"),
+                     ("teeth", "tooth"), ("mice", "mouse"))
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _SUFFIXES = ("ies", "es", "ed", "ing", "s", "d", "er", "ly")
 
@@ -39,6 +41,9 @@ def variants(word: str) -> Set[str]:
         word = word[:-2]
     word = word.replace("'", "")
     out = {word}
+    for plural, singular in _IRREGULAR_PLURAL:
+        if word in (plural, "grand" + plural, "step" + plural):
+            out.add(word[: -len(plural)] + singular)  # grandchildren -> grandchild
     if word.endswith("oes"):
         out.add(word[:-2])  # goes -> go
     for suffix in _SUFFIXES:

@@ -26,19 +26,23 @@ grounding), so both methods store the same kind of memory.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from memory.grounding import stem
 
 # discourse openers that carry no fact ("Hi,", "Also,", "By the way,")
 _OPENER = re.compile(
     r"^(?:(?:hi|hey|hello|oh|ok|okay|well|yes|yeah|yep|no|nope|so|and|but|also|plus|anyway|haha|ha|"
-    r"by the way|btw|on a different note|actually|honestly|oh and|thanks|thank you|sure|right|true)"
+    r"by the way|btw|on a different note|actually|honestly|oh and|thanks|thank you|sure|right|true|wait|"
+    r"(?:my\s+)?apologies|sorry(?=[,!.])|my bad|my mistake|i misspoke)"
     r"[,!:.]?\s+)+", re.I)
 # a label before a colon ("Big news: I ...", "One thing: I ...") when the label has no first person
 _LABEL = re.compile(r"^([^:]{1,30}):\s+")
 _FIRST = re.compile(r"\b(i|i'm|i've|i'd|i'll|im|ive|me|my|mine|myself|we|we're|we've|us|our|ours)\b", re.I)
 # a trailing comment clause: ", so ...", ", but ...", ", because ...", ", which ..."
-_TAIL = re.compile(r"(?:\s*(?:,|;|\s-\s|\s\u2013\s)\s*(?:so|but|because|although|though|which|and so|as|since|"
+_TAIL = re.compile(r"(?:\s*(?:,|;|\s-\s|\s[\u2013\u2014]\s)\s*(?:so|but|because|although|though|which|and so|as|since|"
                    r"honestly|haha)\b|\s+and\s+(?:it|that|this)\b).*$", re.I)
 # a clause joined to the next by "and/so/but/because ..." whose subject is the user again: two facts
 # ("I'm lactose intolerant so I use oat milk" -> both)
@@ -46,23 +50,41 @@ _AND_I = re.compile(r",?\s+(?:and|so|but|because|since|and so)\s+(?=(?:(?:now|th
                     r"(?:i|i'm|i've|my|we|we're)\b)", re.I)
 # chat filler that is no part of a fact: laughter, acronyms, emoji; and a trailing tag question
 _FILLER = re.compile(r"\s*\b(?:lol|lmao|rofl|haha+|hehe+|omg|ugh+|smh|tbh|btw|fyi|xd|tho)\b[.!]*", re.I)
-_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D]+")
+_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D]+|(?<!\\S)[:;]-?[)(DPp](?!\\S)")
 _TAG = re.compile(r",\s*(?:does|do|did|is|isn't|was|are|right|you know|no)\b[^,]{0,25}$", re.I)
 # a comment after "so" without a comma: "My knee is bad so no jogging"
 _SO_TAIL = re.compile(r"\s+so\s+(?=(?:no|not|that|it|this|there|the|they|he|she)\b).*$", re.I)
 _TRANSIENT = re.compile(r"\b(?:tonight|today|this (?:morning|afternoon|evening)|right now)\b", re.I)
-_EPISTEMIC = re.compile(r"^(?:i|we)\s+(?:think|guess|suppose|hope|wonder|mean|bet|feel like)\b"
+_EPISTEMIC = re.compile(r"^(?:(?:i|we)\s+)?(?:think|guess|suppose|hope|wonder|mean|bet|feel like|felt like)\b"
                         r"|^we\s+all\b", re.I)  # "we all ..." speaks of everyone, not of the user
 _ADDRESS = re.compile(r"\b(?:you|your|yours|yourself)\b", re.I)  # about the person addressed, not a fact
-_PLAN = re.compile(r"^(?:i'll|i will|we'll|we will|i'm going to|let me)\b", re.I)
+_PLAN = re.compile(r"^(?:let me)\b", re.I)
+# a plan ("I'll ...", "I'm going to ...") is a fact when it is anchored: a time, a number or a name
+# ("I'll sell the scooter before I go", "I'll take the Hurtigruten"); "I'll try my best" is not
+_INTENT = re.compile(r"^(?:i'll|i will|we'll|we will|i'm going to|i am going to|we're going to)\b", re.I)
+_ANCHOR = re.compile(r"\d|\b(?:next|tomorrow|soon|before|after|until|this\s+(?:week|weekend|month|year|spring|summer|"
+                     r"autumn|fall|winter)|(?:in|on|by)\s+(?:%s))\b|(?<!^)(?<![.!?]\s)\b[A-Z][a-z]+" % "|".join(
+                         "january february march april may june july august september october november december spring "
+                         "summer autumn winter monday tuesday wednesday thursday friday saturday sunday".split()))
 # what the user asks for, or how they are right now: no fact to keep ("I need help with a sign",
 # "Sorry for my English", "I'm alright", "Help me make a budget")
 _REQUEST = re.compile(r"^(?:i|we)\s+(?:really\s+)?(?:need|want|would like|could use)\s+(?:some\s+|a\s+little\s+)?"
                       r"(?:help|advice|ideas?|tips?|suggestions?|a hand|recommendations?)\b"
-                      r"|^(?:help|tell|show|give|make|find|send)\s+(?:me|us)\b|^sorry\b", re.I)
-_MOOD = re.compile(r"^(?:i'm|i am|we're|we are)\s+(?:(?:all|just|pretty|very|quite|so)\s+)?(?:alright|fine|good|ok|okay|"
-                   r"great|well|busy|tired|keeping busy|not bad)[.!]?$|^(?:i'm\s+)?keeping busy[.!]?$", re.I)
+                      r"|^(?:help|tell|show|give|make|find|send)\s+(?:me|us)\b|^sorry\b"
+                      r"|^(?:i|we)\s+(?:have|had|got)\s+(?:(?:a|one|some|a few|few|two|another|quick|small|little)\s+)*"
+                      r"questions?\b", re.I)
+# how the user feels at the moment ("I'm alright", "I'm a little nervous", "im so tired of this rain"):
+# no fact to keep. Fears and allergies ("scared of heights") are not moods
+_MOOD = re.compile(r"^(?:i'm|i am|we're|we are|feeling)\s+(?:(?:all|just|pretty|very|quite|so|a|little|bit|really|super|"
+                   r"kinda|kind of|rather|feeling|getting|a bit|bit)\s+)*(?:alright|fine|good|ok|okay|great|well|busy|"
+                   r"keeping busy|not bad|tired|exhausted|knackered|shattered|nervous|anxious|stressed|worried|excited|"
+                   r"sad|upset|happy|glad|bored|frustrated|annoyed|overwhelmed|relieved|thrilled|gutted|sick and tired|"
+                   r"fed up|sleepy|hungry)(?:\s+(?:today|now|lately|rn|atm|at the moment|right now|tbh|honestly|"
+                   r"(?:of|about|with)\s+(?:this|that|it|everything|the)\b.*))?\s*[.!]*$"
+                   r"|^(?:i'm\s+)?keeping busy[.!]?$", re.I)
 _HYPOTHETICAL = re.compile(r"^\s*(if|maybe|perhaps|imagine|suppose)\b|\b(i'd|i would|would i|wish|we'd)\b", re.I)
+# a sentence that is all hypothetical ("If I won, I'd buy a boat"); a clause "I would like ..." alone is dropped
+_HYPOTHETICAL_SENTENCE = re.compile(r"^\s*(if|maybe|perhaps|imagine|suppose)\b|\b(would i|wish)\b", re.I)
 _ADVERBS = frozenset("usually also still really never often just now originally already always sometimes "
                      "currently recently mostly even only actually finally probably definitely rarely "
                      "barely hardly seldom generally normally regularly both".split())
@@ -78,7 +100,9 @@ IRREGULAR_PAST = {"got": "get", "sold": "sell", "went": "go", "made": "make", "t
                   "stood": "stand", "sat": "sit", "ate": "eat", "drank": "drink", "gave": "give", "knew": "know",
                   "swam": "swim", "sang": "sing", "slept": "sleep", "woke": "wake", "fell": "fall", "broke": "break",
                   "chose": "choose", "forgot": "forget", "rode": "ride", "spoke": "speak", "stole": "steal",
-                  "threw": "throw", "wore": "wear", "understood": "understand"}
+                  "threw": "throw", "wore": "wear", "understood": "understand", "did": "do",
+                  # the same form in the past: a user telling what happened means the past ("I quit the choir")
+                  "quit": "quit", "put": "put", "cut": "cut", "hurt": "hurt", "shut": "shut"}
 _IRREGULAR_PAST = frozenset(IRREGULAR_PAST)
 _THIRD = {"am": "is", "have": "has", "do": "does", "don't": "doesn't", "haven't": "hasn't", "go": "goes",
           "'m": "is", "are": "are", "be": "be"}
@@ -91,11 +115,22 @@ _SUBJECT_FORM = {"i": "the user", "me": "the user", "my": "the user's", "mine": 
                  "ours": "the user's"}
 _PRONOUN_FORM = {"i": "they", "me": "them", "my": "their", "mine": "theirs", "myself": "themselves",
                  "we": "they", "us": "them", "our": "their", "ours": "theirs"}
-_NAME = re.compile(r"\b([A-Z][a-z]+(?:\s+(?:[A-Z][a-z]+|of|the|de|da|van|von)){0,3}(?<!\bof)(?<!\bthe))")
-# "my sister Marta", "my beagle Max", "a dog called Max", "a cat named Pixel"
-_INTRO = (re.compile(r"\b[Mm]y\s+(?:[a-z]+\s+)?([a-z]+)\s+([A-Z][a-z]+)\b"),
-          re.compile(r"\b[Aa]n?\s+(?:[a-z]+\s+)?([a-z]+)\s+(?:called|named)\s+([A-Z][a-z]+)\b"))
-_WITH_I = re.compile(r"^((?:[Mm]y|[Oo]ur)\s+[a-z]+(?:\s+[A-Z][a-z]+)?|[A-Z][a-z]+)\s+and\s+I\b(?!')")
+# a capitalised name, accents included ("Inês", "Zoë")
+_W = r"[A-Z][a-zà-öø-ÿ]+"
+_NAME = re.compile(r"\b(%s(?:\s+(?:%s|of|the|de|da|van|von)){0,3}(?<!\bof)(?<!\bthe))" % (_W, _W))
+# "my sister Marta", "my husband, Duncan,", "my beagle Max", "a dog called Max", "a cat named Pixel"
+# people and pets, for the forms with a comma ("my husband, Duncan,"; "my business, Jon, congrats" is no one)
+_KIN = ("husband|wife|partner|boyfriend|girlfriend|bf|gf|fiance|fiancee|brother|sister|mother|father|mom|mum|dad|"
+        "son|daughter|kid|child|baby|friend|neighbour|neighbor|cousin|aunt|uncle|niece|nephew|grandma|grandpa|"
+        "grandmother|grandfather|granddaughter|grandson|boss|colleague|roommate|flatmate|housemate|landlord|"
+        "landlady|doctor|physio|therapist|teacher|coach|mentor|dog|cat|puppy|kitten|horse|rabbit|parrot|pet")
+_INTRO = (re.compile(r"\b[Mm]y\s+(?:[a-z]+\s+)?([a-z]+)\s+(%s)\b" % _W),
+          re.compile(r"\b[Mm]y\s+(?:[a-z]+\s+)?(%s),\s+(?:(?:her|his|their)\s+name\s+is\s+)?(%s)\b" % (_KIN, _W)),
+          re.compile(r"\b[Aa]n?\s+(?:[a-z]+\s+)?([a-z]+)\s+(?:called|named)\s+(%s)\b" % _W))
+# "We have two children: Rafael is nine and Inês is six": the names that follow a count of them
+_COUNTED = re.compile(r"\b(?:have|has|got)\s+(?:two|three|four|five|\d)\s+(kids|children|sons|daughters|boys|girls|dogs|cats|"
+                      r"brothers|sisters|grandchildren|grandsons|granddaughters)\b")
+_WITH_I = re.compile(r"^((?:[Mm]y|[Oo]ur)\s+[a-z]+(?:\s+%s)?|%s)\s+and\s+I\b(?!')" % (_W, _W))
 # a question put after a statement: "Efua's birthday is October 12, what should I get her?"
 _ASK_TAIL = re.compile(r",\s+(?:what|how|where|when|which|who|why|any|anything|can|could|should|would|do|does|"
                        r"is|are|will)\b[^,.!]*\?$", re.I)
@@ -122,12 +157,21 @@ def third_person(verb: str) -> str:
 
 
 def _introduced(text: str):
-    """(position, relation, name) of each person or pet ``text`` introduces ("my sister Marta")."""
+    """(position, relation, name) of each person or pet ``text`` introduces ("my sister Marta",
+    "two children: Rafael is nine and Inês is six")."""
     for pattern in _INTRO:
         for m in pattern.finditer(text):
             relation, name = m.groups()
             if name not in _NOT_NAMES and relation not in ("name", "favourite", "favorite", "own"):
                 yield m.start(), relation, name
+    counted = _COUNTED.search(text)
+    if counted:
+        plural = counted.group(1)
+        relation = plural[:-3] if plural.endswith("ren") else plural[:-1]
+        rest = re.split(r"(?<=[.!?])\s", text[counted.end():], maxsplit=1)[0]
+        for m in re.finditer(r"(?:^|[:,;]\s*|\band\s+)(%s)\b(?=\s+(?:is|was|has|turns?|and)\b|[,.])" % _W, rest.strip()):
+            if m.group(1) not in _NOT_NAMES:
+                yield counted.start(), relation, m.group(1)
 
 
 def _owner(word: str) -> str:
@@ -152,12 +196,19 @@ def _last_name(sentence: str) -> Optional[str]:
     return names[-1] if names else None
 
 
+# an interjection before the first person: a letter held ("BROOO", "yaaay") or shouted ("OMG", "WOW")
+_INTERJECTION = re.compile(r"^(\S+?)[,!.]*\s+(?=(?:i|i'm|i've|we|we're|my|our)\b)", re.I)
+
+
 def _strip_openers(text: str) -> str:
     for _ in range(3):
         before = text
         text = _OPENER.sub("", text).strip()
+        m = _INTERJECTION.match(text)
+        if m and (re.search(r"([a-z])\1\1", m.group(1), re.I) or m.group(1).isupper() and len(m.group(1)) >= 3):
+            text = text[m.end():]
         m = _LABEL.match(text)
-        if m and not _FIRST.search(m.group(1)) and _FIRST.search(text[m.end():]):
+        if m and not _FIRST.search(m.group(1)) and _FIRST.search(_with_subject(text[m.end():])):
             text = text[m.end():].strip()
         if text == before:
             break
@@ -233,10 +284,14 @@ _STATE_ED = frozenset("tired excited bored interested worried scared married ret
                       "annoyed stressed exhausted relieved amazed disappointed".split())
 
 
+# the user as a subject: "Handed in my notice" drops it although it says "my"
+_SUBJECT_PRONOUN = re.compile(r"\b(?:i|i'm|i've|i'd|i'll|im|ive|we|we're|we've|we'd|we'll)\b", re.I)
+
+
 def _with_subject(s: str) -> str:
     """A sentence that drops its subject, as chat often does ("got an internship at Tata!",
     "applying to Aachen now"), with the "I" it leaves out; any other sentence unchanged."""
-    if _FIRST.search(s) or _ADDRESS.search(s):
+    if _SUBJECT_PRONOUN.search(s) or _ADDRESS.search(s):
         return s
     m = _DROPPED_SUBJECT.match(s)
     if not m:
@@ -244,21 +299,27 @@ def _with_subject(s: str) -> str:
     word = m.group(1).lower()
     if word in _IRREGULAR_PAST or (word.endswith("ed") and len(word) > 4 and word not in _STATE_ED):
         return f"I {s[0].lower()}{s[1:]}"
-    if word.endswith("ing") and len(word) > 5 and word not in ("nothing", "something", "anything", "everything",
+    later = {w.lower().strip(",.!") for w in s.split()[1:]}
+    if word.endswith("ing") and later & (_MODALS | _COPULA_WORDS):
+        return s  # "Wedding will be next summer", "Being outdoors is great": the -ing word is the subject
+    if word.endswith("ing") and len(word) > 4 and word not in ("nothing", "something", "anything", "everything",
                                                                "morning", "evening", "thing", "king", "spring"):
         return f"I'm {s[0].lower()}{s[1:]}"
     return s
 
 
-def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str, str]] = None) -> List[str]:
+def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str, str]] = None,
+                     context: str = "") -> List[str]:
     """Facts stated by one user sentence, in the third person ([] when it states none).
 
     ``previous``: the sentence before it in the same message (a leading pronoun refers to its
-    last proper name); ``known``: names the user introduced, with their relation."""
+    last proper name); ``known``: names the user introduced, with their relation; ``context``:
+    the assistant's message before, where a he or she the message has not named may have been
+    named ("Will Duncan be travelling with you?" / "Only for ten days. He starts a new job")."""
     known = known or {}
     s = _with_subject(_strip_openers(clean_chat_text(sentence)))
     s = _ASK_TAIL.sub(".", s) if len(_ASK_TAIL.sub("", s).split()) >= 3 else s  # "X is Y, what should I do?"
-    if not s or s.endswith("?") or _HYPOTHETICAL.search(s):
+    if not s or s.endswith("?") or _HYPOTHETICAL_SENTENCE.search(s):
         return []
     if not _FIRST.search(s) and _owner(s.split()[0]) not in known:
         # "Big news in the family, Sigrid moved to Trondheim": the clause that opens with a known name
@@ -266,14 +327,16 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
     m = _PRONOUN_START.match(s)
     if m and _FIRST.search(s):
         name = _last_name(previous)
-        if not name:
-            return []
+        if not name:  # "She told me to stop running, so I left the club": the user's clauses only
+            parts = _AND_I.split(s)
+            return [f for part in parts[1:] for f in rewrite_sentence(part, "", known)] if len(parts) > 1 else []
         verb = _PRONOUN_VERB.get(m.group(1).lower())
         s = f"{name} {verb} {s[m.end():]}" if verb else f"{name} {s[m.end():]}"
     elif m:  # "She drives a Kia." after "my girlfriend Efua says ...": the person just introduced
-        person = _last_person(previous, m.group(1), known)
+        person = _last_person(previous, m.group(1), known) or _last_person(context, m.group(1), known)
         if not person:
-            return []
+            parts = _AND_I.split(s)
+            return [f for part in parts[1:] for f in rewrite_sentence(part, "", known)] if len(parts) > 1 else []
         verb = _PRONOUN_VERB.get(m.group(1).lower())
         s = f"{person[1]} {verb} {s[m.end():]}" if verb else f"{person[1]} {s[m.end():]}"
         known = {**known, person[1]: person[0]}
@@ -290,20 +353,22 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
                 for f in facts]
     lead = s.split()[0].strip(",.!") if s.split() else ""
     owner = _owner(lead)  # "Efua's birthday is October 12"
-    if not _FIRST.search(s) and owner in known:  # "Max is a beagle." about an introduced name
+    if not _FIRST.search(_TAIL.sub("", s)) and owner in known:  # "Max is a beagle." about an introduced name
         rest = _TAIL.sub("", s[len(owner):]).strip()
-        if _TRANSIENT.search(s):
-            return []
+        if _TRANSIENT.search(s) or not [w for w in re.findall(r"[a-z']+", rest.lower()) if w not in _ADVERBS | {"too"}]:
+            return []  # "Kasia also.": what it says of her is in the sentence before
         joined = f"The user's {known[owner]} {owner}{rest}" if rest.startswith("'s") else \
             f"The user's {known[owner]} {owner} {rest}"
         return [_finish(f) for f in _self_contained(joined)]
     facts = []
     for part in _AND_I.split(s):
         part = _TAIL.sub("", part).strip().strip(",")
-        if not part or _EPISTEMIC.match(part) or _PLAN.match(part) or _TRANSIENT.search(part) \
-                or _REQUEST.match(part) or _MOOD.match(part):
+        if _INTENT.match(part) and not _ANCHOR.search(re.sub(r"^\S+\s+", "", part)):
             continue
-        name = re.fullmatch(r"(?:i'm|i am)\s+([A-Z][a-z]+)[.!]?", part, re.I)
+        if not part or _EPISTEMIC.match(part) or _PLAN.match(part) or _TRANSIENT.search(part) \
+                or _REQUEST.match(part) or _MOOD.match(part) or _HYPOTHETICAL.search(part):
+            continue
+        name = re.fullmatch(r"(?:i'm|i am)\s+(%s)[.!]?" % _W, part, re.I)
         if name and name.group(1)[0].isupper() and name.group(1) not in _NOT_NAMES:
             facts.append(f"The user's name is {name.group(1)}.")
             continue
@@ -314,10 +379,18 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
     return facts
 
 
+# chat spellings without the apostrophe ("im in leeds", "dont have one"), read as written out
+_APOSTROPHE = {"im": "I'm", "ive": "I've", "dont": "don't", "didnt": "didn't", "doesnt": "doesn't", "cant": "can't",
+               "isnt": "isn't", "havent": "haven't", "wasnt": "wasn't", "arent": "aren't", "wouldnt": "wouldn't",
+               "thats": "that's", "theres": "there's"}
+_UNAPOSTROPHISED = re.compile(r"\b(?:%s)\b(?=\s+[a-z0-9])" % "|".join(_APOSTROPHE), re.I)
+
+
 def clean_chat_text(text: str) -> str:
     """A user's sentence without chat filler ("lol", "haha", emoji) and a trailing tag question
     (", does that count")."""
     text = _EMOJI.sub(" ", text.replace("\u2019", "'"))
+    text = _UNAPOSTROPHISED.sub(lambda m: _APOSTROPHE[m.group(0).lower()], text)
     text = _FILLER.sub("", text).strip()
     text = _TAG.sub("", text).strip()
     return re.sub(r"\s+", " ", text).strip(" ,")
@@ -326,7 +399,8 @@ def clean_chat_text(text: str) -> str:
 _PERSON_PRONOUNS = {"he", "he's", "he is", "she", "she's", "she is"}
 # a word that points at something said elsewhere: a third-person pronoun, a demonstrative standing
 # alone ("this" but not "this year"), "there" as a place (not "there is")
-_REFERENCE_WORD = re.compile(r"\b(?:he|she|him|her|it|its)\b"
+_REFERENCE_WORD = re.compile(r"\b(?:he|she|him|her|his|it|its)\b"
+
                              r"|\b(?:this|these|those|that)\b(?![ \t]+(?!(?:up|down|out|off|back|away|over|again|too|"
                              r"either|anymore|any\s+more|now|then|yet)\b)[a-z])"
                              r"|\bthere\b(?!\s+(?:is|are|was|were|will|has|have)\b|'s\b)"
@@ -335,7 +409,7 @@ _REFERENCE_WORD = re.compile(r"\b(?:he|she|him|her|it|its)\b"
 
 
 _CLAUSE_PRONOUN = re.compile(r"^(they're|they are|they|he's|he is|he|she's|she is|she)\s+", re.I)
-_SUBJECT = re.compile(r"^([Tt]he user(?:'s\s+[a-z-]+(?:\s+[A-Z][a-z]+)?)?)\s")
+_SUBJECT = re.compile(r"^([Tt]he user(?:'s\s+[a-z-]+(?:\s+%s)?)?)\s" % _W)
 
 
 def _self_contained(fact: str) -> List[str]:
@@ -369,8 +443,8 @@ def _last_person(previous: str, pronoun: str, known: Optional[Dict[str, str]] = 
     if pronoun.lower() not in _PERSON_PRONOUNS:
         return None
     found = [(start, (relation, name)) for start, relation, name in _introduced(previous)]
-    found += [(m.start(), (known[m.group(1)], m.group(1))) for m in _NAME.finditer(previous)
-              if known and m.group(1) in known]
+    found += [(m.start(), (known[name], name)) for m in _NAME.finditer(previous) for name in m.group(1).split()
+              if known and name in known]  # "Will Duncan be ...": the name within the capitalised run
     return max(found, key=lambda f: f[0])[1] if found else None
 
 
@@ -400,6 +474,10 @@ _QUESTION_LEAD = re.compile(r"^.*(?:[.!?]['\"”]?\s+|\s[—–-]\s|:\s)")
 # answer words that say nothing by themselves ("Yes.", "Pretty well.", "Not sure yet.")
 _BARE_ANSWER = frozenset("yes no yeah yep yup nope nah sure ok okay maybe probably perhaps definitely absolutely "
                          "not really good great fine well pretty question idea yet thanks alright please".split())
+
+
+_QUESTION_WORDS = frozenset("what which how where when who whose why is are was were do does did have has can could will "
+                            "would should you your yours the a an any of to in on at for with and or like".split())
 
 
 def asked_question(assistant_text: str) -> Optional[str]:
@@ -436,6 +514,14 @@ _SUBJECT_BEFORE = frozenset("do does did are were have has had can could will wo
                             "and or when where how why what which who if that".split() + [""])
 
 
+def _answers(clause: str, question: str) -> bool:
+    """Whether a clause before the user's first person answers the question by itself: it
+    repeats what was asked about or gives a number ("Not spicy" to "Do you like spicy food?")."""
+    asked = {stem(w) for w in re.findall(r"[a-z]+", question.lower())} - _QUESTION_WORDS
+    said = {stem(w) for w in re.findall(r"[a-z]+", clause.lower())}
+    return bool(said - asked) and (bool(asked & said) or bool(re.search(r"\d", clause)))  # not an echo ("Lately")
+
+
 def answer_fact(question: str, sentences: Sequence[str]) -> Optional[Tuple[str, str]]:
     """(the answer, the fact) when a user message opens with a short answer to ``question``
     ("Twice a week, mornings." to "How often do you train?"): the leading sentences with no
@@ -450,6 +536,13 @@ def answer_fact(question: str, sentences: Sequence[str]) -> Optional[Tuple[str, 
         first = _FIRST.search(s)
         if first and _OWN_THING.fullmatch(s):  # "my scooter": a possession named, no statement
             first = None
+        if first and not lead and not s.endswith("?"):
+            # "Not spicy, my stomach doesn't like it": the clauses before the first person answer
+            clauses = re.split(r"(?<=\S),\s+", s)
+            leading = list(itertools.takewhile(lambda c: not (_FIRST.search(c) or _ADDRESS.search(c)), clauses))
+            if leading and _answers(", ".join(leading), question) and not _HYPOTHETICAL.search(leading[0]):
+                lead.append(", ".join(leading))
+            break
         if s.endswith("?") or first or _ADDRESS.search(s) or _ACK.match(s) or _HYPOTHETICAL.search(s):
             break
         if lead and _REFERENCE_WORD.search(s):  # "Uber for now. its not that bad": the answer ends before
@@ -485,7 +578,7 @@ _VALUE_STATEMENT = re.compile(r"^(?:the\s+)?([a-z][a-z-]*(?:\s+[a-z][a-z-]*){0,3
 
 # where a sentence's clauses part: a value statement may stand in any of them ("can you make me a
 # budget, salary is going up to 14k a month")
-_CLAUSE = re.compile(r"\s*(?:[,;]|\s-\s|\s\u2013\s)\s*|\s+(?:and|so|but)\s+", re.I)
+_CLAUSE = re.compile(r"\s*(?:[,;]|\s-\s|\s[\u2013\u2014]\s)\s*|\s+(?:and|so|but)\s+", re.I)
 _VALUE_START = re.compile(r"^(?:[Tt]he\s+)?[a-z][a-z-]*(?:\s+[a-z][a-z-]*){0,3}\s+(?:is|are|costs?|charges?|pays?)\b.*\d")
 
 
@@ -511,17 +604,46 @@ def _thing_fact(sentence: str, thing: Optional[str]) -> List[str]:
     if m and thing:
         verb = _IT_VERB.get(m.group(1).lower())
         text = f"the user's {thing} {verb} {s[m.end():]}" if verb else f"the user's {thing} {s[m.end():]}"
-    elif not m and re.search(r"\d", s) and _VALUE_STATEMENT.match(s):
-        v = _VALUE_STATEMENT.match(s)
+    elif not m and re.search(r"\d", s) and _VALUE_STATEMENT.match(re.sub(r"^The\b", "the", s)):
+        v = _VALUE_STATEMENT.match(re.sub(r"^The\b", "the", s))
         text = f"the user's {v.group(1)} {s[v.end():]}"
     else:
         return []
     return [_finish(f) for f in _self_contained(_TAIL.sub("", text).strip())]
 
 
-def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = None) -> List[Tuple[str, str]]:
+# words that make a clause a statement of its own: a fragment has none of them
+_FINITE = frozenset("is are was were am be been being has have had do does did can could will would should shall may "
+                    "might must isn't aren't wasn't weren't hasn't haven't don't doesn't didn't can't won't it's "
+                    "that's there's he's she's they're".split())
+# how a fragment that adds to the sentence before may open: "Only on Saturdays for now.", "Every
+# other week.", "Since 2019."
+_FRAGMENT_START = frozenset("only mostly usually mainly every each on in at since from near twice once for with about "
+                            "around until till before after during".split())
+
+
+def _fragment(sentence: str) -> Optional[str]:
+    """A verbless continuation of the sentence before, as chat writes them: "Only on Saturdays
+    for now.", "Canela, a mixed breed, 2 years.", "automotive engineering, starting april 2026".
+    It has no finite verb, first person, pronoun or question, at most 10 words, and carries
+    something: a number, a name after its first word, or a leading preposition or frequency."""
+    s = _strip_openers(clean_chat_text(sentence)).rstrip(".!").strip()
+    tokens = s.split()
+    if not tokens or len(tokens) > 10 or s.endswith("?") or _FIRST.search(s) or _ADDRESS.search(s) \
+            or _REFERENCE_WORD.search(s) or _HYPOTHETICAL.search(s) or _PRONOUN_START.match(s) or _TRANSIENT.search(s):
+        return None
+    if {t.lower().strip(",;:") for t in tokens} & _FINITE:
+        return None
+    informative = re.search(r"\d", s) or any(t[:1].isupper() and t.strip(",") not in _NOT_NAMES for t in tokens[1:]) \
+        or tokens[0].lower() in _FRAGMENT_START
+    return s if informative else None
+
+
+def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = None,
+                    context: str = "") -> List[Tuple[str, str]]:
     """(sentence, fact) pairs for one message's ``sentences``, in order. A sentence about "it"
-    refers to the last thing the user said they have or got in the message."""
+    refers to the last thing the user said they have or got in the message; ``context`` is the
+    assistant's message before (see ``rewrite_sentence``)."""
     out: List[Tuple[str, str]] = []
     previous, thing = "", None
     # the last sentence that introduced a person, while the sentences after it open with the same
@@ -533,7 +655,8 @@ def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = 
         pronoun = starts.group(1).lower().split("'")[0].split()[0] if starts else ""
         chained = pronoun in ("he", "she") and anchor and not _FIRST.search(clean) \
             and not any(_introduced(previous)) and gender in ("", pronoun)
-        facts = rewrite_sentence(sentence, anchor if chained else previous, known)
+        facts = rewrite_sentence(sentence, anchor if chained else previous, known,
+                                 context if not any(_introduced(previous)) else "")
         if any(_introduced(sentence)):
             anchor, gender = sentence, ""
         elif pronoun in ("he", "she") and anchor and gender in ("", pronoun):
@@ -541,6 +664,14 @@ def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = 
         else:
             anchor, gender = "", ""
         stated = bool(facts)
+        fragment = None if facts or not out or out[-1][0] != previous else _fragment(sentence)
+        if fragment:  # "I started making gluten-free bread! Only on Saturdays for now": one fact
+            lead = fragment.split()[0].lower()
+            head = fragment[0].lower() + fragment[1:] if lead in _FRAGMENT_START | _ADVERBS | {"a", "an", "the"} \
+                else fragment
+            out[-1] = (f"{previous} {sentence}", f"{out[-1][1].rstrip('.')}, {head}.")
+            previous = sentence
+            continue
         facts = facts or _thing_fact(sentence, thing)
         facts += [f for f in _clause_values(sentence, first_clause=stated) if f not in facts]
         out += [(sentence, fact) for fact in facts]

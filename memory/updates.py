@@ -21,13 +21,18 @@ is compared with general rules of English about change:
    "hamster Biscuit died");
 4. **a plan and its outcome**: "plans to take the exam" or "is sitting the exam in April" (a
    progressive with a time to come) / "passed the exam": the newer fact reports something done
-   (its first verb in the past) and shares two words or a name with the plan;
+   (its first verb in the past) and shares two words or a name with the plan, or is the plan's
+   verb done ("intends to enrol" / "has enrolled"); an attempt under
+   way ("is applying to TU Dresden") ends the same way when a name is shared;
 5. **negation flipped**: "doesn't sell bread yet" / "now sells bread" (two shared words or a
    shared name);
-6. **what it replaced, named**: "cycles to work instead of taking the metro" / "takes the metro":
+6. **a new value of the same thing**: "the user's rent is 2400 zloty a month" / "the user's rent
+   is 2600": the same owned thing, the same kind of statement (see 9), a new number first;
+7. **taken up again**: "left the running club" / "rejoined the club in the Meadows";
+8. **what it replaced, named**: "cycles to work instead of taking the metro" / "takes the metro":
    the head noun of what "instead of" or "rather than" sets aside is a word of the older fact (an
    activity alone, "instead of working", names no one fact);
-7. **a new one of the same thing**: "the user's new flat is on the ground floor" / "the user's flat
+9. **a new one of the same thing**: "the user's new flat is on the ground floor" / "the user's flat
    is on the third floor": the newer fact's owner is a new X, the older one's the X, and both say
    the same kind of thing of it (the same words up to the first content word: "is on the").
    A new activity alone replaces nothing: "is learning German now" leaves "is learning the violin".
@@ -72,6 +77,11 @@ _STRONG_CHANGE = re.compile(
 _WEAK_CHANGE = re.compile(r"\b(?:now|new|instead|switched|changed|these\s+days|started|starts)\b", re.I)
 _PLAN = re.compile(r"\b(?:plans?|planning|planned|going\s+to|will|wants?\s+to|hopes?\s+to|intends?\s+to|"
                    r"considering|thinking\s+(?:about|of)|might)\b", re.I)
+# the verb a plan is about: "intends to enrol in ...", "wants to buy a flat" -> enrol, buy
+_PLAN_VERB = re.compile(r"\b(?:plans?|planning|going|wants?|hopes?|intends?)\s+to\s+(\w+)|\bwill\s+(\w+)", re.I)
+# a thing taken up again: "rejoined the club" after "left the club"
+_RESUMED = re.compile(r"\b(?:rejoined|restarted|resumed|returned\s+to|went\s+back\s+to|is\s+back\s+(?:at|to|in)|"
+                      r"started\s+\w+ing\s+again)\b", re.I)
 # "is sitting the exam in April", "starting a course next month": a progressive with a time to come
 _PROGRESSIVE = re.compile(r"\b(?!(?:morn|even|noth|someth|anyth|everyth|dur|th|k|r|spr|w|build|s)ing\b)\w{2,}ing\b", re.I)
 _FUTURE = re.compile(r"\b(?:next|tomorrow|soon|upcoming)\b|\bin\s+(?:a\s+few|\d+|two|three|four|a|an)\s+(?:days?|weeks?|months?)\b"
@@ -150,8 +160,10 @@ def parse_fact(fact: str) -> FactParse:
     names = frozenset(stem(w) for w in re.findall(r"(?<![.!?\"\u201c]\s)(?<![\"\u201c])(?<!^)\b([A-Z][\w-]+)", value)
                       if stem(w) not in _GENERIC)
     owner_words = set(owner.split())
-    content = frozenset(w for w in content_words(value) if w not in _GENERIC and w not in owner_words
+    content = frozenset(_base(w) for w in content_words(value) if w not in _GENERIC and w not in owner_words
                         and not w.isdigit())
+    # a code of letters and digits names one thing ("10k", "A2", "B1"): a name
+    names = names | frozenset(w for w in content if re.fullmatch(r"\d+[a-z]+|[a-z]+\d+", w))
     owned = content | frozenset(w for w in owner_words if w != "user")
     return FactParse(owner=owner, relation=relation, value=value, verb=verb, words=content, owned=owned, names=names,
                      negated=bool(_NEGATION.search(value)),
@@ -216,6 +228,13 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
     if (old.owner == new.owner != "user" and _NEW_OWNER.match(new_text) and not _NEW_OWNER.match(old_text)
             and _frame(old.value) and _frame(old.value) == _frame(new.value)):
         return "a new one of the same thing"
+    if (old.owner == new.owner != "user" and _frame(old.value) and _frame(old.value) == _frame(new.value)
+            and _leading_number(old.value) and _leading_number(new.value)
+            and _leading_number(old.value) != _leading_number(new.value)):
+        return "a new value of the same thing"
+    resumed = _RESUMED.search(new.value)
+    if resumed and _STRONG_CHANGE.search(old.value) and shared and _near(new_text, resumed, shared):
+        return "taken up again"
     change = _STRONG_CHANGE.search(new_text)
     if (change and not _STRONG_CHANGE.search(old.value)
             and (len(shared) >= 2 or (named or old.verb in shared) and _near(new_text, change, shared)
@@ -230,7 +249,8 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
             return "a change on the same thing"
         if _QUANTITY.search(old.value) and _QUANTITY.search(new.value):
             return "a new quantity"
-    if old.plan and _outcome(new.value, new_text) and (len(shared) >= 2 or named):
+    if (old.plan or _ongoing(old.value) and named) and _outcome(new.value, new_text) and (
+            len(shared) >= 2 or named or _same_plan_verb(old.value, new.value)):
         return "a plan and its outcome"
     negated = _negated_verb(old_text) if old.negated and not new.negated else None
     if negated and negated in {stem(w) for w in words(new.value)} and len(shared) >= 2:
@@ -244,6 +264,45 @@ def _frame(value: str) -> tuple:
     tokens = words(value)
     at = _first_word(tokens)
     return tuple(tokens[:at]) if at else ()
+
+
+def _base(word: str) -> str:
+    """The stem of a word, irregular past forms by their base ("bought" -> buy)."""
+    return stem(IRREGULAR_PAST.get(word, word))
+
+
+def _leading_number(value: str) -> Optional[str]:
+    """The number a fact's value gives first, when it is its first content ("is 2600 zloty a
+    month" -> 2600): a price, a count, an age."""
+    tokens = words(value)
+    at = _first_word(tokens)
+    return tokens[at] if at is not None and re.fullmatch(r"\d[\d,.]*", tokens[at]) else None
+
+
+def _same_plan_verb(old_value: str, new_value: str) -> bool:
+    """Whether the outcome's verb is the plan's ("intends to enrol in a diploma" / "has
+    enrolled"; "wants to buy a flat" / "bought the flat")."""
+    m = _PLAN_VERB.search(old_value)
+    tokens = words(new_value)
+    at = _first_word(tokens)
+    if not m or at is None:
+        return False
+    verb = _base(m.group(1) or m.group(2))
+    if verb != _base(tokens[at]) or verb in _GENERIC or verb in STOP_WORDS or verb == "keep":  # "get", "keep": any thing
+        return False
+    after = tokens[at + 1:at + 2]
+    # the verb alone ("has enrolled, and ...") or with a word of the plan's object
+    return not after or after[0] in ("and", "but", "so") or bool(
+        {_base(t) for t in words(old_value)} & {_base(t) for t in tokens[at + 1:]} - {verb} - STOP_WORDS - _GENERIC)
+
+
+def _ongoing(value: str) -> bool:
+    """Whether a fact's first verb is a progressive after "is" ("is applying to TU Dresden"): an
+    attempt under way, which a past outcome naming the same thing ends ("got the admit from TU
+    Dresden")."""
+    tokens = words(value)
+    at = _first_word(tokens)
+    return at is not None and at > 0 and tokens[at - 1] in ("is", "are") and bool(_PROGRESSIVE.fullmatch(tokens[at]))
 
 
 def _outcome(value: str, text: str) -> bool:

@@ -3,7 +3,7 @@ import pytest
 
 from memory.extraction import ExtractionConfig, extract_memory_entries
 from memory.extraction_eval import load_expected, score_extraction
-from memory.rewrite import introductions, rewrite_sentence
+from memory.rewrite import answer_fact, introductions, rewrite_message, rewrite_sentence
 from memory.schema import ChatMessage, ChatSession
 from memory.updates import supersedes
 
@@ -216,3 +216,72 @@ def test_a_value_in_a_clause_of_its_own_is_read():
         "The user showers at home.", "The user's gym charges 40 a month."]
     assert facts("could you help me plan, the deposit is 2000") == ["The user's deposit is 2000."]
     assert facts("the weather is lovely, the sea is warm so we swim") == ["The user swims."]
+
+
+@pytest.mark.parametrize("sentence,facts", [
+    ("I'll sell my scooter before the move.", ["The user will sell their scooter before the move."]),  # an anchored plan
+    ("I'm going to visit Lena in Graz.", ["The user is going to visit Lena in Graz."]),
+    ("YAAAY I got the job at the museum!", ["The user got the job at the museum."]),          # an interjection
+    ("im a nurse at the county hospital", ["The user is a nurse at the county hospital."]),   # chat spellings
+    ("i dont eat pork", ["The user doesn't eat pork."]),
+    ("quick update: did the half marathon on sunday", ["The user did the half marathon on sunday."]),
+    ("Handed in my notice at the bank last week.", ["The user handed in their notice at the bank last week."]),
+    ("I'm nervous about flying to Oslo.", ["The user is nervous about flying to Oslo."]),      # a feeling about something
+    ("I was diagnosed with asthma last year, and I would like some tips.", ["The user was diagnosed with asthma last year."]),
+    ("She told me to rest, so I quit the choir.", ["The user quit the choir."]),             # an unresolved she, the user's clause
+])
+def test_chat_forms_of_a_fact_are_read(sentence, facts):
+    assert rewrite_sentence(sentence) == facts
+
+
+@pytest.mark.parametrize("sentence", [
+    "I'll try my best.",                     # a plan with no time, number or name
+    "Wedding will be in June.",              # a noun in -ing is no dropped "I"
+    "Being outdoors is great.",
+    "I'm a little nervous.",                 # a mood of the moment
+    "im so tired of this rain",
+    "I have a quick question about my lease.",
+])
+def test_chat_forms_that_state_no_fact_give_none(sentence):
+    assert rewrite_sentence(sentence) == []
+
+
+def test_people_introduced_with_a_comma_a_count_or_an_accent_are_known():
+    known = introductions(["My wife, Saoirse, runs a bakery.", "We have two kids: Tadhg is 7 and Aoife is 4.",
+                           "My niece Zoë is visiting.", "I live with my girlfriend, her name is Ana.",
+                           "my business, Jon, congrats on the fair"])  # a business is no one
+    assert known == {"Saoirse": "wife", "Tadhg": "kid", "Aoife": "kid", "Zoë": "niece", "Ana": "girlfriend"}
+    # a known name keeps its fact when the user comments on it in a clause of their own
+    assert rewrite_sentence("Saoirse is vegan, which I keep forgetting.", known=known) == ["The user's wife Saoirse is vegan."]
+    # a he the user has not named this message: the person the assistant just asked about
+    assert rewrite_message(["Just for a week.", "He starts a new job at the port in May."], {"Cian": "brother"},
+                           "Will Cian come with you?") == [
+        ("He starts a new job at the port in May.", "The user's brother Cian starts a new job at the port in May.")]
+
+
+def test_a_fragment_continues_the_fact_before_it():
+    assert rewrite_message(["I started a pottery class!", "Only on Thursdays for now."]) == [
+        ("I started a pottery class! Only on Thursdays for now.", "The user started a pottery class, only on Thursdays for now.")]
+    assert [f for _, f in rewrite_message(["We adopted a cat in March.", "Miso, a tabby, 3 years."])] == [
+        "The user adopted a cat in March, Miso, a tabby, 3 years."]
+    # a reaction carries nothing to add
+    assert [f for _, f in rewrite_message(["I started a pottery class!", "So much fun."])] == ["The user started a pottery class."]
+    # a value of a definite thing, capitalised at the start of its sentence
+    assert [f for _, f in rewrite_message(["We rent.", "The rent is 900 euros a month, without bills."])][-1] == \
+        "The user's rent is 900 euros a month, without bills."
+
+
+def test_a_short_answer_before_the_users_own_clause_is_read_unless_it_echoes():
+    assert answer_fact("Do you like spicy food?", ["Not spicy, my stomach hates it."]) == (
+        "Not spicy", 'Asked do they like spicy food, the user answered "Not spicy".')
+    assert answer_fact("What's new with you lately?", ["Lately, I've been busy."]) is None
+
+
+def test_an_emoticon_ends_a_sentence_and_children_ground_child():
+    session = ChatSession("s", "u", "2025-01-01T00:00:00", [
+        ChatMessage("user", "I proposed to my girlfriend Ana last week and she said yes :) Wedding will be next summer."),
+        ChatMessage("user", "We have two children: Tom is 9 and Eva is 6."),
+        ChatMessage("user", "Tom plays hurling on Saturdays.")])
+    facts = [c.text for c in extract_memory_entries(None, None, [session], ExtractionConfig(method="rewrite")).candidates]
+    assert not [f for f in facts if ":)" in f]
+    assert "The user's child Tom plays hurling on Saturdays." in facts

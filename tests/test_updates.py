@@ -34,6 +34,12 @@ from memory.updates import parse_fact, subject_key, supersedes
     ("The user drinks oat milk.", "The user drinks soy milk rather than oat milk now."),
     ("The user's studio is on the fifth floor.", "The user's new studio is on the first floor."),  # a new one
     ("The user's bike is a heavy Dutch bike.", "The user's new bike is a carbon racer."),
+    ("The user's rent is 900 euros a month.", "The user's rent is 950."),               # a new value, same thing
+    ("The user has left the hockey team for now.", "The user has rejoined the hockey team."),  # taken up again
+    ("The user intends to enrol in a nursing course next year.",                        # the plan's verb, done
+     "The user has enrolled, and classes start in May."),
+    ("The user wants to buy a house in Cork.", "The user bought a house."),            # an irregular past
+    ("The user is applying to Trinity College.", "The user got an offer from Trinity College."),  # an attempt ended
 ])
 def test_a_newer_fact_replaces_the_older(old, new):
     assert supersedes(old, new), (old, new)
@@ -59,6 +65,10 @@ def test_a_newer_fact_replaces_the_older(old, new):
     ("The user's hamster Biscuit sleeps all day.", "The user's sister died in 2019."),   # another owner ended
     ("The user works at a bakery.", "The user naps instead of working on Sundays."),  # an activity, no named thing
     ("The user is learning the violin.", "The user is learning Korean now."),         # two activities at once
+    ("The user wants to get a dog.", "The user got a new phone."),                   # a light verb names no plan
+    ("The user wants to visit Paris.", "The user visited Rome."),                    # the verb, not the plan's object
+    ("The user's rent is 900 euros a month.", "The user's rent is due on the 1st."),  # another kind of statement
+    ("The user's sister is 30.", "The user's brother is 25."),                        # another owner
     ("The user's studio has big windows.", "The user's new studio is on the first floor."),  # another kind of thing
     ("The user's new studio is on the first floor.", "The user's new studio is on a quiet street."),
     ('Asked what their grade is, the user answered "8.1".',
