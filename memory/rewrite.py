@@ -80,7 +80,7 @@ _MOOD = re.compile(r"^(?:i'm|i am|we're|we are|feeling)\s+(?:(?:all|just|pretty|
                    r"keeping busy|not bad|tired|exhausted|knackered|shattered|nervous|anxious|stressed|worried|excited|"
                    r"sad|upset|happy|glad|bored|frustrated|annoyed|overwhelmed|relieved|thrilled|gutted|sick and tired|"
                    r"fed up|sleepy|hungry)(?:\s+(?:today|now|lately|rn|atm|at the moment|right now|tbh|honestly|"
-                   r"(?:of|about|with)\s+(?:this|that|it|everything|the)\b.*))?\s*[.!]*$"
+                   r"(?:of|about|with)\s+(?:this|that|it|everything)\b.*))?\s*[.!]*$"
                    r"|^(?:i'm\s+)?keeping busy[.!]?$", re.I)
 _HYPOTHETICAL = re.compile(r"^\s*(if|maybe|perhaps|imagine|suppose)\b|\b(i'd|i would|would i|wish|we'd)\b", re.I)
 # a sentence that is all hypothetical ("If I won, I'd buy a boat"); a clause "I would like ..." alone is dropped
@@ -300,8 +300,11 @@ def _with_subject(s: str) -> str:
     if word in _IRREGULAR_PAST or (word.endswith("ed") and len(word) > 4 and word not in _STATE_ED):
         return f"I {s[0].lower()}{s[1:]}"
     later = {w.lower().strip(",.!") for w in s.split()[1:]}
-    if word.endswith("ing") and later & (_MODALS | _COPULA_WORDS):
-        return s  # "Wedding will be next summer", "Being outdoors is great": the -ing word is the subject
+    clause = {w.lower().strip(",.!") for w in re.split(r"[,;:\u2014]", s)[0].split()[1:]}  # its first clause
+    if word.endswith("ing") and (later & (_MODALS | _COPULA_WORDS) or clause & _IRREGULAR_PAST
+                                 or any(w.endswith("ed") and len(w) > 4 for w in clause)):
+        # "Wedding will be next summer", "Being outdoors is great", "Seeing it made my day": the subject
+        return s
     if word.endswith("ing") and len(word) > 4 and word not in ("nothing", "something", "anything", "everything",
                                                                "morning", "evening", "thing", "king", "spring"):
         return f"I'm {s[0].lower()}{s[1:]}"

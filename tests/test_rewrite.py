@@ -227,6 +227,9 @@ def test_a_value_in_a_clause_of_its_own_is_read():
     ("quick update: did the half marathon on sunday", ["The user did the half marathon on sunday."]),
     ("Handed in my notice at the bank last week.", ["The user handed in their notice at the bank last week."]),
     ("I'm nervous about flying to Oslo.", ["The user is nervous about flying to Oslo."]),      # a feeling about something
+    ("I'm excited about the new job at the museum.", ["The user is excited about the new job at the museum."]),
+    ("doing A2 now, online, since the evening course clashed with work", ["The user is doing A2 now, online."]),
+    ("Seeing the photos made my day.", ["Seeing the photos made the user's day."]),  # an -ing subject, no dropped "I"
     ("I was diagnosed with asthma last year, and I would like some tips.", ["The user was diagnosed with asthma last year."]),
     ("She told me to rest, so I quit the choir.", ["The user quit the choir."]),             # an unresolved she, the user's clause
 ])
