@@ -33,7 +33,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set
 import torch
 
 from memory.grounding import content_words, grounding_report
-from memory.rewrite import answer_fact, asked_question, introductions, rewrite_message, third_person
+from memory.rewrite import (UNAPOSTROPHISED_NEGATIONS, answer_fact, asked_question, introductions, rewrite_message,
+                            third_person)
 from memory.runs import check_stop
 from recall.get_text_embedding import autocast
 from memory.schema import ChatSession, MemoryCandidate
@@ -404,8 +405,8 @@ def _collect(unit: ExtractionUnit, output: str, cfg: ExtractionConfig, result: E
             result.candidates.append(cand)
 
 
-_NEGATION = re.compile(r"\b(not|no|never|none|nothing|anymore|longer|dont|didnt|doesnt|cant|isnt|havent|wasnt|arent|"
-                       r"wouldnt)\b|n't\b", re.I)
+_NEGATION = re.compile(r"\b(not|no|never|none|nothing|anymore|longer|%s)\b|n't\b" % "|".join(UNAPOSTROPHISED_NEGATIONS),
+                       re.I)
 _COPULA = re.compile(r"\s(?:is|are|was|were)\s", re.I)
 
 

@@ -299,16 +299,14 @@ def _with_subject(s: str) -> str:
     word = m.group(1).lower()
     if word in _IRREGULAR_PAST or (word.endswith("ed") and len(word) > 4 and word not in _STATE_ED):
         return f"I {s[0].lower()}{s[1:]}"
+    if not word.endswith("ing") or len(word) <= 4 or word in ("nothing", "something", "anything", "everything",
+                                                                 "morning", "evening", "thing", "king", "spring"):
+        return s
     later = {w.lower().strip(",.!") for w in s.split()[1:]}
     clause = {w.lower().strip(",.!") for w in re.split(r"[,;:\u2014]", s)[0].split()[1:]}  # its first clause
-    if word.endswith("ing") and (later & (_MODALS | _COPULA_WORDS) or clause & _IRREGULAR_PAST
-                                 or any(w.endswith("ed") and len(w) > 4 for w in clause)):
-        # "Wedding will be next summer", "Being outdoors is great", "Seeing it made my day": the subject
-        return s
-    if word.endswith("ing") and len(word) > 4 and word not in ("nothing", "something", "anything", "everything",
-                                                               "morning", "evening", "thing", "king", "spring"):
-        return f"I'm {s[0].lower()}{s[1:]}"
-    return s
+    if later & (_MODALS | _COPULA_WORDS) or clause & _IRREGULAR_PAST or any(w.endswith("ed") and len(w) > 4 for w in clause):
+        return s  # "Wedding will be next summer", "Being outdoors is great", "Seeing it made my day": the subject
+    return f"I'm {s[0].lower()}{s[1:]}"
 
 
 def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str, str]] = None,
@@ -330,16 +328,14 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
     m = _PRONOUN_START.match(s)
     if m and _FIRST.search(s):
         name = _last_name(previous)
-        if not name:  # "She told me to stop running, so I left the club": the user's clauses only
-            parts = _AND_I.split(s)
-            return [f for part in parts[1:] for f in rewrite_sentence(part, "", known)] if len(parts) > 1 else []
+        if not name:
+            return _users_clauses(s, known)
         verb = _PRONOUN_VERB.get(m.group(1).lower())
         s = f"{name} {verb} {s[m.end():]}" if verb else f"{name} {s[m.end():]}"
     elif m:  # "She drives a Kia." after "my girlfriend Efua says ...": the person just introduced
         person = _last_person(previous, m.group(1), known) or _last_person(context, m.group(1), known)
         if not person:
-            parts = _AND_I.split(s)
-            return [f for part in parts[1:] for f in rewrite_sentence(part, "", known)] if len(parts) > 1 else []
+            return _users_clauses(s, known)
         verb = _PRONOUN_VERB.get(m.group(1).lower())
         s = f"{person[1]} {verb} {s[m.end():]}" if verb else f"{person[1]} {s[m.end():]}"
         known = {**known, person[1]: person[0]}
@@ -386,7 +382,15 @@ def rewrite_sentence(sentence: str, previous: str = "", known: Optional[Dict[str
 _APOSTROPHE = {"im": "I'm", "ive": "I've", "dont": "don't", "didnt": "didn't", "doesnt": "doesn't", "cant": "can't",
                "isnt": "isn't", "havent": "haven't", "wasnt": "wasn't", "arent": "aren't", "wouldnt": "wouldn't",
                "thats": "that's", "theres": "there's"}
+# those of them that negate ("dont"): extraction's polarity guard reads them as negations
+UNAPOSTROPHISED_NEGATIONS = tuple(k for k, v in _APOSTROPHE.items() if v.endswith("n't"))
 _UNAPOSTROPHISED = re.compile(r"\b(?:%s)\b(?=\s+[a-z0-9])" % "|".join(_APOSTROPHE), re.I)
+
+
+def _users_clauses(s: str, known: Dict[str, str]) -> List[str]:
+    """The facts of the clauses after the first when that one opens with a pronoun nothing
+    resolves: "She told me to stop running, so I left the club" -> the second clause's."""
+    return [f for part in _AND_I.split(s)[1:] for f in rewrite_sentence(part, "", known)]
 
 
 def clean_chat_text(text: str) -> str:
@@ -403,7 +407,6 @@ _PERSON_PRONOUNS = {"he", "he's", "he is", "she", "she's", "she is"}
 # a word that points at something said elsewhere: a third-person pronoun, a demonstrative standing
 # alone ("this" but not "this year"), "there" as a place (not "there is")
 _REFERENCE_WORD = re.compile(r"\b(?:he|she|him|her|his|it|its)\b"
-
                              r"|\b(?:this|these|those|that)\b(?![ \t]+(?!(?:up|down|out|off|back|away|over|again|too|"
                              r"either|anymore|any\s+more|now|then|yet)\b)[a-z])"
                              r"|\bthere\b(?!\s+(?:is|are|was|were|will|has|have)\b|'s\b)"
@@ -607,11 +610,11 @@ def _thing_fact(sentence: str, thing: Optional[str]) -> List[str]:
     if m and thing:
         verb = _IT_VERB.get(m.group(1).lower())
         text = f"the user's {thing} {verb} {s[m.end():]}" if verb else f"the user's {thing} {s[m.end():]}"
-    elif not m and re.search(r"\d", s) and _VALUE_STATEMENT.match(re.sub(r"^The\b", "the", s)):
-        v = _VALUE_STATEMENT.match(re.sub(r"^The\b", "the", s))
-        text = f"the user's {v.group(1)} {s[v.end():]}"
     else:
-        return []
+        v = None if m or not re.search(r"\d", s) else _VALUE_STATEMENT.match(re.sub(r"^The\b", "the", s))
+        if not v:
+            return []
+        text = f"the user's {v.group(1)} {s[v.end():]}"
     return [_finish(f) for f in _self_contained(_TAIL.sub("", text).strip())]
 
 
@@ -658,8 +661,7 @@ def rewrite_message(sentences: Sequence[str], known: Optional[Dict[str, str]] = 
         pronoun = starts.group(1).lower().split("'")[0].split()[0] if starts else ""
         chained = pronoun in ("he", "she") and anchor and not _FIRST.search(clean) \
             and not any(_introduced(previous)) and gender in ("", pronoun)
-        facts = rewrite_sentence(sentence, anchor if chained else previous, known,
-                                 context if not any(_introduced(previous)) else "")
+        facts = rewrite_sentence(sentence, anchor if chained else previous, known, context)
         if any(_introduced(sentence)):
             anchor, gender = sentence, ""
         elif pronoun in ("he", "she") and anchor and gender in ("", pronoun):

@@ -225,12 +225,11 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
     replaced = _object_head(new_text, instead) if instead else None
     if replaced and not replaced.endswith("ing") and stem(replaced) in old.owned:
         return "what it replaced, named"
-    if (old.owner == new.owner != "user" and _NEW_OWNER.match(new_text) and not _NEW_OWNER.match(old_text)
-            and _frame(old.value) and _frame(old.value) == _frame(new.value)):
+    same_kind = old.owner == new.owner != "user" and _frame(old.value) and _frame(old.value) == _frame(new.value)
+    if same_kind and _NEW_OWNER.match(new_text) and not _NEW_OWNER.match(old_text):
         return "a new one of the same thing"
-    if (old.owner == new.owner != "user" and _frame(old.value) and _frame(old.value) == _frame(new.value)
-            and _leading_number(old.value) and _leading_number(new.value)
-            and _leading_number(old.value) != _leading_number(new.value)):
+    numbers = _leading_number(old.value), _leading_number(new.value)
+    if same_kind and all(numbers) and numbers[0] != numbers[1]:
         return "a new value of the same thing"
     resumed = _RESUMED.search(new.value)
     if resumed and _STRONG_CHANGE.search(old.value) and shared and _near(new_text, resumed, shared):
