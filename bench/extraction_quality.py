@@ -16,6 +16,8 @@ method (``rewrite``, the default; ``model``, the chat model restating each sente
   taken from a message annotated as noise);
 - the update rule: the candidates go through ``memory.ingest`` into a fresh DB (memory vectors of
   the default model), and its supersessions are scored against the annotated ``supersedes``;
+- the update rule alone: the annotated facts themselves stored in the order they were said, scored
+  the same way (the same for every method: extraction misses cannot lower it);
 - extraction seconds per session (without the model's load);
 - LoCoMo (``--locomo``, default conversations 0-4, the development ones; 5-9 are test): coverage
   of the gold ``observation`` facts. A gold fact is covered when an extracted fact of the same
@@ -34,6 +36,8 @@ import argparse
 import json
 import logging
 import re
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +52,8 @@ STRICT_COSINE, STRICT_SHARED = 0.7, 2
 def run(name: str, folder: Path, method: str, lm, vectorizer) -> dict:
     from memory.chat_store import ChatStore
     from memory.extraction import ExtractionConfig, extract_memory_entries
-    from memory.extraction_eval import junk, load_expected, load_noise, recall_by_kind, score_extraction, score_updates
+    from memory.extraction_eval import (annotated_candidates, junk, load_expected, load_noise, recall_by_kind,
+                                        score_extraction, score_updates)
     from memory.ingest import ingest_candidates
     from memory.vector_db import MemoryVectorDB
 
@@ -63,6 +68,9 @@ def run(name: str, folder: Path, method: str, lm, vectorizer) -> dict:
         ingest_candidates(db, result.candidates, vectorizer)
         records = db.records()
         updates = score_updates(records, expected)
+    with tempfile.TemporaryDirectory() as tmp, MemoryVectorDB(Path(tmp) / "db") as db:  # the rule alone
+        ingest_candidates(db, annotated_candidates(expected, sessions), vectorizer)
+        rule = score_updates(db.records(), expected)
     kept = score_extraction(result.candidates, expected)
     junk_rows = junk(result.candidates, expected, noise)
     return {"set": name, "method": method, "sessions": len(sessions), "expected": len(expected),
@@ -70,6 +78,8 @@ def run(name: str, folder: Path, method: str, lm, vectorizer) -> dict:
             "stored": len(records), "junk": len(junk_rows), "junk_examples": junk_rows[:15],
             "update_precision": updates["precision"], "update_recall": updates["recall"],
             "updates": {k: updates[k] for k in ("events", "correct", "expected", "wrong")},
+            "rule_alone_precision": rule["precision"], "rule_alone_recall": rule["recall"],
+            "rule_alone": {k: rule[k] for k in ("events", "correct", "expected", "wrong")},
             "by_kind": recall_by_kind(result.candidates, expected),
             "seconds_per_session": seconds / max(len(sessions), 1),
             "missed": [e["fact"] for e in expected if not any(
@@ -146,12 +156,14 @@ def locomo_table(rows) -> str:
 
 
 def table(rows) -> str:
-    lines = ["| set | method | facts found | precision | junk | update precision | update recall | s/session |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | method | facts found | precision | junk | update precision | update recall | "
+             "rule alone: precision | rule alone: recall | s/session |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['set']} | {r['method']} | {r['facts_found']:.2f} | {r['precision']:.2f} | {r['junk']} | "
-                     f"{fmt(r['update_precision'])} | {fmt(r['update_recall'])} | {r['seconds_per_session']:.2f} |")
+                     f"{fmt(r['update_precision'])} | {fmt(r['update_recall'])} | {fmt(r.get('rule_alone_precision'))} | "
+                     f"{fmt(r.get('rule_alone_recall'))} | {r['seconds_per_session']:.2f} |")
     kinds = sorted({k for r in rows for k in r["by_kind"]})
     lines += ["", "| set | method | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
     for r in rows:
@@ -190,7 +202,7 @@ def main(argv=None) -> int:
         print()
         print(locomo_table(locomo_rows))
     out = {"date": time.strftime("%Y-%m-%d"), "machine": cpu_description(), "rows": rows, "locomo": locomo_rows,
-           "command": "python -m bench.extraction_quality " + " ".join(argv or [])}
+           "command": " ".join(["python -m bench.extraction_quality", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -305,7 +305,7 @@ def extraction_section(results: Path) -> List[str]:
         if not data:
             continue
         found = True
-        lines += [f"### `{name}` ({data.get('date', '?')})", "", f"Command: `{command}`.", ""]
+        lines += [f"### `{name}` ({data.get('date', '?')})", "", f"Command: `{(data.get('command') or command).strip()}`.", ""]
         if data.get("rows"):
             lines += [table(data["rows"]), ""]
         if data.get("locomo"):

@@ -30,7 +30,7 @@ def slopes(points):
             if t1 > 0 and t2 > 0 and n2 != n1]
 
 
-def training_cycle(n: int, locomo: str) -> dict:
+def training_cycle(n: int, locomo: str, seed: int = 42) -> dict:
     from bench.memory_decoding import run_pipeline
     from memory.locomo import load_locomo
 
@@ -41,8 +41,8 @@ def training_cycle(n: int, locomo: str) -> dict:
     memories = work / "memories.jsonl"
     memories.write_text("".join(json.dumps({"text": f.text, "user_id": sid}) + "\n" for sid, f in facts))
     (work / "no_chats").mkdir()  # N memories and nothing else (the default chats_dir holds the example chats)
-    run = run_pipeline(work / "out", ["--memories", str(memories), "--chats_dir", str(work / "no_chats")])
-    return {"memories": n, "imported": run["memories_imported"], "seconds": run["seconds"],
+    run = run_pipeline(work / "out", ["--memories", str(memories), "--chats_dir", str(work / "no_chats"), "--seed", str(seed)])
+    return {"memories": n, "seed": seed, "imported": run["memories_imported"], "seconds": run["seconds"],
             "stage_seconds": run["stage_seconds"], "version": run["version"], **cycle_work(work / "out")}
 
 
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sessions", default="1,2,4,8,16")
     ap.add_argument("--locomo", default=str(DEFAULT_PATH))
     ap.add_argument("--json", default=str(RESULTS))
+    ap.add_argument("--seed", type=int, default=42, help="the training seed (run_training.py --seed)")
     args = ap.parse_args(argv)
     out_path = Path(args.json)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
     for n in [int(x) for x in args.memories.split(",") if x]:
-        result["training"][str(n)] = training_cycle(n, args.locomo)
+        result["training"][str(n)] = training_cycle(n, args.locomo, args.seed)
         print(f"training cycle, {n} memories: {result['training'][str(n)]['seconds']:.0f}s", flush=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
     ext = sorted((v["user_turns"], v["seconds"]) for v in result["extraction"].values())

@@ -139,6 +139,8 @@ class MemoryArguments:
     decode_noise_std: float = _decoding_default("noise_std")
     decode_max_length: int = _decoding_default("max_length")
     decode_mix: str = _decoding_default("mix")
+    decode_neighbour_cosine: float = _decoding_default("neighbour_cosine")
+    decode_neighbour_samples: int = _decoding_default("neighbour_samples")
     decode_recall_loss_weight: float = _decoding_default("recall_loss_weight")
     decode_preserve_weight: float = _decoding_default("preserve_weight")
     decode_kd_weight: float = _decoding_default("kd_weight")

@@ -144,7 +144,8 @@ class SampleBuilder:
     def __init__(self, tokenizer, memories: Sequence[str], contexts: Sequence[Sequence[str]],
                  sft: Sequence[SFTExample], max_length: int, max_answer_tokens: int = 40,
                  mix: str = "2:1:2", answers: Optional[Sequence[Optional[str]]] = None,
-                 question_contexts: Optional[Sequence[Sequence[int]]] = None):
+                 question_contexts: Optional[Sequence[Sequence[int]]] = None,
+                 extra_memory_samples: Optional[Sequence[int]] = None):
         if not sft:
             raise ValueError("step 2 needs SFT examples (none were found or generated)")
         tok = tokenizer
@@ -160,6 +161,9 @@ class SampleBuilder:
         if len(answers) != len(memories) or len(question_contexts) != len(memories):
             raise ValueError(f"{len(memories)} memories, {len(answers)} answers, {len(question_contexts)} "
                              "question-context lists: one each per memory")
+        self.extra = list(extra_memory_samples) if extra_memory_samples is not None else [0] * len(memories)
+        if len(self.extra) != len(memories):
+            raise ValueError(f"{len(memories)} memories, {len(self.extra)} extra-sample counts: one per memory")
         self.answers = [enc(" " + neutralize(a, tok)) + self.im_end if a else None for a in answers]
         self.question_contexts = [list(q) if a else [] for q, a in zip(question_contexts, answers)]
         # a context's prefix = format_query minus its trailing <recall>: the exact ids step 1 saw
@@ -228,15 +232,15 @@ class SampleBuilder:
 
     def epoch(self, epoch: int, rng: random.Random) -> List[dict]:
         """One epoch's samples, shuffled: per memory ``mix`` = (memory, sandwich, sft, answer)
-        counts. A memory with no answer or no question context gets memory samples instead of
-        its answer samples."""
+        counts, plus the memory's ``extra_memory_samples``. A memory with no answer or no question
+        context gets memory samples instead of its answer samples."""
         n_mem, n_sand, n_sft, n_ans = self.mix
         rows = range(len(self.memories))
         items = []
         for r in rows:  # distinct contexts while they last
             questions = self.question_contexts[r]
             n_answer = n_ans if questions else 0
-            n_memory = n_mem + n_ans - n_answer
+            n_memory = n_mem + n_ans - n_answer + self.extra[r]
             picks = rng.sample(range(len(self.contexts[r])), min(n_memory, len(self.contexts[r])))
             picks += [rng.randrange(len(self.contexts[r])) for _ in range(n_memory - len(picks))]
             items += [self.memory_sample(r, c) for c in picks]
@@ -251,6 +255,23 @@ class SampleBuilder:
         items += [self.sft_sample(i) for i in picks]
         rng.shuffle(items)
         return items
+
+
+def crowded_memories(bank: np.ndarray, cosine: float, chunk: int = 1024) -> np.ndarray:
+    """Whether each memory vector has another within ``cosine``, after centring on the bank's
+    mean as the projector injects them (raw last-token states all share one direction). Chunked:
+    a bank of 100,000 memories never builds its full similarity matrix."""
+    v = np.asarray(bank, dtype=np.float32)
+    if len(v) < 2:
+        return np.zeros(len(v), dtype=bool)
+    v = v - v.mean(axis=0)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    out = np.zeros(len(v), dtype=bool)
+    for start in range(0, len(v), chunk):
+        sims = v[start:start + chunk] @ v.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+        out[start:start + chunk] = sims.max(axis=1) >= cosine
+    return out
 
 
 def _context_cues(cues: Sequence) -> list:
@@ -306,6 +327,17 @@ def retrieval_at_1(engine: RecallEngine, contexts: Sequence[str], targets: Seque
     return {"recall_at_1": float((ranks == 1).mean()), "mrr": float((1.0 / ranks).mean()), "n": len(targets)}
 
 
+def _sample_builder(tok, texts, records, bank: np.ndarray, cues: Dict[int, list], sft: Sequence[SFTExample],
+                    args) -> SampleBuilder:
+    """Step 2's samples for ``records``: each memory's text (``texts``, as training targets it),
+    contexts, answer said back, and the extra memory samples of a crowded memory
+    (``crowded_memories``)."""
+    return SampleBuilder(tok, texts, [decode_contexts(cues[r.id]) for r in records],
+                         sft, args.max_length, mix=args.mix, answers=[said_back(r.text) for r in records],
+                         question_contexts=[question_contexts(cues[r.id]) for r in records],
+                         extra_memory_samples=args.neighbour_samples * crowded_memories(bank, args.neighbour_cosine))
+
+
 def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, list], sft: Sequence[SFTExample],
                           recall_dir: Path, args: MemoryDecodingArguments, out_dir: Path,
                           reference_vectors: Optional[np.ndarray] = None, *, start_lm=None,
@@ -322,7 +354,6 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     token_ids = add_memory_tokens(loaded.model, tok)  # idempotent; the ids step 1 used
     scope, lm, adapter_state, query_projector, temperature, args = _start_from_step1(loaded, recall_dir, args, start_lm)
     texts = [neutralize(r.text, tok) for r in records]  # what training targets and decoding yields
-    contexts = [decode_contexts(cues[r.id]) for r in records]
     eval_ctx = [(c.text, row) for row, r in enumerate(records) for c in cues[r.id]]
     metrics: Dict[str, object] = {"memories": len(records), "sft_examples": len(sft), "adapter_scope": scope}
 
@@ -342,9 +373,8 @@ def train_memory_decoding(loaded, records, bank: np.ndarray, cues: Dict[int, lis
     before = RecallEngine(query_lm, tok, token_ids, query_projector=query_projector,
                           autocast_dtype=loaded.runtime.autocast_dtype)
     phases = metrics["phase_seconds"] = {"setup": time.perf_counter() - started}
-    builder = SampleBuilder(tok, texts, contexts, sft, args.max_length, mix=args.mix,
-                            answers=[said_back(r.text) for r in records],
-                            question_contexts=[question_contexts(cues[r.id]) for r in records])
+    builder = _sample_builder(tok, texts, records, bank, cues, sft, args)
+    metrics["crowded_memories"] = int(sum(e > 0 for e in builder.extra))
     with _timed(phases, "queries"):  # the served queries before step 2, in the runtime's precision
         metrics["recall_before"] = retrieval_at_1(before, [c for c, _ in eval_ctx], [t for _, t in eval_ctx], bank)
     kd = None

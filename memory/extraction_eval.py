@@ -9,6 +9,8 @@ Also measured, without any word list drawn from a data set:
 - **junk**: a stored memory that is not a self-contained fact: it keeps chat filler ("lol",
   "haha"), an unresolved reference (he, she, it, this, there...), or it came from a message
   the data set marks as noise and matches no expected fact;
+- **the update rule alone**: the annotated facts themselves, stored in the order they were said
+  (``annotated_candidates``), scored like extracted ones; extraction misses cannot lower it;
 - **updates**: after the update rule (``memory.ingest``), a supersession of memory A by
   memory B is correct when A matches an expected fact that a fact B matches supersedes
   (directly or through a chain); update recall is the share of expected supersessions whose
@@ -21,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from memory.schema import MemoryCandidate
+from memory.schema import ChatSession, MemoryCandidate
 
 FILLER = re.compile(r"\b(?:lol|lmao|haha+|hehe+|omg|ugh+|xd|tbh|idk)\b|[:;]-?[)(dp]\B", re.I)
 # a reference that needs the text around it: third-person pronouns, demonstratives standing alone,
@@ -134,3 +136,19 @@ def score_updates(records: Sequence, expected: Sequence[dict]) -> Dict[str, obje
             "precision": len(correct) / len(events) if events else None,
             "recall": found / len(wanted) if wanted else None,
             "wrong": [{"old": o.text, "new": n.text if n else None} for o, n in events if (o, n) not in correct][:20]}
+
+
+def annotated_candidates(expected: Sequence[dict], sessions: Sequence[ChatSession]) -> List[MemoryCandidate]:
+    """The annotated facts as candidates, each with its session's user and the time its message
+    was said: what a perfect extraction would store, to measure the update rule alone."""
+    from memory.extraction import _timestamp
+
+    by_id = {s.session_id: s for s in sessions}
+    out = []
+    for i, e in enumerate(expected):
+        session = by_id.get(e["session_id"])
+        if session is None:
+            raise ValueError(f"expected fact [{i}] ({e.get('id')}): session_id {e['session_id']!r} is not a session of the set")
+        out.append(MemoryCandidate(text=e["fact"], user_id=session.user_id, session_id=session.session_id,
+                                   message_index=e.get("message_index"), timestamp=_timestamp(session, e.get("message_index"))))
+    return out

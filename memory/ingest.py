@@ -180,8 +180,10 @@ def _add_with_update_rule(db, view, cand, vec, encoder_id, report) -> None:
     transaction (``MemoryVectorDB.add_one``). An older statement arriving late loses to the
     newer memory and is stored already superseded."""
     # facts of one message do not update each other: "I sold my car and don't have one any more"
-    # gives two facts on the subject, both true at once
-    older = [r for r in view.replaced_by(cand.text) if not _same_message(r, cand)]
+    # gives two facts on the subject, both true at once; a correction does ("it's 520, no wait,
+    # 540 since March": "..., not 520")
+    older = [r for r in view.replaced_by(cand.text)
+             if not _same_message(r, cand) or supersedes(r.text, cand.text) == "a correction"]
     older = [r for r in older if db.get(r.id).status in LIVE]  # a view read before a forget: gone, not replaced
     replaced, newer = [], None
     for old in older:

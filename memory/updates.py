@@ -9,7 +9,9 @@ is compared with general rules of English about change:
 1. **same functional relation, new value**: relations that hold one value at a time (where
    someone lives, works, works as, their age, name, a favourite X): "lives in Lisbon" /
    "moved to Porto";
-2. **a correction**: "..., not Tuesday" where the older fact says Tuesday;
+2. **a correction**: "..., not Tuesday" or "(not Tuesday)" where the older fact says Tuesday
+   ("not the 12th" corrects "on 12 June"); the one rule that also holds between two facts of one
+   message ("it's 520, no wait, 540 since March");
 3. **a change verb on the same thing**: the newer fact says the thing stopped or changed
    (stopped, quit, sold, died, moved, broke up, no longer...) and shares a content word with the
    older one ("owns a Corolla" / "sold his Corolla"); a weaker marker (now, new, instead,
@@ -28,16 +30,23 @@ is compared with general rules of English about change:
    shared name);
 6. **a new value of the same thing**: "the user's rent is 2400 zloty a month" / "the user's rent
    is 2600": the same owned thing, the same kind of statement (see 9), a new number first;
-7. **taken up again**: "left the running club" / "rejoined the club in the Meadows";
+7. **taken up again**: "left the running club" / "rejoined the club in the Meadows"; "gave up
+   caffeine" / "drinks one coffee a day again" (what the ending was done to, again);
 8. **what it replaced, named**: "cycles to work instead of taking the metro" / "takes the metro":
    the head noun of what "instead of" or "rather than" sets aside is a word of the older fact (an
-   activity alone, "instead of working", names no one fact);
+   activity alone, "instead of working", names no one fact), and the activity it names is the
+   older fact's ("a tram driver" is not what "instead of taking the tram" sets aside);
 9. **a new one of the same thing**: "the user's new flat is on the ground floor" / "the user's flat
    is on the third floor": the newer fact's owner is a new X, the older one's the X, and both say
    the same kind of thing of it (the same words up to the first content word: "is on the").
-   A new activity alone replaces nothing: "is learning German now" leaves "is learning the violin".
+   A new activity alone replaces nothing: "is learning German now" leaves "is learning the violin";
+10. **a new frequency**: the same verb, continued the same way, a new count of the same period
+   ("goes to the gym 3x a week" / "goes to the gym about once a week").
 
-Owners must agree: "The user's sister lives in Madrid" never replaces where the user lives.
+Owners must agree: "The user's sister lives in Madrid" never replaces where the user lives. A
+fact about someone the other fact names agrees through the name ("The user's boyfriend Jay is a
+chef" / "The user and Jay broke up"), but a change of that someone's ("Kasia stopped eating meat")
+is no change of the user's fact that names them. "The user and X ..." is the user's own fact.
 A missed update leaves two facts (visible, fixable with the memory CLI); a wrong one would hide
 a true fact, so every rule asks for evidence from both texts.
 """
@@ -58,7 +67,8 @@ _ADVERBS = frozenset("now still also just currently recently finally already no 
                      "doesn't don't didn't isn't aren't wasn't hasn't haven't".split())
 # relations that hold one value at a time, with the phrasings that state them
 _FUNCTIONAL = (
-    ("live_in", re.compile(r"\b(?:lives?|living|lived|moved|moving|relocated|relocating|based)\s+(?:in|to)\b(?!\s+together)"
+    ("live_in", re.compile(r"\b(?:lives?|living|lived|moved|moving|relocated|relocating|based)\s+(?:(?:alone|\w+ly)\s+)?"
+                           r"(?:in|to)\b(?!\s+together)"
                            r"|\bmoved\s+(?:out\s+of|into)\b", re.I)),
     # who one lives with (a pet is no housemate: "lives with their dog" changes no household)
     ("live_with", re.compile(r"\b(?:(?:lives?|living)\s+with|moved\s+in\s+with|shares?\s+(?:a|the|their|his|her)\s+"
@@ -66,16 +76,20 @@ _FUNCTIONAL = (
                              r"(?:\w+\s+)?(?:dogs?|cats?|pets?|pupp(?:y|ies)|kittens?)\b)", re.I)),
     ("work_as", re.compile(r"\b(?:works?|working)\s+as\b|\bjob\s+is\b", re.I)),
     ("work_at", re.compile(r"\b(?:works?|working)\s+(?:at|for)\b", re.I)),
-    ("age", re.compile(r"\b\d+\s*(?:-\s*)?years?(?:\s*-\s*|\s+)old\b|\bturned\s+\d+\b|\bage\s+is\b", re.I)),
+    # the owner's own age, said first ("is 34 years old", "turned 35"), not a pet's in passing
+    ("age", re.compile(r"^\s*(?:(?:is|was|has|just|now|recently)\s+)*(?:\d+\s*(?:-\s*)?years?(?:\s*-\s*|\s+)old\b|aged\s+\d+\b"
+                       r"|turned\s+\d+\b)|^\s*is\s+(?:now\s+)?\d{1,3}\s*$|\bage\s+is\b", re.I)),
     ("name", re.compile(r"\bname\s+is\b|\bis\s+(?:called|named)\b", re.I)),
     ("favourite_{0}", re.compile(r"\bfavou?rite\s+(\w+)\b", re.I)),
 )
 _STRONG_CHANGE = re.compile(
-    r"\b(?:stopped|stops|quit|quits|gave\s+up|given\s+up|no\s+longer|not\s+any\s*more|any\s*more|sold|sells?\s+(?:his|her|their)|"
-    r"died|passed\s+away|broke\s+up|split\s+up|divorced|moved|left|leaves|dropped|cancell?ed|ended|lost|"
+    r"\b(?:stopped|stops|quit|quits|gave\s+up|given\s+up|no\s+longer|no\s+more(?!\s+than)|not\s+any\s*more|any\s*more|sold|"
+    r"sells?\s+(?:his|her|their)|died|passed\s+away|broke\s+up|split\s+up|divorced|moved|(?:left|leaves)(?!\s+for\b)|dropped|"
+    r"cancell?ed|ended|lost|"
     r"retired|finished|got\s+rid)\b", re.I)
 _WEAK_CHANGE = re.compile(r"\b(?:now|new|instead|switched|changed|these\s+days|started|starts)\b", re.I)
-_PLAN = re.compile(r"\b(?:plans?|planning|planned|going\s+to|will|wants?\s+to|hopes?\s+to|intends?\s+to|"
+_PLAN = re.compile(r"\b(?:(?:plans?|planning|planned)(?=\s+(?:to|on|an?|the|for|their|his|her|its|our|my|some)\b)|"
+                   r"going\s+to|will|wants?\s+to|hopes?\s+to|intends?\s+to|"
                    r"considering|thinking\s+(?:about|of)|might)\b", re.I)
 # the verb a plan is about: "intends to enrol in ...", "wants to buy a flat" -> enrol, buy
 _PLAN_VERB = re.compile(r"\b(?:plans?|planning|going|wants?|hopes?|intends?)\s+to\s+(\w+)|\bwill\s+(\w+)", re.I)
@@ -92,10 +106,15 @@ _FUTURE = re.compile(r"\b(?:next|tomorrow|soon|upcoming)\b|\bin\s+(?:a\s+few|\d+
 _ENDING = re.compile(r"(?:stopped|stops|quit|quits|gave\s+up|given\s+up|sold|dropped|cancell?ed|ended|got\s+rid)", re.I)
 # changes that end the thing itself: said of a named thing or of the owner, nothing else is needed
 _TERMINAL = re.compile(r"\b(?:died|passed\s+away|broke\s+up|split\s+up|divorced|closed\s+down)\b", re.I)
-_INSTEAD = re.compile(r"\b(?:instead\s+of|rather\s+than)\s+(?:\w+ing\s+(?=(?:the|a|an|his|her|their|my|its|our)\b))?", re.I)
+_INSTEAD = re.compile(r"\b(?:instead\s+of|rather\s+than)\s+(?:(\w+ing)\s+(?=(?:the|a|an|his|her|their|my|its|our)\b))?", re.I)
+# how often: "three times a week", "four days a week", "once a month"
+_FREQUENCY = re.compile(r"\b(\d+(?=\s*x\b)|\d+|one|two|three|four|five|six|seven|eight|nine|ten|once|twice)\s*"
+                        r"(?:(?:x|times?|days?|nights?|hours?|evenings?|mornings?|sessions?)\s+)?"
+                        r"(?:a|an|per|each|every)\s+(day|week|fortnight|month|year)\b", re.I)
+_JOINT = re.compile(r"^\s*and\s+((?:his|her|their)\s+\w+(?:,?\s+[A-Z][\w-]*)?|[A-Z][\w-]*),?\s+")
 _NEW_OWNER = re.compile(r"^\s*the\s+user(?:'s|\u2019s)\s+(?:brand\s+)?new\s+", re.I)
 _NEGATION = re.compile(r"\b(?:not|never|no)\b|n[\u2019']t\b", re.I)
-_CORRECTION = re.compile(r",\s*not\s+(?:the\s+|on\s+|in\s+|at\s+)?([^,.;]+)", re.I)
+_CORRECTION = re.compile(r"[,(]\s*not\s+(?:the\s+|on\s+|in\s+|at\s+)?([^,.;)]+)", re.I)
 _QUANTITY = re.compile(r"\b(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|once|twice|half)\b", re.I)
 # words that say when or how much, not what: shared alone they make no subject
 _GENERIC = frozenset(stem(w) for w in (
@@ -146,6 +165,11 @@ def parse_fact(fact: str) -> FactParse:
         mu = _USER.match(text)
         if mu:
             value = text[mu.end():]
+    # "The user and his girlfriend plan to ...", "The user and Jay broke up": the user's own fact,
+    # with the other person's words kept as words of the fact
+    joint = _JOINT.match(value) if owner == "user" else None
+    partner = joint.group(1) if joint else ""
+    value = value[joint.end():] if joint else value
     relation = None
     for name, pattern in _FUNCTIONAL:
         fm = pattern.search(value)
@@ -158,16 +182,25 @@ def parse_fact(fact: str) -> FactParse:
     verb = _asked_verb(text) if text.lower().startswith("asked ") else (None if at is None else stem(tokens[at]))
     # capitalised words that are not a sentence's or a quotation's first word: names
     names = frozenset(stem(w) for w in re.findall(r"(?<![.!?\"\u201c]\s)(?<![\"\u201c])(?<!^)\b([A-Z][\w-]+)", value)
-                      if stem(w) not in _GENERIC)
+                      + re.findall(r"\b[A-Z][\w-]+", partner) if stem(w) not in _GENERIC)
     owner_words = set(owner.split())
-    content = frozenset(_base(w) for w in content_words(value) if w not in _GENERIC and w not in owner_words
+    content = frozenset(_base(w) for w in content_words(f"{partner} {value}") if w not in _GENERIC and w not in owner_words
                         and not w.isdigit())
     # a code of letters and digits names one thing ("10k", "A2", "B1"): a name
     names = names | frozenset(w for w in content if re.fullmatch(r"\d+[a-z]+|[a-z]+\d+", w))
     owned = content | frozenset(w for w in owner_words if w != "user")
     return FactParse(owner=owner, relation=relation, value=value, verb=verb, words=content, owned=owned, names=names,
                      negated=bool(_NEGATION.search(value)),
-                     plan=bool(_PLAN.search(value) or (_PROGRESSIVE.search(value) and _FUTURE.search(value))))
+                     plan=bool(_PLAN.search(value) or (_progressive_verb(value) and _FUTURE.search(value))))
+
+
+def _progressive_verb(value: str) -> bool:
+    """Whether a fact's verb is a progressive: an -ing word first, or after a form of "be"
+    ("is sitting the exam", "starting a course"); "a planning assistant" is a noun."""
+    tokens = words(value)
+    return any(_PROGRESSIVE.fullmatch(t) and (i == 0 or tokens[i - 1] in ("is", "are", "am", "be", "been", "was", "were")
+                                              or tokens[i - 1] in _ADVERBS and i == 1)
+               for i, t in enumerate(tokens))
 
 
 def _first_word(tokens) -> Optional[int]:
@@ -195,10 +228,11 @@ def _same_owner(old: FactParse, new: FactParse, old_text: str, new_text: str) ->
         return True
     # "The user has physio on Tuesdays" / "The user's physio sessions are on Thursdays": the one
     # owned thing named in the user's own fact
+    # ... or named in it ("The user's boyfriend Jay is a chef" / "The user and Jay broke up")
     if old.owner == "user" and new.owner != "user":
-        return new.owner.split()[0] in {stem(w) for w in words(old_text)}
+        return bool(set(new.owner.split()) & {stem(w) for w in words(old_text)})
     if new.owner == "user" and old.owner != "user":
-        return old.owner.split()[0] in {stem(w) for w in words(new_text)}
+        return bool(set(old.owner.split()) & {stem(w) for w in words(new_text)})
     return False
 
 
@@ -216,14 +250,14 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
     named = bool(shared & old.names) or bool(shared & new.names)
     correction = _CORRECTION.search(new_text)
     if correction:
-        corrected = {w for w in (stem(t) for t in words(correction.group(1))) if w not in ("the",)}
-        if corrected and corrected <= {stem(t) for t in words(old.value)}:
+        corrected = {_ordinal(w) for w in (stem(t) for t in words(correction.group(1))) if w not in ("the",)}
+        if corrected and corrected <= {_ordinal(stem(t)) for t in words(old.value)}:
             return "a correction"
     if new.plan:
         return None
     instead = _INSTEAD.search(new_text)
     replaced = _object_head(new_text, instead) if instead else None
-    if replaced and not replaced.endswith("ing") and stem(replaced) in old.owned:
+    if replaced and not replaced.endswith("ing") and stem(replaced) in old.owned and _same_activity(instead, old_text):
         return "what it replaced, named"
     same_kind = old.owner == new.owner != "user" and _frame(old.value) and _frame(old.value) == _frame(new.value)
     if same_kind and _NEW_OWNER.match(new_text) and not _NEW_OWNER.match(old_text):
@@ -234,9 +268,16 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
     resumed = _RESUMED.search(new.value)
     if resumed and _STRONG_CHANGE.search(old.value) and shared and _near(new_text, resumed, shared):
         return "taken up again"
+    ended = re.search(rf"\b{_ENDING.pattern}\b", old.value, re.I)
+    if ended and re.search(r"\bagain\b", new.value, re.I) and _object_words(old.value, ended) & new.words:
+        return "taken up again"
     change = _STRONG_CHANGE.search(new_text)
+    # what changed, when one fact is about someone the other names: not that someone ("The user
+    # lives with Kasia" / "The user's girlfriend Kasia stopped eating meat")
+    changed = shared - set(new.owner.split()) - set(old.owner.split()) if old.owner != new.owner else shared
     if (change and not _STRONG_CHANGE.search(old.value)
-            and (len(shared) >= 2 or (named or old.verb in shared) and _near(new_text, change, shared)
+            and (len(changed) >= 2 or (bool(changed & (old.names | new.names)) or old.verb in changed and _verb_first(old.value))
+                 and _near(new_text, change, changed)
                  or _ENDING.fullmatch(change.group(0)) and _object_head(new_text, change) in words(old_text))):
         return "a change on the same thing"
     terminal = _TERMINAL.search(new.value)
@@ -248,6 +289,10 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
             return "a change on the same thing"
         if _QUANTITY.search(old.value) and _QUANTITY.search(new.value):
             return "a new quantity"
+    frequencies = _FREQUENCY.search(old.value), _FREQUENCY.search(new.value)
+    if (all(frequencies) and old.verb and old.verb == new.verb and frequencies[0].group(2) == frequencies[1].group(2)
+            and frequencies[0].group(1).lower() != frequencies[1].group(1).lower() and _same_complement(old.value, new.value)):
+        return "a new frequency"
     if (old.plan or _ongoing(old.value) and named) and _outcome(new.value, new_text) and (
             len(shared) >= 2 or named or _same_plan_verb(old.value, new.value)):
         return "a plan and its outcome"
@@ -255,6 +300,44 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
     if negated and negated in {stem(w) for w in words(new.value)} and len(shared) >= 2:
         return "negation flipped"
     return None
+
+
+def _verb_first(value: str) -> bool:
+    """Whether a fact's first content word is its verb: only adverbs and auxiliaries come before
+    it ("still owns a Corolla"), no article ("had an amazing wedding": "amazing" is no verb)."""
+    tokens = words(value)
+    at = _first_word(tokens)
+    return at is not None and all(t in _ADVERBS or t in ("be", "been", "am") for t in tokens[:at])
+
+
+def _same_activity(instead, old_text: str) -> bool:
+    """Whether the activity "instead of taking the metro" sets aside is the older fact's (it says
+    "takes"), when one is named: "a tram driver" is no "instead of taking the tram"."""
+    if not instead.group(1):
+        return True
+    verb = stem(instead.group(1))
+    return any(w.startswith(verb) or stem(w) == verb for w in words(old_text))
+
+
+def _object_words(value: str, match) -> FrozenSet[str]:
+    """The content words of the three words after an ending ("stopped eating meat" -> eat, meat)."""
+    return frozenset(_base(w) for w in words(value[match.end():])[:3] if w not in STOP_WORDS and stem(w) not in _GENERIC)
+
+
+def _same_complement(old_value: str, new_value: str) -> bool:
+    """Whether two facts continue their verb the same way: the same next word ("goes to the gym")
+    or a number in both ("works four days" / "works three days"), not "works out three days"."""
+    def after_verb(value):
+        tokens = [t for t in words(value) if t not in _ADVERBS and t not in ("about", "around", "roughly")]
+        at = _first_word(tokens)
+        nxt = tokens[at + 1] if at is not None and at + 1 < len(tokens) else ""
+        return "#" if _QUANTITY.fullmatch(nxt) else nxt
+    return after_verb(old_value) == after_verb(new_value) != ""
+
+
+def _ordinal(word: str) -> str:
+    """A day or rank without its suffix ("12th" -> "12"): "not the 12th" corrects "on 12 June"."""
+    return re.sub(r"^(\d+)(?:st|nd|rd|th)$", r"\1", word)
 
 
 def _frame(value: str) -> tuple:

@@ -93,6 +93,38 @@ def test_facts_of_one_message_do_not_supersede_each_other(db, vectorizer):
                       "The user stopped driving the Fiat.": "pending"}
 
 
+def test_a_correction_in_the_same_message_supersedes(db, vectorizer):
+    said = "2026-05-09T10:00:00+00:00"
+    rep = ingest_candidates(db, [cand("The user's bus pass costs 48 a month.", said, sid="b", idx=4),
+                                 cand("The user's bus pass costs 52 a month, not 48.", said, sid="b", idx=4)],
+                            vectorizer, **NO_VECTOR_DEDUP)
+    status = {db.get(i).text: db.get(i).status for i in rep.added}
+    assert status == {"The user's bus pass costs 48 a month.": "superseded",
+                      "The user's bus pass costs 52 a month, not 48.": "pending"}
+
+
+def test_the_update_rule_alone_on_annotated_facts(db, vectorizer):
+    from memory.extraction_eval import annotated_candidates, score_updates
+    from memory.schema import ChatMessage, ChatSession
+
+    def session(sid, day, text):
+        return ChatSession(sid, "ines", f"2026-0{day}-01T09:00:00+00:00",
+                           [ChatMessage("user", text), ChatMessage("assistant", "Noted.")])
+
+    sessions = [session("s1", 1, "I live in Braga."), session("s2", 3, "I moved to Faro!"), session("s3", 2, "I like figs.")]
+    expected = [{"id": "a", "session_id": "s1", "message_index": 0, "fact": "The user lives in Braga.", "keywords": ["braga"]},
+                {"id": "b", "session_id": "s2", "message_index": 0, "fact": "The user moved to Faro.", "keywords": ["faro"],
+                 "supersedes": "a"},
+                {"id": "c", "session_id": "s3", "message_index": 0, "fact": "The user likes figs.", "keywords": ["figs"]}]
+    cands = annotated_candidates(expected, sessions)
+    assert [(c.user_id, c.timestamp[:7]) for c in cands] == [("ines", "2026-01"), ("ines", "2026-03"), ("ines", "2026-02")]
+    ingest_candidates(db, cands, vectorizer, **NO_VECTOR_DEDUP)
+    scores = score_updates(db.records(), expected)
+    assert (scores["precision"], scores["recall"]) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="session_id 'nope'"):
+        annotated_candidates([{**expected[0], "session_id": "nope"}], sessions)
+
+
 @pytest.mark.reliability(fault="A forgotten fact proposed again by a later extraction, reworded in case and order",
                          outcome="not stored; only the user's own add lifts the tombstone")
 def test_a_forgotten_fact_does_not_come_back_unless_added_by_hand(db, vectorizer):

@@ -136,6 +136,25 @@ def test_answer_samples_end_with_the_end_of_turn_token(tiny):
     assert s["input_ids"][-1] == end_of_turn_id(tok) and s["labels"][-1] == s["input_ids"][-1]
 
 
+def test_memories_with_a_close_neighbour_get_more_memory_samples(tiny):
+    from memory.decoding_step import crowded_memories
+
+    rng = np.random.default_rng(0)
+    base, spread = rng.normal(size=64), rng.normal(size=(4, 64))
+    # a shared direction (as in raw last-token states), two near-twins and two far memories
+    bank = base * 5 + np.stack([spread[0], spread[0] + 0.1 * spread[1], spread[2], spread[3]])
+    assert crowded_memories(bank, 0.7).tolist() == [True, True, False, False]
+    assert crowded_memories(bank, 0.7, chunk=1).tolist() == [True, True, False, False]  # chunked: the same
+    assert crowded_memories(bank[:1], 0.7).tolist() == [False]
+    _, tok, _ = tiny
+    builder = SampleBuilder(tok, FACTS, [["q?"]] * 3, SFT, max_length=128, mix="1:1:0",
+                            extra_memory_samples=[2, 0, 0])
+    items = builder.epoch(0, random.Random(0))
+    assert sorted(i["memory_row"] for i in items if i["kind"] == "memory") == [0, 0, 0, 1, 2]
+    with pytest.raises(ValueError, match="extra-sample counts"):
+        SampleBuilder(tok, FACTS, [["q?"]] * 3, SFT, max_length=128, extra_memory_samples=[1])
+
+
 def test_question_contexts_leave_out_what_the_user_said():
     cues = [Cue("text", "The user lives in Porto."), Cue("source", "I moved to Porto!"),
             Cue("template", "Where do I live?"), Cue("template", "Do I live in Porto?"), Cue("question", "Which city?")]

@@ -40,6 +40,17 @@ from memory.updates import parse_fact, subject_key, supersedes
      "The user has enrolled, and classes start in May."),
     ("The user wants to buy a house in Cork.", "The user bought a house."),            # an irregular past
     ("The user is applying to Trinity College.", "The user got an offer from Trinity College."),  # an attempt ended
+    ("The user lives in Hove with a housemate.", "The user lives alone in a studio in Brixton."),  # an adverb between
+    ("The user is 41.", "The user is 42 years old."),
+    ("The user's lesson is on 3 May.", "The user's lesson is on 5 May (not the 3rd)."),   # a correction in brackets
+    ("The user works at a garage in Tilburg.",                                         # "planning" is no plan here
+     "The user quit the garage and starts as a planning assistant at the port next week."),
+    ("The user swims early, before the office opens.", "The user has no more early swims since the new job."),
+    ("The user's fiancé Bram is a welder.", "The user and Bram broke up in June."),  # the owner named
+    ("The user and his partner plan to buy a boat.", "The user and Noa have bought a boat."),  # a joint subject
+    ("The user gave up sugar completely.", "The user eats sugar again on weekends."),   # again, after an ending
+    ("The user climbs at the wall 4x a week.", "The user climbs at the wall twice a week."),  # a new frequency
+    ("The user teaches four days a week.", "The user teaches three days a week from May."),
 ])
 def test_a_newer_fact_replaces_the_older(old, new):
     assert supersedes(old, new), (old, new)
@@ -71,6 +82,14 @@ def test_a_newer_fact_replaces_the_older(old, new):
     ("The user's sister is 30.", "The user's brother is 25."),                        # another owner
     ("The user's studio has big windows.", "The user's new studio is on the first floor."),  # another kind of thing
     ("The user's new studio is on the first floor.", "The user's new studio is on a quiet street."),
+    ("The user has a cat named Olive, a 5-year-old tabby.",                            # a pet's age, not the user's
+     "The user adopted a lurcher named Moss, 2 years old."),
+    ("The user lives with her partner, Ruud.", "The user's partner Ruud also stopped drinking."),  # Ruud's change
+    ("The user flies to Oslo on the Monday flight, not the ferry.", "The user leaves for Oslo on Tuesday."),  # a departure
+    ("The user is a bus driver in Ghent.", "The user cycles to work instead of taking the bus."),  # another activity
+    ("The user and his partner had a lovely and calm holiday.", "The user just finished a lovely novel."),
+    ("The user works four days a week.", "The user works out three days a week."),  # another verb
+    ("The user moved to Bergen in 2019.", "The user visited Bergen again in May."),   # a move is no ending
     ('Asked what their grade is, the user answered "8.1".',
      'Asked what they spend each month, the user answered "about 300 on rent, 2 times a week out"'),
 ])
