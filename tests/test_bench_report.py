@@ -105,13 +105,16 @@ def test_the_extraction_section_shows_each_set_method_and_locomo(tmp_path):
     from bench.report import extraction_section
 
     row = {"set": "dev", "method": "rewrite", "facts_found": 0.9, "precision": 0.8, "junk": 2, "update_precision": None,
-           "update_recall": 0.5, "seconds_per_session": 0.01, "by_kind": {"plain": {"recall": 0.9, "n": 10}}}
+           "update_recall": 0.5, "rule_alone_precision": 1.0, "rule_alone_recall": 0.75, "seconds_per_session": 0.01,
+           "by_kind": {"plain": {"recall": 0.9, "n": 10}}}
     loc = {"set": "locomo", "method": "rewrite", "conversations": ["conv-26"], "gold_facts": 40, "coverage": 0.25,
            "coverage_loose": 0.4, "extracted": 30, "unsupported_rate": 0.1, "seconds_per_session": 0.02,
            "matches_at_threshold": [{"cosine": 0.701, "gold": "A likes tea.", "extracted": "A drinks tea daily."}]}
-    (tmp_path / "extraction_quality.json").write_text(json.dumps({"date": "2026-12-05", "rows": [row], "locomo": [loc]}))
+    (tmp_path / "extraction_quality.json").write_text(json.dumps({"date": "2026-12-05", "rows": [row], "locomo": [loc],
+                                                                  "command": "python -m bench.extraction_quality --sets dev"}))
     text = "\n".join(extraction_section(tmp_path))
-    assert "| dev | rewrite | 0.90 | 0.80 | 2 | – | 0.50 | 0.01 |" in text
+    assert "| dev | rewrite | 0.90 | 0.80 | 2 | – | 0.50 | 1.00 | 0.75 | 0.01 |" in text
     assert "| conv-26 | rewrite | 40 | 0.250 | 0.400 | 30 | 0.100 | 0.02 |" in text
     assert '0.701: gold "A likes tea." / extracted "A drinks tea daily."' in text
+    assert "Command: `python -m bench.extraction_quality --sets dev`." in text  # the command that ran
     assert "extraction_quality_test.json" not in text  # absent files are not rendered
