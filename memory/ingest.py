@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import datetime as _dt
 import logging
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -68,8 +68,9 @@ class _UserView:
     def same_words(self, words: FrozenSet[str]):
         return next((r for r in self.records.values() if frozenset(content_words(r.text)) == words), None)
 
-    def replaced_by(self, text: str) -> List[MemoryRecord]:
-        return [r for r in self.records.values() if supersedes(r.text, text)]
+    def replaced_by(self, text: str) -> List[Tuple[MemoryRecord, str]]:
+        """(memory, why) for each live memory that ``text`` replaces (``memory.updates.supersedes``)."""
+        return [(r, why) for r in self.records.values() for why in [supersedes(r.text, text)] if why]
 
 
 def ingest_candidates(db: MemoryVectorDB, candidates: Sequence[MemoryCandidate], vectorizer, *,
@@ -182,8 +183,7 @@ def _add_with_update_rule(db, view, cand, vec, encoder_id, report) -> None:
     # facts of one message do not update each other: "I sold my car and don't have one any more"
     # gives two facts on the subject, both true at once; a correction does ("it's 520, no wait,
     # 540 since March": "..., not 520")
-    older = [r for r in view.replaced_by(cand.text)
-             if not _same_message(r, cand) or supersedes(r.text, cand.text) == "a correction"]
+    older = [r for r, why in view.replaced_by(cand.text) if not _same_message(r, cand) or why == "a correction"]
     older = [r for r in older if db.get(r.id).status in LIVE]  # a view read before a forget: gone, not replaced
     replaced, newer = [], None
     for old in older:

@@ -104,6 +104,7 @@ _FUTURE = re.compile(r"\b(?:next|tomorrow|soon|upcoming)\b|\bin\s+(?:a\s+few|\d+
 # change verbs that end what they are done to ("quit the band", "sold the corolla"); "moved the
 # bakery" moves it, and the bakery's other facts stay
 _ENDING = re.compile(r"(?:stopped|stops|quit|quits|gave\s+up|given\s+up|sold|dropped|cancell?ed|ended|got\s+rid)", re.I)
+_ENDING_WORD = re.compile(rf"\b{_ENDING.pattern}\b", re.I)  # the same, as a word in a fact
 # changes that end the thing itself: said of a named thing or of the owner, nothing else is needed
 _TERMINAL = re.compile(r"\b(?:died|passed\s+away|broke\s+up|split\s+up|divorced|closed\s+down)\b", re.I)
 _INSTEAD = re.compile(r"\b(?:instead\s+of|rather\s+than)\s+(?:(\w+ing)\s+(?=(?:the|a|an|his|her|their|my|its|our)\b))?", re.I)
@@ -268,7 +269,7 @@ def supersedes(old_text: str, new_text: str) -> Optional[str]:
     resumed = _RESUMED.search(new.value)
     if resumed and _STRONG_CHANGE.search(old.value) and shared and _near(new_text, resumed, shared):
         return "taken up again"
-    ended = re.search(rf"\b{_ENDING.pattern}\b", old.value, re.I)
+    ended = _ENDING_WORD.search(old.value)
     if ended and re.search(r"\bagain\b", new.value, re.I) and _object_words(old.value, ended) & new.words:
         return "taken up again"
     change = _STRONG_CHANGE.search(new_text)
